@@ -1,0 +1,5 @@
+"""Commands of the eif area (placeholder until that area lands)."""
+
+
+def register(subparsers) -> None:
+    """Add this area's sub-commands to subparsers (none yet)."""
