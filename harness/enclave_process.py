@@ -1,0 +1,182 @@
+"""The supervising process behind ``run-enclave`` (nitro-cli's "enclave process").
+
+``run-enclave`` starts ``python -m harness.enclave_process`` in its own session, writes the
+:class:`~harness.enclave.EnclaveConfig` as JSON on its stdin and reads one JSON line back:
+``{"ok": <run-enclave output>}`` once the heartbeat arrived, or ``{"error": {"code", "message",
+"details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a control
+socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or because the
+application exited and init rebooted the VM (SPEC 3: the enclave then terminates).
+
+Control protocol (Unix stream socket, one JSON request line per connection):
+``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
+everything is released; ``{"op": "console"}`` -> the console text so far, then live output until
+the enclave ends or the client closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from harness.enclave import Enclave, EnclaveConfig
+from harness.errors import ErrorCode, NitroError
+from harness.registry import Registry
+
+
+def config_from_json(data: dict) -> EnclaveConfig:
+    """Rebuild an EnclaveConfig from its JSON form (paths as strings)."""
+    data = dict(data)
+    data["eif_path"] = Path(data["eif_path"])
+    if data.get("pki_dir"):
+        data["pki_dir"] = Path(data["pki_dir"])
+    return EnclaveConfig(**data)
+
+
+class Supervisor:
+    """Owns one enclave and answers its control socket (see the module doc)."""
+
+    def __init__(self, enclave: Enclave, listener: socket.socket):
+        self.enclave = enclave
+        self.listener = listener
+        self.stop = threading.Event()
+
+    def serve(self) -> None:
+        """Serve control requests until the enclave ends or is terminated."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        try:
+            while not self.stop.is_set():
+                if not self.enclave.running:
+                    break
+                for _key, _ in sel.select(timeout=0.5):
+                    conn, _ = self.listener.accept()
+                    threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        finally:
+            sel.close()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = json.loads(conn.makefile("r").readline() or "{}")
+            except ValueError:
+                return
+            op = request.get("op")
+            if op == "describe":
+                conn.sendall((json.dumps(self.enclave.describe()) + "\n").encode())
+            elif op == "terminate":
+                self.enclave.terminate()
+                self.stop.set()
+                with contextlib.suppress(OSError):
+                    conn.sendall(b'{"Terminated": true}\n')
+            elif op == "console":
+                self._stream_console(conn)
+
+    def _stream_console(self, conn: socket.socket) -> None:
+        sent = 0
+        conn.setblocking(True)
+        while True:
+            text = self.enclave.console.text()
+            if len(text) > sent:
+                try:
+                    conn.sendall(text[sent:].encode())
+                except OSError:
+                    return
+                sent = len(text)
+            if not self.enclave.running:
+                return
+            time.sleep(0.1)
+
+
+def main() -> int:
+    """Entry point of the supervising process; returns its exit status."""
+    request = json.loads(sys.stdin.readline())
+    result_out = os.fdopen(os.dup(1), "w")
+    # Detach from the CLI's terminal: our later output goes to the enclave's log only.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    registry = Registry()
+    log_path = registry.root / f"supervisor-{os.getpid()}.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    control = registry.root / f"control-{os.getpid()}.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(control))
+    listener.listen(8)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    enclave = None
+    status = 0
+    try:
+        try:
+            enclave = Enclave.start(
+                config_from_json(request["config"]),
+                registry=registry,
+                control_socket=str(control),
+                accel=request.get("accel"),
+                qemu=request.get("qemu"),
+                artifacts_dir=Path(request["artifacts_dir"]) if request.get("artifacts_dir") else None,
+            )
+        except NitroError as err:
+            result_out.write(
+                json.dumps({"error": {"code": err.code.value, "message": err.message, "details": err.details}})
+                + "\n"
+            )
+            result_out.close()
+            return err.code.value
+        except Exception as err:  # noqa: BLE001 - reported to the CLI as E00, never a traceback
+            result_out.write(
+                json.dumps({"error": {"code": 0, "message": f"{type(err).__name__}: {err}", "details": None}})
+                + "\n"
+            )
+            result_out.close()
+            return 1
+        info = enclave.run_info()
+        result_out.write(json.dumps({"ok": info, "state_dir": str(enclave.state_dir)}) + "\n")
+        result_out.close()
+        Supervisor(enclave, listener).serve()
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if enclave is not None:
+            enclave.terminate()
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            control.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            log_path.unlink()
+    return status
+
+
+def control_request(path: str, request: dict, timeout: float = 30.0) -> socket.socket:
+    """Open the control socket at ``path`` and send ``request``; returns the connected socket.
+
+    Raises NitroError E39 when the enclave process does not answer.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall((json.dumps(request) + "\n").encode())
+    except OSError as err:
+        sock.close()
+        raise NitroError(
+            ErrorCode.EnclaveProcessConnectionFailure, f"{path}: enclave process not reachable: {err}"
+        ) from None
+    return sock
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The runtime directory: which enclaves run, their slots, CIDs, CPUs and control sockets.
+
+Every enclave, whether started by ``run-enclave`` (its own supervising process) or in-process by
+the pytest plugin, holds one record ``<runtime>/enclaves/<slot>.json`` while it lives, so
+``describe-enclaves`` sees them all and two enclaves never share a slot, a CID or (in strict
+mode) a CPU. Records are created under an exclusive ``flock`` on ``<runtime>/lock`` and carry the
+owning PID: a record whose process is gone is stale and is reclaimed, so a crashed harness never
+blocks the next run.
+
+Runtime directory: ``NITRO_HARNESS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/nitro-harness``, else
+``/run/nitro-harness`` when writable (root), else ``/tmp/nitro-harness-<uid>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from harness.errors import ErrorCode, NitroError
+
+# SPEC 3: enclave CIDs auto-assigned from 16 upwards (16, 17, ... seen on Nitro).
+FIRST_AUTO_CID = 16
+# SPEC 9: CIDs 0-3 are reserved (hypervisor, local, host, parent) and 2^32-1 is VMADDR_CID_ANY.
+MAX_CID = 2**32 - 2
+
+
+def runtime_dir() -> Path:
+    """Return (and create, mode 0700) the harness's runtime directory; see the module doc."""
+    explicit = os.environ.get("NITRO_HARNESS_RUNTIME_DIR")
+    if explicit:
+        path = Path(explicit)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "nitro-harness"
+    elif os.access("/run", os.W_OK):
+        path = Path("/run/nitro-harness")
+    else:
+        path = Path(tempfile.gettempdir()) / f"nitro-harness-{os.getuid()}"
+    (path / "enclaves").mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+@dataclass
+class EnclaveRecord:
+    """What the runtime directory knows of one running enclave.
+
+    ``slot`` is the enclave's number (the hex suffix of its ID), ``pid`` the process that owns
+    the enclave (supervisor or test process), ``control_socket`` its control endpoint (None for
+    in-process enclaves), ``state_dir`` the folder with its sockets and logs.
+    """
+
+    slot: int
+    enclave_id: str
+    name: str
+    cid: int
+    cpu_ids: list[int]
+    memory_mib: int
+    pid: int
+    state_dir: str
+    shared_cpus: bool = False
+    debug_mode: bool = False
+    control_socket: str | None = None
+    qemu_pid: int | None = None
+    eif_path: str = ""
+    measurements: dict = field(default_factory=dict)
+    state: str = "RUNNING"
+
+    def to_json(self) -> dict:
+        """The record as a JSON-ready dict."""
+        return asdict(self)
+
+    def describe(self) -> dict:
+        """nitro-cli's describe-enclaves entry for this enclave (SPEC 9), plus ``CPUMode``.
+
+        ``CPUIDs`` lists the host CPU of each vCPU; a CPU repeats only in the harness's shared
+        CPU mode, which ``CPUMode`` names (see :mod:`harness.allocator`).
+        """
+        return {
+            "EnclaveName": self.name,
+            "EnclaveID": self.enclave_id,
+            "ProcessID": self.pid,
+            "EnclaveCID": self.cid,
+            "NumberOfCPUs": len(self.cpu_ids),
+            "CPUIDs": list(self.cpu_ids),
+            "MemoryMiB": self.memory_mib,
+            "State": self.state,
+            "Flags": "DEBUG_MODE" if self.debug_mode else "NONE",
+            "Measurements": self.measurements,
+            "CPUMode": "shared" if self.shared_cpus else "strict",
+        }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    """The set of enclave records under one runtime directory.
+
+    Use :meth:`locked` around any read-modify-write so that concurrent ``run-enclave`` calls and
+    pytest-xdist workers allocate distinct slots, CIDs and CPUs.
+    """
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else runtime_dir()
+        (self.root / "enclaves").mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Registry"]:
+        """Hold the runtime directory's exclusive lock for the duration of the block."""
+        with open(self.root / "lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _path(self, slot: int) -> Path:
+        return self.root / "enclaves" / f"{slot}.json"
+
+    def records(self) -> list[EnclaveRecord]:
+        """Live records, oldest slot first; stale ones (owner process gone) are removed."""
+        found = []
+        for path in sorted((self.root / "enclaves").glob("*.json"), key=lambda p: p.stem):
+            try:
+                data = json.loads(path.read_text())
+                record = EnclaveRecord(**data)
+            except (OSError, ValueError, TypeError):
+                # A torn or foreign file: not an enclave we can describe.
+                continue
+            if not _alive(record.pid):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            found.append(record)
+        return sorted(found, key=lambda r: r.slot)
+
+    def allocate_slot(self) -> int:
+        """Lowest free slot number (call under :meth:`locked`)."""
+        used = {r.slot for r in self.records()}
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    def allocate_cid(self, requested: int | None) -> int:
+        """Validate or auto-assign a CID (call under :meth:`locked`).
+
+        SPEC 9: CIDs 1, 2, 3 and >= 2^32-1 are rejected with E03; 0 or None means auto, starting
+        at 16 and skipping CIDs in use. A CID already used by a running enclave is E03 too.
+        """
+        used = {r.cid for r in self.records()}
+        if requested:
+            if requested < 4 or requested > MAX_CID:
+                raise NitroError(
+                    ErrorCode.InvalidArgument,
+                    f"--enclave-cid {requested}: CIDs 0-3 are reserved and the largest is {MAX_CID} "
+                    "(SPEC 9)",
+                )
+            if requested in used:
+                raise NitroError(
+                    ErrorCode.InvalidArgument,
+                    f"--enclave-cid {requested}: already used by a running enclave",
+                )
+            return requested
+        cid = FIRST_AUTO_CID
+        while cid in used:
+            cid += 1
+        return cid
+
+    def put(self, record: EnclaveRecord) -> None:
+        """Write ``record`` atomically (temp file + rename)."""
+        path = self._path(record.slot)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.to_json(), indent=2))
+        os.replace(tmp, path)
+
+    def remove(self, slot: int) -> None:
+        """Forget the enclave in ``slot`` (idempotent)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(slot).unlink()
+
+    def find(self, *, enclave_id: str | None = None, name: str | None = None) -> EnclaveRecord:
+        """The record with this enclave ID or name.
+
+        Raises NitroError E03 naming the unknown ID or name (nitro-cli rejects unknown IDs as
+        invalid arguments).
+        """
+        for record in self.records():
+            if enclave_id is not None and record.enclave_id == enclave_id:
+                return record
+            if name is not None and record.name == name:
+                return record
+        what = f"--enclave-id {enclave_id}" if enclave_id is not None else f"--enclave-name {name}"
+        raise NitroError(ErrorCode.InvalidArgument, f"{what}: no running enclave has it")
