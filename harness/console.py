@@ -97,6 +97,10 @@ class Console:
                 data = self._conn.recv(65536)
             except OSError:
                 data = b""
+            # Log first: whoever sees the text in memory may read the log file next.
+            if data and self._log:
+                with contextlib.suppress(OSError, ValueError):
+                    self._log.write(data)
             with self._cond:
                 if not data:
                     self._closed = True
@@ -104,9 +108,6 @@ class Console:
                     return
                 self._buf += data
                 self._cond.notify_all()
-            if self._log:
-                with contextlib.suppress(OSError, ValueError):
-                    self._log.write(data)
 
     @property
     def native_id(self) -> int | None:
@@ -185,8 +186,10 @@ class Console:
         tag = uuid.uuid4().hex[:12]
         start = len(self.text())
         # The markers are built by the shell (printf) so the echoed command line never matches.
+        # One line: the tty echoes input as it arrives, so a second line's echo could land
+        # inside the command's output.
         line = (
-            f"printf '\\n@@%s-begin@@\\n' {tag}; {command}\n"
+            f"printf '\\n@@%s-begin@@\\n' {tag}; {command}; "
             f"printf '\\n@@%s-end %d@@\\n' {tag} $?\n"
         )
         self.write(line.encode())
@@ -197,8 +200,10 @@ class Console:
         begin = text.find(f"@@{tag}-begin@@\n")
         end_at = text.find(f"@@{tag}-end ")
         output = text[begin + len(f"@@{tag}-begin@@\n") : end_at] if begin >= 0 else ""
-        if output.endswith("\n"):
-            output = output[:-1]
+        # Drop the end marker's leading newline, then the command's own final one (like $(...)).
+        for _ in range(2):
+            if output.endswith("\n"):
+                output = output[:-1]
         return ExecResult(status=int(done.group(1)), output=output)
 
     def close(self) -> None:

@@ -1,0 +1,59 @@
+"""QEMU command line shaped like a Nitro enclave (DESIGN 5, SPEC 3/5)."""
+
+from pathlib import Path
+
+from harness.machine import MachineSpec, build_command
+
+
+def spec(tmp_path, **kw):
+    base = dict(
+        qemu=Path("/q/qemu-system-x86_64"), accel="tcg", kernel=tmp_path / "k", initrd=tmp_path / "i",
+        cmdline="reboot=k panic=30 pci=off nomodules console=ttyS0", memory_mib=512,
+        vcpu_cpus=(1, 1), other_cpus=(0,), state_dir=tmp_path, firmware=Path("/usr/share/qemu/qboot.rom"),
+        vsock_socket=tmp_path / "vsock.sock", nsm="vhost-user", nsm_socket=tmp_path / "nsm.sock",
+    )
+    base.update(kw)
+    return MachineSpec(**base)
+
+
+def option_values(cmd, flag):
+    return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+
+def test_no_network_no_disk_and_no_defaults(tmp_path):
+    cmd = build_command(spec(tmp_path))
+    assert "-nodefaults" in cmd and "-no-reboot" in cmd
+    joined = " ".join(cmd)
+    for forbidden in ("-netdev", "-nic", "-drive", "virtio-net", "virtio-blk", "-hda", "-cdrom"):
+        assert forbidden not in joined
+
+
+def test_shared_memfd_preallocated_and_locked(tmp_path):
+    cmd = build_command(spec(tmp_path))
+    assert "memory-backend-memfd,id=mem,size=512M,share=on,prealloc=on" in option_values(cmd, "-object")
+    assert option_values(cmd, "-machine") == ["microvm,memory-backend=mem,acpi=on"]
+    assert option_values(cmd, "-overcommit") == ["mem-lock=on"]
+    huge = build_command(spec(tmp_path, hugepage_size_kib=2048))
+    assert any("hugetlb=on,hugetlbsize=2048K" in o for o in option_values(huge, "-object"))
+
+
+def test_devices_vsock_and_nsm_over_vhost_user(tmp_path):
+    cmd = build_command(spec(tmp_path))
+    devices = option_values(cmd, "-device")
+    assert devices == [
+        "vhost-user-vsock-device,chardev=vsock",
+        "vhost-user-device,virtio-id=33,chardev=nsm,num_vqs=1,vq_size=2",
+    ]
+    assert option_values(cmd, "-smp") == ["2"]
+    assert option_values(cmd, "-append") == ["reboot=k panic=30 pci=off nomodules console=ttyS0"]
+    qemu_nsm = build_command(spec(tmp_path, nsm="qemu", nsm_socket=None))
+    assert "virtio-nsm-device" in option_values(qemu_nsm, "-device")
+    no_nsm = build_command(spec(tmp_path, nsm=None, nsm_socket=None))
+    assert option_values(no_nsm, "-device") == ["vhost-user-vsock-device,chardev=vsock"]
+
+
+def test_kvm_uses_host_cpu_and_acpi_off_for_nitro_kernels(tmp_path):
+    cmd = build_command(spec(tmp_path, accel="kvm", acpi=False))
+    assert option_values(cmd, "-accel") == ["kvm"]
+    assert option_values(cmd, "-cpu") == ["host"]
+    assert option_values(cmd, "-machine") == ["microvm,memory-backend=mem,acpi=off"]
