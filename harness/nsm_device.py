@@ -1,0 +1,142 @@
+"""The NSM as a virtio device (ID 33, one queue) served over vhost-user.
+
+SPEC 5 and 6: QEMU attaches it with ``-device vhost-user-device,virtio-id=33,chardev=...,
+num_vqs=1,vq_size=N`` (a QEMU whose vhost-user-device is user-creatable); the guest's upstream
+Linux ``nsm`` driver binds to it and creates /dev/nsm. Per command that driver makes TWO
+descriptor chains available, the request (device-readable, at most 0x1000 bytes) first and
+then the 0x3000-byte response buffer (device-writable); the device returns both, the request
+with length 0 and the response with its CBOR length. A chain carrying both parts (as other
+drivers may send) is answered in place. The driver's hwrng issues GetRandom at boot.
+
+Do not offer the CONFIG protocol feature for this device (QEMU warns that vhost-user-device
+does not support it): create the back end with ``offer_config=False``.
+
+Requests are handled one at a time, in order, on a worker thread, so signing (milliseconds)
+and injected delays never stall the vhost-user loop (which must keep answering QEMU, e.g.
+GET_VRING_BASE on stop); the used ring is only touched on the loop thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections import deque
+
+from harness.nsm import MAX_RESPONSE_SIZE, ErrorResponse, Nsm, NsmErrorCode, encode_response
+from harness.vhost_user import DescriptorChain, VhostUserBackend, VirtioDevice
+
+#: virtio device ID of the Nitro Secure Module (SPEC 5/6).
+NSM_DEVICE_ID = 33
+
+
+class NsmDevice(VirtioDevice):
+    """Virtio device model for :class:`harness.nsm.Nsm` (device ID 33, one queue).
+
+    ``nsm`` answers each request's bytes. ``requests`` counts requests answered. Callbacks run
+    on the back end's loop thread; :meth:`harness.nsm.Nsm.handle` runs on one worker thread.
+    """
+
+    device_id = NSM_DEVICE_ID
+    num_queues = 1
+    #: Largest ring accepted; QEMU's ``vq_size`` picks the actual size.
+    queue_size = 1024
+    device_features = 0
+
+    def __init__(self, nsm: Nsm):
+        self.nsm = nsm
+        self.requests = 0
+        self._request_chain: DescriptorChain | None = None  # a request awaiting its buffer
+        self._inflight: deque[tuple[int, DescriptorChain | None, DescriptorChain]] = deque()
+        self._generation = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- VirtioDevice callbacks (loop thread) -------------------------------------------------
+
+    def on_start(self, backend: VhostUserBackend) -> None:
+        """Keep the back end; start the worker thread."""
+        super().on_start(backend)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nsm-worker")
+
+    def on_kick(self, queue_index: int) -> None:
+        """Pair request and response chains as the Linux driver queues them and submit each
+        pair to the worker."""
+        if queue_index != 0 or self.backend is None:
+            return
+        queue = self.backend.queues[0]
+        while (chain := queue.pop()) is not None:
+            if chain.readable_len and chain.writable_len:
+                self._submit(None, chain, chain.read())
+            elif chain.readable_len:
+                if self._request_chain is not None:
+                    # Two requests in a row: the first never got a buffer; give it back empty.
+                    queue.push(self._request_chain, 0)
+                self._request_chain = chain
+            elif chain.writable_len and self._request_chain is not None:
+                request, self._request_chain = self._request_chain, None
+                self._submit(request, chain, request.read())
+            else:
+                queue.push(chain, 0)  # a response buffer with no request, or an empty chain
+        queue.notify()
+
+    def on_queue_stop(self, queue_index: int) -> None:
+        """Chains popped earlier are void: release them and ignore answers still in flight."""
+        with self._lock:
+            self._generation += 1
+            held = list(self._inflight)
+            self._inflight.clear()
+        for _, request, response in held:
+            if request is not None:
+                request.release()
+            response.release()
+        if self._request_chain is not None:
+            self._request_chain.release()
+            self._request_chain = None
+
+    def on_stop(self) -> None:
+        """Stop the worker (pending requests are dropped)."""
+        self.on_queue_stop(0)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _submit(self, request: DescriptorChain | None, response: DescriptorChain, data: bytes) -> None:
+        with self._lock:
+            generation = self._generation
+            self._inflight.append((generation, request, response))
+        if self._executor is None:  # not started through a back end (direct use in tests)
+            self._complete(generation, self.nsm.handle(data))
+            return
+        capacity = response.writable_len
+
+        def work() -> None:
+            answer = self.nsm.handle(data)
+            if len(answer) > capacity:
+                answer = encode_response(ErrorResponse(NsmErrorCode.BufferTooSmall))
+            backend = self.backend
+            if backend is not None and backend.running:
+                backend.call_soon(lambda: self._complete(generation, answer))
+
+        self._executor.submit(work)
+
+    def _complete(self, generation: int, answer: bytes) -> None:
+        with self._lock:
+            if generation != self._generation or not self._inflight:
+                return  # the ring was stopped meanwhile
+            _, request, response = self._inflight.popleft()
+        if self.backend is None:
+            return
+        queue = self.backend.queues[0]
+        if request is not None:
+            queue.push(request, 0)
+        if len(answer) > response.writable_len:
+            answer = encode_response(ErrorResponse(NsmErrorCode.BufferTooSmall))
+        written = response.write(answer)
+        queue.push(response, written)
+        self.requests += 1
+        queue.notify()
+
+
+__all__ = ["NSM_DEVICE_ID", "NsmDevice", "MAX_RESPONSE_SIZE"]

@@ -1,0 +1,179 @@
+"""The NSM virtio device over vhost-user, driven by the fake QEMU front end as the Linux nsm
+driver drives it (SPEC 5/6: request and 0x3000 response buffer as two chains)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import cbor2
+import pytest
+
+from harness.attestation import Expectations, verify_document
+from harness.nsm import (
+    Attestation,
+    DescribeNSM,
+    DescribeNSMResponse,
+    DescribePCR,
+    ErrorResponse,
+    ExtendPCR,
+    GetRandom,
+    Nsm,
+    NsmErrorCode,
+    NsmState,
+    decode_response,
+    encode_request,
+)
+from harness.nsm_device import NsmDevice
+from harness.pcr import Measurements
+from harness.pki import Pki
+from harness.vhost_user import ProtocolFeature, Request, VhostUserBackend
+from vhost_user_frontend import FakeFrontend
+
+MODULE_ID = "i-0123456789abcdef0-enc0000000000000010"
+MEASUREMENTS = Measurements(pcr0=bytes([1]) * 48, pcr1=bytes([2]) * 48, pcr2=bytes([3]) * 48)
+RESPONSE_BUFFER = 0x3000
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki.create()
+
+
+@pytest.fixture
+def served(tmp_path, pki):
+    before = _fds()
+    nsm = Nsm(NsmState(MEASUREMENTS, module_id=MODULE_ID), pki)
+    device = NsmDevice(nsm)
+    backend = VhostUserBackend(str(tmp_path / "nsm.sock"), device, offer_config=False)
+    backend.start()
+    fe = FakeFrontend(str(tmp_path / "nsm.sock"), mem_size=8 << 20)
+    assert backend.wait_connected(5)
+    fe.handshake()
+    (queue,) = fe.start_queues([64])
+    yield nsm, device, backend, fe, queue
+    if backend.queues[0].started:
+        fe.stop_queues()  # the driver stops the ring before QEMU disconnects
+    fe.close()
+    backend.stop()
+    assert backend.error is None
+    assert _fds() == before, "fd leak"
+
+
+def send(queue, requests: list[bytes], timeout: float = 10.0) -> list[bytes]:
+    """Queue each request as the Linux driver does (request chain, then response chain)."""
+    heads = []
+    for raw in requests:
+        heads.append((queue.add([raw], []), queue.add([], [RESPONSE_BUFFER])))
+    queue.kick()
+    assert queue.wait_used(2 * len(requests), timeout)
+    used = {head: (length, data) for head, length, data in queue.collect()}
+    out = []
+    for req_head, resp_head in heads:
+        assert used[req_head][0] == 0  # request returned with length 0, SPEC 5
+        length, data = used[resp_head]
+        assert length == len(data) > 0
+        out.append(data)
+    return out
+
+
+def test_device_shape_and_no_config_feature(served):
+    _, device, backend, fe, _ = served
+    assert device.device_id == 33 and device.num_queues == 1
+    assert fe.num_queues == 1
+    assert not fe.protocol_features & (1 << ProtocolFeature.CONFIG)
+
+
+def test_two_chain_commands_round_trip(served):
+    _, device, _, _, queue = served
+    (raw,) = send(queue, [encode_request(DescribeNSM())])
+    assert decode_response(raw) == DescribeNSMResponse(1, 0, 0, MODULE_ID, 32, list(range(16)), "SHA384")
+    (raw,) = send(queue, [encode_request(DescribePCR(0))])
+    assert decode_response(raw).data == MEASUREMENTS.pcr0
+    (raw,) = send(queue, [encode_request(ExtendPCR(16, b"abc"))])
+    assert len(decode_response(raw).data) == 48
+    assert device.requests == 3
+
+
+def test_hwrng_burst_of_get_random(served):
+    # The kernel's nsm-hwrng issues a burst of GetRandom at boot (7 seen, SPEC 5).
+    _, _, _, _, queue = served
+    answers = send(queue, [encode_request(GetRandom())] * 7)
+    randoms = [cbor2.loads(a)["GetRandom"]["random"] for a in answers]
+    assert all(len(r) == 256 for r in randoms) and len(set(randoms)) == 7
+
+
+def test_attestation_through_the_ring_verifies(served, pki):
+    _, _, _, _, queue = served
+    raw = encode_request(Attestation(user_data=b"u" * 100, nonce=b"n" * 32, public_key=b"k" * 300))
+    (answer,) = send(queue, [raw])
+    document = decode_response(answer).document
+    doc = verify_document(document, roots=[pki.root_certificate], expect=Expectations(
+        pcrs={0: MEASUREMENTS.pcr0}, nonce=b"n" * 32, user_data=b"u" * 100, public_key=b"k" * 300))
+    assert doc.module_id == MODULE_ID
+
+
+def test_single_chain_command_is_answered_in_place(served):
+    _, _, _, _, queue = served
+    head = queue.add([encode_request(DescribePCR(40))], [RESPONSE_BUFFER])
+    queue.kick()
+    assert queue.wait_used(1, 10)
+    ((got_head, length, data),) = queue.collect()
+    assert got_head == head and length == len(data)
+    assert decode_response(data) == ErrorResponse(NsmErrorCode.InvalidIndex)
+
+
+def test_oversized_request_and_small_buffer(served):
+    _, _, _, _, queue = served
+    (raw,) = send(queue, [encode_request(ExtendPCR(16, bytes(0x1000)))])
+    assert decode_response(raw) == ErrorResponse(NsmErrorCode.InputTooLarge)
+    # A response buffer too small for a document gets BufferTooSmall, not a truncated document.
+    req = queue.add([encode_request(Attestation())], [])
+    resp = queue.add([], [64])
+    queue.kick()
+    assert queue.wait_used(2, 10)
+    used = {h: (n, d) for h, n, d in queue.collect()}
+    assert used[req][0] == 0
+    assert decode_response(used[resp][1]) == ErrorResponse(NsmErrorCode.BufferTooSmall)
+
+
+def test_delay_fault_does_not_stall_the_vhost_user_loop(served):
+    nsm, _, _, fe, queue = served
+    nsm.faults.delay("Attestation", 1.0, count=1)
+    queue.add([encode_request(Attestation())], [])
+    queue.add([], [RESPONSE_BUFFER])
+    queue.kick()
+    # While the NSM is held, the back end still answers QEMU's messages.
+    assert fe.get_u64(Request.GET_FEATURES) == fe.features
+    assert queue.used_idx() == 0  # not answered yet: the delay holds the response
+    assert queue.wait_used(2, 10)
+    queue.collect()
+
+
+def test_stop_with_a_request_in_flight_is_clean(served):
+    nsm, device, backend, fe, queue = served
+    started, finished = threading.Event(), threading.Event()
+    original = nsm.handle
+
+    def slow(data: bytes) -> bytes:
+        started.set()
+        time.sleep(0.3)
+        answer = original(data)
+        finished.set()
+        return answer
+
+    nsm.handle = slow  # type: ignore[method-assign]
+    queue.add([encode_request(GetRandom())], [])
+    queue.add([], [RESPONSE_BUFFER])
+    queue.kick()
+    assert started.wait(5)
+    assert fe.stop_queues() == [2]  # GET_VRING_BASE answered while the worker is busy
+    assert finished.wait(5)
+    device.run_on_loop(lambda: None)  # the loop has run the completion the worker queued
+    assert queue.used_idx() == 0  # the late answer was dropped, not written into a stopped ring
+    assert backend.error is None
