@@ -1,0 +1,1609 @@
+"""Declarative YAML scenarios: schema validation with file:line errors, matrix expansion, step runners.
+
+A scenario file holds one or more YAML documents (``---``), each a scenario: the image it boots
+(``image:`` recipe or ``eif:`` path), the enclave settings, an optional ``matrix:`` that expands it
+into several cases, timeouts, and ordered ``steps``. Every document is validated against
+``harness/data/scenario_schema.yaml`` (JSON Schema, checked by ``jsonschema``) before anything
+boots; an error names the file, the line and the offending key. docs/scenarios.md is the user's
+guide. The design follows labgrid's YAML environments, QEMU functional tests' success/failure
+console patterns and LAVA's scenario/step timeouts (see STYLE.md).
+
+The runner (:class:`ScenarioRunner`) drives ``harness.enclave`` and is shared by the pytest plugin
+and ``nitro-harness run``; neither front imports the other.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import functools
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import secrets
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from harness.errors import ErrorCode, NitroError
+
+#: The schema every scenario document is checked against (shipped as package data).
+SCHEMA_PATH = Path(__file__).parent / "data" / "scenario_schema.yaml"
+
+#: Console text that fails a waiting step at once (QEMU functional tests' failure pattern).
+#: Kept equal to harness.console.DEFAULT_FAIL_PATTERN; restated so loading never needs the engine.
+DEFAULT_FAIL_PATTERN = r"Kernel panic|nitro-init: fatal"
+
+#: Default limits in seconds: one step, and a whole scenario (boot included).
+DEFAULT_STEP_TIMEOUT = 120.0
+DEFAULT_SCENARIO_TIMEOUT = 900.0
+
+#: Default enclave settings of a scenario (issue 4: the hello scenario's shape).
+DEFAULT_ENCLAVE: dict[str, Any] = {"cpu_count": 2, "memory_mib": 512, "debug_mode": True}
+
+#: Every step kind, in the order docs/scenarios.md documents them.
+STEP_KINDS = (
+    "boot",
+    "console",
+    "exec",
+    "vsock",
+    "attest",
+    "isolation",
+    "kms",
+    "describe",
+    "cli",
+    "wait_exit",
+    "terminate",
+    "expect_failure",
+    "sleep",
+)
+
+#: Steps that do not need a running enclave (all others boot it first when it is not running).
+_NO_ENCLAVE_STEPS = {"sleep", "expect_failure", "cli", "terminate", "wait_exit", "boot", "kms"}
+
+#: ``${name}`` placeholders usable in step strings; matrix keys (last dotted segment) add to these.
+PLACEHOLDERS = (
+    "enclave_id",
+    "enclave_name",
+    "cid",
+    "eif",
+    "image",
+    "cpu_count",
+    "memory_mib",
+    "artifacts",
+    "scenario",
+    "qemu_pid",
+)
+_PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: The in-guest NSM helper the python image ships (issue 3), driven over the console shell.
+GUEST_NSM_TOOL = "python3 /opt/nitro-harness/nsm_tool.py"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ScenarioError(NitroError):
+    """A malformed scenario: ``path:line: key: rule`` (E03 InvalidArgument, exit status 3).
+
+    ``path`` and ``line`` (1-based, or None when unknown) locate the offending key; raised by
+    :func:`load_scenarios` before anything boots.
+    """
+
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        where = f"{display_path(path)}:{line}" if line else f"{display_path(path)}"
+        super().__init__(ErrorCode.InvalidArgument, f"{where}: {message}")
+        self.path = Path(path)
+        self.line = line
+
+
+def display_path(path: Path | str) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter messages)."""
+    path = Path(path)
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)
+
+
+class StepFailed(AssertionError):
+    """A step's expectation did not hold: ``message`` says what, ``excerpt`` the console's tail.
+
+    An ``AssertionError`` so pytest reports it as a test failure, not an error in the harness.
+    """
+
+    def __init__(self, message: str, excerpt: str = "", error: BaseException | None = None):
+        super().__init__(message)
+        self.message = message
+        self.excerpt = excerpt
+        self.error = error
+
+
+class StepSkipped(Exception):
+    """A step cannot run on this host or yet (for example ``kms`` before the KMS emulator)."""
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _Node:
+    """Mixin giving a loaded mapping/sequence its own line and its children's lines (1-based)."""
+
+    line: int = 0
+    key_lines: dict[Any, int]
+    value_lines: dict[Any, int]
+
+
+class LineDict(dict, _Node):
+    """A YAML mapping that remembers the line of itself (``line``), of each key and each value."""
+
+
+class LineList(list, _Node):
+    """A YAML sequence that remembers its own line and each item's line (``value_lines[i]``)."""
+
+
+class _LineLoader(yaml.SafeLoader):
+    """PyYAML's safe loader recording marks: mappings and sequences become LineDict/LineList."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> LineDict:  # type: ignore[override]
+        self.flatten_mapping(node)
+        result = LineDict()
+        result.line = node.start_mark.line + 1
+        result.key_lines, result.value_lines = {}, {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                )
+            if key in result:
+                # YAML forbids duplicate keys; PyYAML silently keeps the last one.
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            result[key] = self.construct_object(value_node, deep=True)
+            result.key_lines[key] = key_node.start_mark.line + 1
+            result.value_lines[key] = value_node.start_mark.line + 1
+        return result
+
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> LineList:  # type: ignore[override]
+        result = LineList(self.construct_object(child, deep=True) for child in node.value)
+        result.line = node.start_mark.line + 1
+        result.key_lines = {}
+        result.value_lines = {i: child.start_mark.line + 1 for i, child in enumerate(node.value)}
+        return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _LineLoader.construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _LineLoader.construct_sequence)
+
+
+def _line_of(doc: Any, path: list[Any], *, key: Any = None) -> int | None:
+    """Line of the node at ``path`` in ``doc`` (or of ``key`` inside it), nearest known ancestor."""
+    node, line = doc, getattr(doc, "line", None)
+    for part in path:
+        if isinstance(node, _Node) and part in getattr(node, "value_lines", {}):
+            # Prefer the key's line for mappings: that is where a reader looks.
+            line = node.key_lines.get(part, node.value_lines[part])
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return line
+        if isinstance(node, _Node) and node.line and not isinstance(node, LineDict):
+            line = line or node.line
+    if key is not None and isinstance(node, _Node) and key in node.key_lines:
+        return node.key_lines[key]
+    return line
+
+
+def _dotted(path: list[Any]) -> str:
+    """``['steps', 2, 'console', 'count']`` -> ``steps[2].console.count`` (empty -> ``<top>``)."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<top>"
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+
+
+@functools.cache
+def schema() -> dict:
+    """Return the scenario JSON Schema (draft 2020-12) loaded from :data:`SCHEMA_PATH`."""
+    with open(SCHEMA_PATH, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    jsonschema.Draft202012Validator.check_schema(schema())
+    return jsonschema.Draft202012Validator(
+        schema(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def _message(error: jsonschema.ValidationError) -> tuple[list[Any], Any, str]:
+    """Turn a jsonschema error into (path, offending key or None, one-line rule)."""
+    path = list(error.absolute_path)
+    node_schema = error.schema if isinstance(error.schema, dict) else {}
+    custom = node_schema.get(f"x-error-{error.validator}")
+    if custom is None and error.validator in ("anyOf", "oneOf", "not", "pattern"):
+        custom = node_schema.get("x-error")
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = list(node_schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in known]
+        key = extras[0] if extras else None
+        if known and set(known) == set(STEP_KINDS):
+            return path, key, f"unknown step kind {key!r} (known: {', '.join(STEP_KINDS)})"
+        return path, key, f"unknown key {key!r} (allowed: {', '.join(known)})"
+    if error.validator == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return path, None, f"missing required key {missing[0]!r}"
+    if error.validator == "format" and error.validator_value == "regex":
+        try:
+            re.compile(error.instance)
+        except re.error as exc:
+            return path, None, f"bad regex {error.instance!r}: {exc}"
+    if custom:
+        got = "" if isinstance(error.instance, dict) else f" (got {_short(error.instance)})"
+        return path, None, f"{custom}{got}"
+    if error.validator == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
+        hint = " (indent its keys under it)" if error.instance is None else ""
+        return path, None, f"must be of type {wanted}, not {_yaml_type(error.instance)}{hint}"
+    return path, None, error.message
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _yaml_type(value: Any) -> str:
+    return {
+        dict: "mapping", LineDict: "mapping", list: "list", LineList: "list", str: "string",
+        bool: "boolean", int: "integer", float: "number", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def validate_document(doc: Any, path: Path | str) -> None:
+    """Check one scenario document against the schema; raise :class:`ScenarioError` on the first error.
+
+    ``doc`` is what :class:`_LineLoader` produced (line numbers come from it); errors are
+    ordered by line so the first problem in the file is the one reported. Also checks what a
+    schema cannot say: ``${...}`` placeholders must be known names.
+    """
+    if not isinstance(doc, dict):
+        raise ScenarioError(path, getattr(doc, "line", None) or 1,
+                            f"a scenario is a mapping, not {_yaml_type(doc)}")
+    errors = []
+    for error in _validator().iter_errors(doc):
+        err_path, key, text = _message(error)
+        line = _line_of(doc, err_path, key=key)
+        where = _dotted(err_path + ([key] if key is not None else []))
+        errors.append((line or 0, len(err_path), where, text))
+    if errors:
+        # Earliest line first; at equal lines the deepest (most specific) error.
+        line, _, where, text = sorted(errors, key=lambda e: (e[0], -e[1]))[0]
+        raise ScenarioError(path, line or None, f"{where}: {text}")
+    _check_placeholders(doc, path)
+
+
+def _check_placeholders(doc: dict, path: Path | str) -> None:
+    allowed = set(PLACEHOLDERS) | {k.split(".")[-1] for k in _matrix_keys(doc.get("matrix"))}
+
+    def walk(node: Any, at: list[Any]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, at + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, at + [i])
+        elif isinstance(node, str):
+            for name in _PLACEHOLDER_RE.findall(node):
+                if name not in allowed:
+                    raise ScenarioError(
+                        path, _line_of(doc, at), f"{_dotted(at)}: unknown placeholder "
+                        f"${{{name}}} (known: {', '.join(sorted(allowed))})")
+
+    walk(doc.get("steps"), ["steps"])
+
+
+# --------------------------------------------------------------------------------------------
+# Model and matrix expansion
+
+
+@dataclass
+class Scenario:
+    """One runnable case: a scenario document after matrix expansion.
+
+    ``name`` is the document's name, ``case`` the matrix id (``""`` without a matrix, else like
+    ``cpu_count=1,memory_mib=256``), ``data`` the expanded document (``matrix`` removed), ``path``
+    and ``line`` where it was written, ``matrix_values`` the case's matrix values by dotted key.
+    """
+
+    name: str
+    case: str
+    data: dict
+    path: Path
+    line: int
+    matrix_values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """``name`` or ``name[case]``: the test id pytest and ``nitro-harness run`` show."""
+        return f"{self.name}[{self.case}]" if self.case else self.name
+
+    @property
+    def steps(self) -> list[dict]:
+        """The ordered steps, each a one-key mapping ``{kind: body}``."""
+        return self.data["steps"]
+
+    @property
+    def enclave(self) -> dict[str, Any]:
+        """Enclave settings with the defaults of :data:`DEFAULT_ENCLAVE` filled in."""
+        settings = dict(self.data.get("enclave") or {})
+        if "cpu_ids" in settings:
+            return {k: v for k, v in DEFAULT_ENCLAVE.items() if k != "cpu_count"} | settings
+        return DEFAULT_ENCLAVE | settings
+
+    @property
+    def requires(self) -> list[str]:
+        """Host features needed (``kvm``, ``nsm``)."""
+        return list(self.data.get("requires") or [])
+
+    @property
+    def timeout(self) -> float:
+        """Whole-scenario limit in seconds."""
+        return float(self.data.get("timeout", DEFAULT_SCENARIO_TIMEOUT))
+
+    @property
+    def step_timeout(self) -> float:
+        """Default per-step limit in seconds."""
+        return float(self.data.get("step_timeout", DEFAULT_STEP_TIMEOUT))
+
+    @property
+    def fail_pattern(self) -> str | None:
+        """Console failure pattern (None disables it)."""
+        return self.data.get("fail_pattern", DEFAULT_FAIL_PATTERN)
+
+    def step_line(self, index: int) -> int | None:
+        """Line of step ``index`` (0-based) in :attr:`path`."""
+        return _line_of(self.data, ["steps", index])
+
+    def to_yaml(self) -> str:
+        """The expanded scenario as plain YAML (kept in the artifacts folder)."""
+        return yaml.safe_dump(_plain(self.data), sort_keys=False)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _matrix_keys(matrix: Any) -> list[str]:
+    if isinstance(matrix, dict):
+        return list(matrix)
+    if isinstance(matrix, list):
+        return list(dict.fromkeys(k for case in matrix if isinstance(case, dict) for k in case))
+    return []
+
+
+def _matrix_cases(matrix: Any) -> list[tuple[dict[str, Any], dict[str, int]]]:
+    """Cases as (values by dotted key, line of each value)."""
+    if not matrix:
+        return [({}, {})]
+    if isinstance(matrix, dict):
+        keys = list(matrix)
+        lists = [matrix[k] for k in keys]
+        cases = []
+        for combo in itertools.product(*(range(len(v)) for v in lists)):
+            values = {k: lists[n][i] for n, (k, i) in enumerate(zip(keys, combo))}
+            lines = {k: getattr(lists[n], "value_lines", {}).get(i, matrix.key_lines.get(k, 0))
+                     for n, (k, i) in enumerate(zip(keys, combo))}
+            cases.append((values, lines))
+        return cases
+    return [(dict(case), dict(getattr(case, "value_lines", {}))) for case in matrix]
+
+
+def _case_id(values: dict[str, Any]) -> str:
+    parts = []
+    for key, value in values.items():
+        text = json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
+        parts.append(f"{key.split('.')[-1]}={text}")
+    return ",".join(parts)
+
+
+def _apply(doc: LineDict, dotted: str, value: Any, line: int) -> None:
+    """Set ``doc[a][b]... = value`` for ``dotted`` ``a.b...``, recording ``line`` for errors."""
+    parts = dotted.split(".")
+    node = doc
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = LineDict()
+            child.line, child.key_lines, child.value_lines = line, {}, {}
+            node[part] = child
+            node.key_lines[part] = node.value_lines[part] = line
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+    if isinstance(node, _Node):
+        node.key_lines[parts[-1]] = node.value_lines[parts[-1]] = line
+
+
+def expand(doc: LineDict, path: Path) -> list[Scenario]:
+    """Expand one validated document into its cases (one without ``matrix``).
+
+    Each case is validated again after substitution, so a matrix value of the wrong type is
+    reported at the matrix value's line. Raises :class:`ScenarioError`.
+    """
+    name = doc.get("name") or path.stem
+    cases = []
+    for values, lines in _matrix_cases(doc.get("matrix")):
+        data = copy.deepcopy(doc)
+        data.pop("matrix", None)
+        for key, value in values.items():
+            if key == "matrix" or key.startswith("matrix."):
+                raise ScenarioError(path, lines.get(key), f"matrix.{key}: a matrix cannot set itself")
+            _apply(data, key, value, lines.get(key, doc.line))
+        try:
+            validate_document(data, path)
+        except ScenarioError as err:
+            raise ScenarioError(path, err.line, err.message.split(": ", 1)[-1]
+                                + f" (in matrix case {_case_id(values)})") from None
+        cases.append(Scenario(name=name, case=_case_id(values), data=data, path=path,
+                              line=doc.line, matrix_values=values))
+    ids = [c.case for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ScenarioError(path, doc.key_lines.get("matrix"), "matrix: two cases have the same values")
+    return cases
+
+
+def load_scenarios(path: Path | str) -> list[Scenario]:
+    """Load, validate and expand every scenario document of a YAML file.
+
+    Returns the cases in file order. Raises :class:`ScenarioError` (E03) for YAML syntax errors,
+    schema violations (with file, line and key), unknown placeholders and duplicate names, and
+    NitroError E19 when the file cannot be read. Nothing is booted.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise NitroError(ErrorCode.FileOperationFailure, f"{path}: cannot read scenario: {exc.strerror}")
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_LineLoader) if d is not None]
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ScenarioError(path, line, f"YAML: {exc.problem or exc.context}")
+    except yaml.YAMLError as exc:
+        raise ScenarioError(path, None, f"YAML: {exc}")
+    if not docs:
+        raise ScenarioError(path, None, "no scenario in the file")
+    scenarios: list[Scenario] = []
+    seen: dict[str, int] = {}
+    for doc in docs:
+        validate_document(doc, path)
+        name = doc.get("name") or path.stem
+        if name in seen:
+            raise ScenarioError(path, doc.key_lines.get("name", doc.line),
+                                f"name: {name!r} is already used at line {seen[name]}"
+                                + ("" if "name" in doc else " (give each document a 'name')"))
+        seen[name] = doc.line
+        scenarios.extend(expand(doc, path))
+    return scenarios
+
+
+def step_kind(step: dict) -> tuple[str, dict]:
+    """Split a validated step ``{kind: body}`` into ``(kind, body as a dict)``."""
+    (kind, body), = step.items()
+    if kind == "sleep" and not isinstance(body, dict):
+        body = {"seconds": body}
+    return kind, dict(body or {})
+
+
+def step_label(step: dict) -> str:
+    """Short human label of a step: its ``name`` or kind plus its main argument."""
+    kind, body = step_kind(step)
+    if body.get("name"):
+        return str(body["name"])
+    main = {
+        "console": body.get("expect") or (f"not {body.get('expect_not')}" if body.get("expect_not") else None),
+        "exec": body.get("command"),
+        "vsock": (f"connect {body['connect']}" if "connect" in body else f"accept {body.get('accept')}"),
+        "cli": " ".join(str(a) for a in body.get("args", [])),
+        "sleep": f"{body.get('seconds')} s",
+        "expect_failure": body.get("code") or body.get("message"),
+    }.get(kind)
+    if main is None:
+        return kind
+    main = str(main)
+    return f"{kind} {main if len(main) <= 50 else main[:47] + '...'}"
+
+
+# --------------------------------------------------------------------------------------------
+# Host requirements (skip reasons)
+
+
+def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
+                            accel: str | None = None) -> str | None:
+    """Why this host cannot run a scenario that ``requires: [requirement]``, or None if it can.
+
+    ``kvm``: the accelerator the engine would choose (``accel`` or NITRO_HARNESS_ACCEL, else the
+    doctor's probe) must be KVM. ``nsm``: the QEMU must accept ``vhost-user-device`` (the
+    harness NSM, issue 5). Reasons come from ``harness.doctor`` and name the fix.
+    """
+    try:
+        from harness import doctor, qemu as qemu_mod
+    except ImportError as exc:  # the doctor is another area's work; say so instead of guessing
+        return f"cannot check '{requirement}': harness.doctor is not available ({exc})"
+    try:
+        path = Path(qemu) if qemu else qemu_mod.find_qemu()
+        info = qemu_mod.probe_qemu(path)
+    except NitroError as err:
+        return f"no usable QEMU: {err.message}"
+    if requirement == "kvm":
+        chosen = accel or os.environ.get("NITRO_HARNESS_ACCEL")
+        reason = "chosen by --accel/NITRO_HARNESS_ACCEL"
+        if not chosen:
+            chosen, reason = doctor.choose_accelerator(info)
+        return None if chosen == "kvm" else f"needs KVM; this host uses {chosen}: {reason}"
+    if requirement == "nsm":
+        if getattr(info, "vhost_user_device", False):
+            return None
+        return (f"needs the harness NSM: {path} refuses vhost-user-device "
+                "(run scripts/setup.sh to build the patched QEMU, or set NITRO_HARNESS_QEMU)")
+    return f"unknown requirement {requirement!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Enclaves of one test
+
+
+def resolve_eif(image: str | None = None, eif: str | Path | None = None,
+                base: Path | None = None) -> Path:
+    """EIF path for a scenario's ``image`` (recipe, built and cached) or ``eif`` (relative to ``base``).
+
+    Raises NitroError E19 when an ``eif`` path does not exist; recipe build errors propagate
+    from ``harness.images.recipes.build_image`` (E48).
+    """
+    if eif is not None:
+        path = Path(eif)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+        if not path.exists():
+            raise NitroError(ErrorCode.FileOperationFailure, f"{path}: EIF file not found")
+        return path
+    if not image:
+        raise NitroError(ErrorCode.MissingArgument, "no image or eif given")
+    from harness.images.recipes import build_image
+
+    return Path(build_image(image))
+
+
+class EnclaveFactory:
+    """Starts enclaves for one test or scenario and terminates every one of them at :meth:`close`.
+
+    Each enclave gets an artifacts sub-folder (``<artifacts_dir>/<n>-<name>/``: console.log,
+    qemu.cmdline, qemu.stderr and traces, kept by the engine; describe.json added here).
+    ``cids`` yields CIDs for enclaves that do not ask for one (distinct ranges keep parallel
+    pytest-xdist workers apart); ``qemu``/``accel`` are passed to ``Enclave.start``.
+    Used by the pytest plugin's ``enclave_factory`` fixture and by :class:`ScenarioRunner`.
+    """
+
+    def __init__(self, artifacts_dir: Path, *, qemu: Path | str | None = None,
+                 accel: str | None = None, cids: Iterator[int] | None = None):
+        self.artifacts_dir = Path(artifacts_dir)
+        self.qemu = Path(qemu) if qemu else None
+        self.accel = accel
+        self.cids = cids
+        self.enclaves: list[Any] = []
+        self._count = 0
+
+    def config(self, *, image: str | None = None, eif: str | Path | None = None,
+               base: Path | None = None, **settings: Any) -> Any:
+        """Build an ``EnclaveConfig`` from scenario-style settings (snake_case keys)."""
+        from harness.enclave import EnclaveConfig
+
+        if settings.get("cid") is None and self.cids is not None:
+            settings["cid"] = next(self.cids)
+        if "cpu_ids" in settings:
+            settings.pop("cpu_count", None)
+        settings.setdefault("memory_mib", DEFAULT_ENCLAVE["memory_mib"])
+        if "cpu_ids" not in settings:
+            settings.setdefault("cpu_count", DEFAULT_ENCLAVE["cpu_count"])
+        return EnclaveConfig(eif_path=resolve_eif(image, eif, base), **settings)
+
+    def start(self, config: Any = None, **settings: Any) -> Any:
+        """Start an enclave (from an ``EnclaveConfig`` or from ``image=``/``eif=`` and settings).
+
+        Returns the running ``harness.enclave.Enclave`` after its heartbeat; raises the
+        engine's NitroError (having cleaned up) when it cannot start.
+        """
+        from harness.enclave import Enclave
+
+        if config is None:
+            config = self.config(**settings)
+        self._count += 1
+        label = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name or Path(config.eif_path).stem)
+        folder = self.artifacts_dir / f"{self._count}-{label}"
+        enclave = Enclave.start(config, artifacts_dir=folder, accel=self.accel, qemu=self.qemu)
+        self.enclaves.append(enclave)
+        with contextlib.suppress(Exception):
+            (folder).mkdir(parents=True, exist_ok=True)
+            (folder / "describe.json").write_text(json.dumps(enclave.describe(), indent=2) + "\n")
+        return enclave
+
+    def close(self) -> list[str]:
+        """Terminate every enclave started here (idempotent); return problems found, if any.
+
+        Afterwards checks, as Firecracker's kill() does, that no QEMU process of ours survives.
+        """
+        problems = []
+        for enclave in reversed(self.enclaves):
+            try:
+                enclave.terminate()
+            except Exception as exc:  # keep terminating the others
+                problems.append(f"terminate {getattr(enclave, 'enclave_id', '?')}: {exc}")
+            pid = getattr(enclave, "qemu_pid", None)
+            if pid and _process_alive(pid):
+                problems.append(f"QEMU process {pid} of {enclave.enclave_id} survived terminate")
+        return problems
+
+
+def _process_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = re.search(r"^State:\s+(\S)", status, re.MULTILINE)
+    return not (state and state.group(1) in ("Z", "X"))
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class StepResult:
+    """Outcome of one step: ``status`` is passed/failed/skipped; ``elapsed`` in seconds."""
+
+    index: int
+    kind: str
+    label: str
+    line: int | None
+    status: str = "running"
+    elapsed: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class ScenarioResult:
+    """Outcome of one scenario case: ``status`` passed/failed/skipped, ``elapsed`` seconds,
+    per-step results, the failure ``message`` and console ``excerpt``, the ``artifacts`` folder."""
+
+    scenario: Scenario
+    status: str = "running"
+    elapsed: float = 0.0
+    steps: list[StepResult] = field(default_factory=list)
+    message: str = ""
+    excerpt: str = ""
+    artifacts: Path | None = None
+
+    def failure_report(self) -> str:
+        """Multi-line report of a failed case: where, why, console excerpt, artifacts path."""
+        lines = [self.message]
+        if self.excerpt:
+            lines += ["--- console (last lines) ---", self.excerpt.rstrip("\n"), "---"]
+        if self.artifacts:
+            lines.append(f"artifacts: {self.artifacts}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """JSON-ready summary (for ``nitro-harness run --json``)."""
+        return {
+            "scenario": self.scenario.id,
+            "file": str(self.scenario.path),
+            "line": self.scenario.line,
+            "status": self.status,
+            "elapsed_s": round(self.elapsed, 3),
+            "message": self.message,
+            "artifacts": str(self.artifacts) if self.artifacts else None,
+            "steps": [
+                {"index": s.index + 1, "kind": s.kind, "label": s.label, "line": s.line,
+                 "status": s.status, "elapsed_s": round(s.elapsed, 3), "message": s.message}
+                for s in self.steps
+            ],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+
+
+class ScenarioRunner:
+    """Runs one :class:`Scenario` case against the engine and returns a :class:`ScenarioResult`.
+
+    ``factory`` starts and finally terminates the enclaves; ``artifacts_dir`` receives the
+    expanded scenario, attestation documents and the enclaves' files; ``on_step(event, result)``
+    is called with ``"start"`` and ``"end"`` for each step (the CLI's live lines). The enclave
+    boots before the first step that needs one. Step and scenario timeouts (LAVA-style) cap every
+    wait; a failure stops the scenario (later steps are not run).
+    """
+
+    def __init__(self, scenario: Scenario, factory: EnclaveFactory, *, artifacts_dir: Path,
+                 on_step: Callable[[str, StepResult], None] | None = None):
+        self.scenario = scenario
+        self.factory = factory
+        self.artifacts_dir = Path(artifacts_dir)
+        self.on_step = on_step or (lambda event, result: None)
+        self.enclave: Any = None
+        self.booted = False
+        self.eif_path: Path | None = None
+        self.cursor = 0  # console position after the last matched expectation
+        self.deadline = 0.0
+        self._documents = 0
+
+    # -- public
+
+    def run(self) -> ScenarioResult:
+        """Run every step; never raises for a step failure (see the result), always cleans up."""
+        result = ScenarioResult(self.scenario, artifacts=self.artifacts_dir)
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        (self.artifacts_dir / "scenario.yaml").write_text(self.scenario.to_yaml())
+        started = time.monotonic()
+        self.deadline = started + self.scenario.timeout
+        try:
+            self._run_steps(self.scenario.steps, result, ["steps"])
+            result.status = "passed"
+        except StepSkipped as skip:
+            result.status, result.message = "skipped", str(skip)
+        except StepFailed as failure:
+            result.status = "failed"
+            result.message = failure.message
+            result.excerpt = failure.excerpt or self._console_tail()
+        except NitroError as err:  # the engine refused or failed outside an expectation
+            result.status = "failed"
+            result.message = str(err)
+            result.excerpt = err.details or self._console_tail()
+        finally:
+            problems = self.factory.close()
+            result.elapsed = time.monotonic() - started
+            if problems and result.status != "failed":
+                result.status, result.message = "failed", "; ".join(problems)
+        return result
+
+    # -- step loop
+
+    def _run_steps(self, steps: list[dict], result: ScenarioResult, at: list[Any]) -> None:
+        for index, step in enumerate(steps):
+            kind, body = step_kind(step)
+            line = _line_of(self.scenario.data, at + [index])
+            record = StepResult(index=len(result.steps), kind=kind, label=step_label(step), line=line)
+            result.steps.append(record)
+            self.on_step("start", record)
+            t0 = time.monotonic()
+            try:
+                self._run_step(kind, body, result, at + [index, kind])
+                record.status = "passed"
+            except StepSkipped as skip:
+                record.status, record.message = "skipped", str(skip)
+                raise
+            except StepFailed as failure:
+                record.status, record.message = "failed", failure.message
+                failure.message = (f"{display_path(self.scenario.path)}:{line}: step {index + 1} ({record.label}) "
+                                   f"failed: {failure.message}")
+                raise
+            except NitroError as err:
+                record.status, record.message = "failed", str(err)
+                raise StepFailed(
+                    f"{display_path(self.scenario.path)}:{line}: step {index + 1} ({record.label}) failed: {err}",
+                    err.details or self._console_tail(), err) from None
+            finally:
+                record.elapsed = time.monotonic() - t0
+                self.on_step("end", record)
+
+    def _run_step(self, kind: str, body: dict, result: ScenarioResult, at: list[Any]) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise StepFailed(f"scenario timeout of {self.scenario.timeout:g} s reached")
+        limit = min(float(body.get("timeout", self.scenario.step_timeout)), remaining)
+        body = self._substitute(body)
+        if kind not in _NO_ENCLAVE_STEPS:
+            self._ensure_enclave()
+        handler = getattr(self, f"_step_{kind}")
+        if kind == "expect_failure":
+            handler(body, limit, result, at)
+        else:
+            handler(body, limit)
+
+    # -- enclave
+
+    def _settings(self) -> dict[str, Any]:
+        settings = dict(self.scenario.enclave)
+        return settings
+
+    def _boot(self, limit: float) -> None:
+        if self.enclave is not None and self.enclave.running:
+            raise StepFailed("boot: the scenario's enclave is already running")
+        if self.eif_path is None:
+            data = self.scenario.data
+            self.eif_path = resolve_eif(data.get("image"), data.get("eif"), self.scenario.path.parent)
+        settings = self._settings()
+        if settings.get("heartbeat_timeout") is None:
+            settings["heartbeat_timeout"] = None
+        self.booted = True
+        self.cursor = 0
+        self.enclave = None
+        self.enclave = self.factory.start(self.factory.config(eif=self.eif_path, **settings))
+
+    def _ensure_enclave(self) -> Any:
+        if self.enclave is None:
+            if self.booted:
+                raise StepFailed("the enclave is not running (it failed to boot or was terminated; "
+                                 "use a 'boot' step to start it again)")
+            self._boot(self.deadline - time.monotonic())
+        return self.enclave
+
+    def _console_tail(self, lines: int = 25) -> str:
+        if self.enclave is None or getattr(self.enclave, "machine", True) is None:
+            return ""
+        with contextlib.suppress(Exception):
+            text = self.enclave.console.text()
+            return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+        return ""
+
+    def _vars(self) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "artifacts": str(self.artifacts_dir),
+            "scenario": self.scenario.name,
+            "image": self.scenario.data.get("image", ""),
+        }
+        values.update({k: v for k, v in self.scenario.enclave.items() if k in ("cpu_count", "memory_mib")})
+        if self.eif_path is not None:
+            values["eif"] = str(self.eif_path)
+        if self.enclave is not None:
+            values.update(enclave_id=self.enclave.enclave_id, enclave_name=self.enclave.name,
+                          cid=self.enclave.cid, qemu_pid=self.enclave.qemu_pid)
+        values.update({k.split(".")[-1]: v for k, v in self.scenario.matrix_values.items()})
+        return values
+
+    def _substitute(self, node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (v if k == "steps" else self._substitute(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [self._substitute(v) for v in node]
+        if isinstance(node, str) and "${" in node:
+            values = self._vars()
+
+            def repl(match: re.Match) -> str:
+                name = match.group(1)
+                if name not in values:
+                    if name in ("eif",) and self.eif_path is None:
+                        self.eif_path = resolve_eif(self.scenario.data.get("image"),
+                                                    self.scenario.data.get("eif"),
+                                                    self.scenario.path.parent)
+                        return str(self.eif_path)
+                    raise StepFailed(f"${{{name}}} has no value yet (the enclave has not booted)")
+                return str(values[name])
+
+            return _PLACEHOLDER_RE.sub(repl, node)
+        return node
+
+    # -- steps
+
+    def _step_boot(self, body: dict, limit: float) -> None:
+        self._boot(limit)
+
+    def _step_sleep(self, body: dict, limit: float) -> None:
+        seconds = float(body["seconds"])
+        if seconds > limit:
+            time.sleep(limit)
+            raise StepFailed(f"sleep of {seconds:g} s exceeds the time left ({limit:.1f} s)")
+        time.sleep(seconds)
+
+    def _step_console(self, body: dict, limit: float) -> None:
+        from harness.enclave import ConsoleError
+
+        enclave = self.enclave
+        within = min(float(body.get("within", limit)), limit)
+        fail_pattern = body.get("fail_pattern", self.scenario.fail_pattern)
+        if "expect" in body:
+            try:
+                match = enclave.console.expect(body["expect"], timeout=within, fail_pattern=fail_pattern,
+                                               count=int(body.get("count", 1)), start=self.cursor)
+            except ConsoleError as exc:
+                raise StepFailed(str(exc), exc.excerpt, exc) from None
+            self.cursor += match.end()
+        if "expect_not" in body:
+            regex = re.compile(body["expect_not"], re.MULTILINE)
+            end = time.monotonic() + (float(body["within"]) if "within" in body and "expect" not in body else 0)
+            while True:
+                text = enclave.console.text()
+                found = regex.search(text)
+                if found:
+                    raise StepFailed(f"console printed {found.group(0)!r}, which must not appear",
+                                     _tail_around(text, found.start()))
+                if time.monotonic() >= end:
+                    break
+                time.sleep(min(0.25, max(0.0, end - time.monotonic())))
+
+    def _exec(self, command: str, timeout: float, enclave: Any = None) -> Any:
+        from harness.enclave import ConsoleError
+
+        try:
+            return (enclave or self.enclave).exec(command, timeout=timeout)
+        except ConsoleError as exc:
+            raise StepFailed(f"exec {command!r}: {exc}", exc.excerpt, exc) from None
+
+    def _step_exec(self, body: dict, limit: float) -> None:
+        within = min(float(body.get("within", limit)), limit)
+        result = self._exec(body["command"], within)
+        expected = body.get("status", 0)
+        shown = _indent(result.output)
+        if expected is not None and result.status != expected:
+            raise StepFailed(f"exit status {result.status}, expected {expected}; output:\n{shown}")
+        if "output" in body and not re.search(body["output"], result.output, re.MULTILINE):
+            raise StepFailed(f"output does not match {body['output']!r}; output:\n{shown}")
+        if "output_not" in body and (bad := re.search(body["output_not"], result.output, re.MULTILINE)):
+            raise StepFailed(f"output contains {bad.group(0)!r} (output_not {body['output_not']!r}); "
+                             f"output:\n{shown}")
+
+    def _payload(self, body: dict) -> bytes | None:
+        if "send" in body:
+            return body["send"].encode()
+        if "send_hex" in body:
+            return bytes.fromhex(body["send_hex"])
+        if "send_file" in body:
+            path = Path(body["send_file"])
+            if not path.is_absolute():
+                path = self.scenario.path.parent / path
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                raise StepFailed(f"send_file {path}: {exc.strerror}") from None
+        if "send_random" in body:
+            return secrets.token_bytes(int(body["send_random"]))
+        return None
+
+    def _step_vsock(self, body: dict, limit: float) -> None:
+        deadline = time.monotonic() + min(float(body.get("within", limit)), limit)
+        count = int(body.get("connections", 1))
+        if "connect" in body:
+            port = int(body["connect"])
+            for n in range(count):
+                sock = self._vsock_connect(port, deadline, refused_ok=bool(body.get("expect_refused")))
+                if sock is None:
+                    continue
+                with contextlib.closing(sock):
+                    self._exchange(sock, body, deadline, f"connection {n + 1}/{count} to port {port}")
+            return
+        self._vsock_accept(body, deadline, count)
+
+    def _vsock_connect(self, port: int, deadline: float, *, refused_ok: bool) -> socket.socket | None:
+        # The guest's server may still be starting: a refused connection (RST) is retried until
+        # the deadline, unless the step expects the refusal.
+        last: BaseException | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                sock = self.enclave.vsock_connect(port, timeout=max(0.5, min(10.0, remaining)))
+            except (OSError, NitroError) as exc:
+                last = exc
+                if refused_ok:
+                    return None
+                if remaining <= 0.5:
+                    raise StepFailed(f"vsock connect to the enclave's port {port} failed: {exc}") from None
+                time.sleep(0.5)
+                continue
+            if refused_ok:
+                sock.close()
+                raise StepFailed(f"vsock connect to port {port} succeeded; expected it to be refused")
+            return sock
+        raise StepFailed(f"vsock connect to port {port}: {last}")  # pragma: no cover
+
+    def _vsock_accept(self, body: dict, deadline: float, count: int) -> None:
+        port = int(body["accept"])
+        listener = self.enclave.vsock_listen(port)
+        trigger: dict[str, Any] = {}
+        thread = None
+        try:
+            if body.get("trigger"):
+                def run_trigger() -> None:
+                    try:
+                        trigger["result"] = self.enclave.exec(
+                            body["trigger"], timeout=max(1.0, deadline - time.monotonic()))
+                    except Exception as exc:  # reported after the exchange
+                        trigger["error"] = exc
+
+                thread = threading.Thread(target=run_trigger, name="scenario-trigger", daemon=True)
+                thread.start()
+            for n in range(count):
+                remaining = deadline - time.monotonic()
+                try:
+                    conn = listener.accept(timeout=max(0.1, remaining))
+                except (OSError, NitroError, TimeoutError) as exc:
+                    raise StepFailed(f"no guest connection {n + 1}/{count} on parent port {port} "
+                                     f"within the step's time: {exc}") from None
+                if isinstance(conn, tuple):
+                    conn = conn[0]
+                with contextlib.closing(conn):
+                    self._exchange(conn, body, deadline, f"guest connection {n + 1}/{count} on port {port}")
+        finally:
+            if thread is not None:
+                thread.join(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(Exception):
+                listener.close()
+        if thread is not None:
+            if "error" in trigger:
+                raise StepFailed(f"trigger {body['trigger']!r}: {trigger['error']}")
+            res = trigger.get("result")
+            if res is None:
+                raise StepFailed(f"trigger {body['trigger']!r} did not finish in time")
+            if res.status != 0:
+                raise StepFailed(f"trigger {body['trigger']!r} exited {res.status}:\n{_indent(res.output)}")
+
+    def _exchange(self, sock: socket.socket, body: dict, deadline: float, what: str) -> None:
+        payload = self._payload(body)
+        sender = None
+        send_error: list[BaseException] = []
+        if payload is not None:
+            def send() -> None:
+                try:
+                    sock.sendall(payload)
+                    if body.get("half_close", True):
+                        sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    send_error.append(exc)
+
+            # Sending from a thread while reading here: an echo peer would otherwise fill
+            # both directions' credit and deadlock on large payloads.
+            sender = threading.Thread(target=send, name="scenario-vsock-send", daemon=True)
+            sender.start()
+        expect_re = re.compile(body["expect"].encode(), re.MULTILINE) if "expect" in body else None
+        want: int | None = None
+        if "expect_hex" in body:
+            want = len(bytes.fromhex(body["expect_hex"]))
+        elif "expect_bytes" in body:
+            want = int(body["expect_bytes"])
+        elif body.get("expect_echo"):
+            want = len(payload or b"")
+        reading = expect_re is not None or want is not None
+        received = bytearray()
+        while reading:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StepFailed(f"{what}: timed out after receiving {len(received)} bytes"
+                                 + _received_excerpt(received))
+            sock.settimeout(min(remaining, 1.0))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise StepFailed(f"{what}: receive failed after {len(received)} bytes: {exc}") from None
+            if not chunk:
+                break
+            received += chunk
+            if expect_re is not None and expect_re.search(received):
+                break
+            if want is not None and expect_re is None and len(received) >= want:
+                break
+        if sender is not None:
+            sender.join(max(0.1, deadline - time.monotonic()))
+            if sender.is_alive():
+                raise StepFailed(f"{what}: sending {len(payload or b'')} bytes did not finish in time")
+            if send_error:
+                raise StepFailed(f"{what}: send failed: {send_error[0]}")
+        if expect_re is not None and not expect_re.search(received):
+            raise StepFailed(f"{what}: reply does not match {body['expect']!r}" + _received_excerpt(received))
+        if "expect_hex" in body and bytes(received[:want]) != bytes.fromhex(body["expect_hex"]):
+            raise StepFailed(f"{what}: expected {body['expect_hex']}, got {bytes(received[:want + 16]).hex()}")
+        if "expect_bytes" in body and len(received) < want:
+            raise StepFailed(f"{what}: got {len(received)} bytes, expected {want}")
+        if body.get("expect_echo"):
+            sent = payload or b""
+            if bytes(received) != sent:
+                raise StepFailed(
+                    f"{what}: echo differs: sent {len(sent)} bytes sha256 {hashlib.sha256(sent).hexdigest()[:16]}, "
+                    f"got {len(received)} bytes sha256 {hashlib.sha256(received).hexdigest()[:16]}")
+
+    def _step_describe(self, body: dict, limit: float) -> None:
+        actual = self.enclave.describe()
+        (self.artifacts_dir / "describe.json").write_text(json.dumps(actual, indent=2) + "\n")
+        expected = body.get("expect") or {}
+        mismatch = _subset_mismatch(expected, actual, "describe")
+        if mismatch:
+            raise StepFailed(f"{mismatch}; describe-enclaves entry: {json.dumps(actual)}")
+        if self.enclave.measurements is not None and "Measurements" in actual:
+            want = self.enclave.measurements.to_json()
+            if actual["Measurements"] != want:
+                raise StepFailed(f"describe Measurements {actual['Measurements']} differ from the EIF's {want}")
+
+    def _step_cli(self, body: dict, limit: float) -> None:
+        argv = [sys.executable, "-m", "harness.cli", *[str(a) for a in body["args"]]]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise StepFailed(f"`nitro-harness {' '.join(argv[3:])}` did not finish within {limit:g} s; "
+                             f"stderr: {exc.stderr!r}") from None
+        self._save_cli(argv, proc)
+        shown = f"\nstdout:\n{_indent(proc.stdout)}\nstderr:\n{_indent(proc.stderr)}"
+        expected = body.get("status", 0)
+        if proc.returncode != expected:
+            raise StepFailed(f"`nitro-harness {' '.join(argv[3:])}` exited {proc.returncode}, "
+                             f"expected {expected}{shown}")
+        if "stdout" in body and not re.search(body["stdout"], proc.stdout, re.MULTILINE):
+            raise StepFailed(f"stdout does not match {body['stdout']!r}{shown}")
+        if "stderr" in body and not re.search(body["stderr"], proc.stderr, re.MULTILINE):
+            raise StepFailed(f"stderr does not match {body['stderr']!r}{shown}")
+        if "json" in body:
+            try:
+                actual = json.loads(proc.stdout)
+            except ValueError as exc:
+                raise StepFailed(f"stdout is not JSON ({exc}){shown}") from None
+            mismatch = _subset_mismatch(body["json"], actual, "stdout")
+            if mismatch:
+                raise StepFailed(f"{mismatch}{shown}")
+
+    def _save_cli(self, argv: list[str], proc: subprocess.CompletedProcess) -> None:
+        with open(self.artifacts_dir / "cli.log", "a", encoding="utf-8") as log:
+            log.write(f"$ nitro-harness {shlex.join(argv[3:])}\n[exit {proc.returncode}]\n"
+                      f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}\n")
+
+    def _step_wait_exit(self, body: dict, limit: float) -> None:
+        if self.enclave is None:
+            raise StepFailed("no enclave to wait for")
+        within = min(float(body.get("within", limit)), limit)
+        if not self.enclave.wait(within):
+            raise StepFailed(f"the enclave was still running after {within:g} s")
+
+    def _step_terminate(self, body: dict, limit: float) -> None:
+        if self.enclave is None:
+            raise StepFailed("no enclave to terminate")
+        enclave, pid = self.enclave, self.enclave.qemu_pid
+        enclave.terminate()
+        if pid and _process_alive(pid):
+            raise StepFailed(f"QEMU process {pid} still runs after terminate")
+        if enclave.state != "EMPTY":
+            raise StepFailed(f"state is {enclave.state} after terminate, expected EMPTY")
+        state_dir = getattr(enclave, "state_dir", None)
+        if state_dir is not None and Path(state_dir).exists():
+            raise StepFailed(f"the enclave's state folder {state_dir} survived terminate")
+        self.enclave = None
+
+    def _step_kms(self, body: dict, limit: float) -> None:
+        raise StepSkipped("kms steps need the KMS emulator's scenario support (issue 7), not yet wired")
+
+    def _step_expect_failure(self, body: dict, limit: float, result: ScenarioResult, at: list[Any]) -> None:
+        steps = body.get("steps") or [{"boot": None}]
+        want_code = body.get("code")
+        want_message = body.get("message")
+        saved_deadline = self.deadline
+        self.deadline = min(self.deadline, time.monotonic() + limit)
+        try:
+            self._run_steps(steps, result, at + ["steps"] if body.get("steps") else at + ["__boot__"])
+        except StepFailed as failure:
+            for record in reversed(result.steps):  # the nested step failed as it had to
+                if record.status == "failed":
+                    record.status = "xfailed"
+                    break
+            error = failure.error
+            code = error.code.tag if isinstance(error, NitroError) else None
+            text = f"{failure.message}\n{failure.excerpt}"
+            if want_code and code != want_code:
+                got = f"{code} ({error})" if code else f"a failure without an error code: {failure.message}"
+                raise StepFailed(f"expected failure {want_code}, got {got}", failure.excerpt) from None
+            if want_message and not re.search(want_message, text, re.MULTILINE):
+                raise StepFailed(f"failure message does not match {want_message!r}: {failure.message}",
+                                 failure.excerpt) from None
+            (self.artifacts_dir / "expected-failure.txt").write_text(text)
+            return
+        finally:
+            self.deadline = saved_deadline
+        raise StepFailed(f"expected a failure ({want_code or want_message}) but the steps succeeded")
+
+    # attest and isolation follow
+
+    def _step_attest(self, body: dict, limit: float) -> None:
+        from harness import attestation
+
+        enclave = self.enclave
+        if enclave.nsm is None:
+            raise StepSkipped(f"attest needs the NSM: {getattr(enclave, 'nsm_status', 'no NSM device')}")
+        within = min(float(body.get("within", limit)), limit)
+        command = body.get("command") or _guest_attest_command(body)
+        res = self._exec(command, within)
+        if res.status != 0:
+            raise StepFailed(f"guest attestation command {command!r} exited {res.status}:\n{_indent(res.output)}")
+        document = _document_from_output(res.output)
+        if document is None:
+            raise StepFailed(f"no attestation document in the output of {command!r}:\n{_indent(res.output)}")
+        self._documents += 1
+        (self.artifacts_dir / f"attestation-{self._documents}.cbor").write_bytes(document)
+        if body.get("tamper"):
+            document = attestation.tamper_document(document, body["tamper"])
+            (self.artifacts_dir / f"attestation-{self._documents}-tampered.cbor").write_bytes(document)
+        expect = self._attest_expectations(body)
+        try:
+            doc = attestation.verify_document(document, roots=[self._attest_root(body)], expect=expect)
+        except attestation.AttestationError as exc:
+            if "expect_verify_error" in body and re.search(body["expect_verify_error"], str(exc)):
+                return
+            raise StepFailed(f"attestation document failed verification: {exc}") from None
+        if "expect_verify_error" in body:
+            raise StepFailed(f"the document verified, expected a failure matching {body['expect_verify_error']!r}")
+        (self.artifacts_dir / f"attestation-{self._documents}.json").write_text(
+            json.dumps(doc.to_json(), indent=2, default=str) + "\n")
+        if doc.module_id != enclave.enclave_id:
+            raise StepFailed(f"module_id {doc.module_id!r} is not the enclave ID {enclave.enclave_id!r}")
+
+    def _attest_root(self, body: dict) -> Any:
+        from cryptography import x509
+
+        if body.get("root"):
+            path = Path(body["root"])
+            if not path.is_absolute():
+                path = self.scenario.path.parent / path
+            try:
+                return x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise StepFailed(f"attest root {path}: {exc}") from None
+        pki = getattr(self.enclave.nsm, "pki", None)
+        if pki is None:
+            from harness.pki import Pki
+
+            pki = Pki.load_or_create(getattr(self.enclave.config, "pki_dir", None))
+        return pki.root_certificate
+
+    def _attest_expectations(self, body: dict) -> Any:
+        from harness import attestation
+        from harness.pcr import ZERO_PCR, pcr_for_instance_id, pcr_for_role_arn
+
+        enclave = self.enclave
+        measured = enclave.measurements.as_dict()
+        debug = bool(body.get("debug_zeros", enclave.debug_mode))
+        pcrs: dict[int, bytes] = {}
+        if debug:
+            # SPEC 2: debug-mode documents carry PCR0-2 (and PCR8) as zeros, PCR3/4 unchanged.
+            pcrs.update({i: ZERO_PCR for i in measured})
+        role = getattr(enclave.config, "parent_role_arn", None)
+        if role:
+            pcrs[3] = pcr_for_role_arn(role)
+        pcrs[4] = pcr_for_instance_id(enclave.instance_id)
+        for index, value in (body.get("pcrs") or {}).items():
+            index = int(index)
+            if value == "eif":
+                if index not in measured:
+                    raise StepFailed(f"pcrs.{index}: the EIF has no PCR{index} measurement")
+                pcrs[index] = measured[index]
+            elif value == "zero":
+                pcrs[index] = ZERO_PCR
+            else:
+                pcrs[index] = bytes.fromhex(value)
+        nonce = body.get("verify_nonce", body.get("nonce"))
+        return attestation.Expectations(
+            pcrs=pcrs,
+            nonce=bytes.fromhex(nonce) if nonce is not None else None,
+            user_data=bytes.fromhex(body["user_data"]) if "user_data" in body else None,
+            public_key=bytes.fromhex(body["public_key"]) if "public_key" in body else None,
+            allow_debug=debug,
+        )
+
+    def _step_isolation(self, body: dict, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        checks = body.get("checks") or [c for c in ISOLATION_CHECKS if c != "peer_unreachable"]
+        tolerance = float(body.get("memory_tolerance", 0.2))
+        report: dict[str, str] = {}
+        failures = []
+        for check in checks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failures.append(f"{check}: no time left")
+                break
+            try:
+                report[check] = getattr(self, f"_iso_{check}")(remaining, tolerance)
+            except StepFailed as exc:
+                report[check] = f"FAILED: {exc.message}"
+                failures.append(f"{check}: {exc.message}")
+        (self.artifacts_dir / "isolation.json").write_text(json.dumps(report, indent=2) + "\n")
+        if failures:
+            raise StepFailed("isolation checks failed:\n  " + "\n  ".join(failures))
+
+    # Isolation checks (issue 6 item 2): each returns what it saw, or raises StepFailed.
+
+    def _iso_guest_network(self, limit: float, tolerance: float) -> str:
+        res = self._exec("ls /sys/class/net", limit)
+        names = res.output.split()
+        if res.status != 0 or names != ["lo"]:
+            raise StepFailed(f"guest network interfaces {names} (status {res.status}); only 'lo' may exist")
+        return "only lo"
+
+    def _iso_guest_block_devices(self, limit: float, tolerance: float) -> str:
+        res = self._exec("ls /sys/block", limit)
+        # Loop, RAM and zram devices are the guest kernel's own memory, not host-provided disks.
+        disks = [n for n in res.output.split() if not re.fullmatch(r"(loop|ram|zram)\d+", n)]
+        if res.status != 0 or disks:
+            raise StepFailed(f"guest block devices {disks} (status {res.status}); none may exist")
+        return f"no disks ({len(res.output.split())} loop/ram devices)"
+
+    def _iso_guest_cpus(self, limit: float, tolerance: float) -> str:
+        res = self._exec("grep -c ^processor /proc/cpuinfo", limit)
+        want = len(self.enclave.cpu_ids)
+        if res.status != 0 or res.output.strip() != str(want):
+            raise StepFailed(f"guest sees {res.output.strip()!r} CPUs, configured {want}")
+        return f"{want} CPUs"
+
+    def _iso_guest_memory(self, limit: float, tolerance: float) -> str:
+        res = self._exec("grep MemTotal /proc/meminfo", limit)
+        found = re.search(r"MemTotal:\s+(\d+) kB", res.output)
+        if res.status != 0 or not found:
+            raise StepFailed(f"cannot read MemTotal: {res.output!r}")
+        total_mib = int(found.group(1)) / 1024
+        want = self.enclave.memory_mib
+        if not (want * (1 - tolerance) <= total_mib <= want):
+            raise StepFailed(f"guest MemTotal {total_mib:.1f} MiB is not within "
+                             f"[{want * (1 - tolerance):.0f}, {want}] MiB of the configured {want} MiB")
+        return f"MemTotal {total_mib:.1f} MiB of {want} MiB"
+
+    def _guest_connect_results(self, targets: list[tuple[int, int]], limit: float,
+                               enclave: Any = None) -> dict[int, str]:
+        # One python3 run in the guest tries each (cid, port) and prints "cid:ok" or "cid:errno".
+        script = (
+            "import socket\n"
+            f"for cid, port in {targets!r}:\n"
+            "    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
+            "    s.settimeout(15)\n"
+            "    try:\n"
+            "        s.connect((cid, port)); r = 'ok'\n"
+            "    except OSError as e:\n"
+            "        r = 'errno%s' % e.errno\n"
+            "    s.close()\n"
+            "    print('vsock-result %d:%s' % (cid, r))\n"
+        )
+        encoded = base64.b64encode(script.encode()).decode()
+        res = self._exec(f"python3 -c 'import base64;exec(base64.b64decode(\"{encoded}\"))'", limit, enclave)
+        results = dict(re.findall(r"vsock-result (\d+):(\S+)", res.output))
+        if res.status != 0 or len(results) != len(targets):
+            raise StepFailed(f"guest vsock probe (needs python3 in the image) exited {res.status}:\n"
+                             f"{_indent(res.output)}")
+        return {int(k): v for k, v in results.items()}
+
+    def _iso_guest_vsock_cids(self, limit: float, tolerance: float) -> str:
+        port = 47000 + secrets.randbelow(1000)
+        listener = self.enclave.vsock_listen(port)
+        try:
+            others = [2, 1, self.enclave.cid + 1000]
+            results = self._guest_connect_results([(c, port) for c in others] + [(3, port)], limit)
+        finally:
+            with contextlib.suppress(Exception):
+                listener.close()
+        if results.get(3) != "ok":
+            raise StepFailed(f"the guest could not reach the parent (CID 3) port {port}: {results[3]}")
+        reached = [c for c in others if results.get(c) == "ok"]
+        if reached:
+            raise StepFailed(f"the guest reached CID(s) {reached}; only CID 3 may be reachable")
+        return "only CID 3 reachable: " + ", ".join(f"{c}->{r}" for c, r in sorted(results.items()))
+
+    def _iso_host_cmdline(self, limit: float, tolerance: float) -> str:
+        argv = self.enclave.qemu_cmdline
+        if not argv:
+            raise StepFailed("the QEMU command line is not known")
+        (self.artifacts_dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
+        bad = []
+        for i, arg in enumerate(argv):
+            if arg in ("-netdev", "-net", "-drive", "-blockdev", "-hda", "-hdb", "-cdrom", "-sd",
+                       "-mtdblock", "-pflash", "-usb"):
+                bad.append(arg)
+            elif arg == "-nic" and (i + 1 >= len(argv) or argv[i + 1] != "none"):
+                bad.append(arg)
+            elif re.search(r"virtio-net|virtio-blk|virtio-scsi|e1000|rtl8139|vhost-net|nvme|"
+                           r"usb-storage|scsi-hd|ide-hd|ide-cd", arg):
+                bad.append(arg)
+        if "-nodefaults" not in argv:
+            bad.append("(missing -nodefaults: QEMU would add default devices)")
+        if bad:
+            raise StepFailed(f"QEMU command line has network/disk devices: {bad}")
+        return "no network or disk device, -nodefaults"
+
+    def _iso_host_vcpu_affinity(self, limit: float, tolerance: float) -> str:
+        enclave = self.enclave
+        pid = enclave.qemu_pid
+        cpus = set(enclave.cpu_ids)
+        vcpus = list(enclave.vcpu_thread_ids)
+        if len(vcpus) != len(enclave.cpu_ids):
+            raise StepFailed(f"{len(vcpus)} vCPU threads known, {len(enclave.cpu_ids)} configured")
+        problems, seen = [], {}
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError as exc:
+            raise StepFailed(f"cannot list QEMU {pid}'s threads: {exc.strerror}") from None
+        for tid in tids:
+            try:
+                affinity = os.sched_getaffinity(tid)
+            except OSError:
+                continue  # the thread ended meanwhile
+            seen[tid] = sorted(affinity)
+            if tid in vcpus and not affinity <= cpus:
+                problems.append(f"vCPU thread {tid} may run on {sorted(affinity)}, not only {sorted(cpus)}")
+            if tid not in vcpus and affinity & cpus:
+                problems.append(f"QEMU thread {tid} ({_thread_name(pid, tid)}) may run on enclave "
+                                f"CPUs {sorted(affinity & cpus)}")
+        missing = [t for t in vcpus if t not in tids]
+        if missing:
+            problems.append(f"vCPU threads {missing} are not threads of QEMU {pid}")
+        # The harness's own per-enclave threads (device back ends, console reader) must stay off too.
+        own = [getattr(b, "native_id", None) for b in getattr(enclave, "_backends", [])]
+        with contextlib.suppress(Exception):
+            own.append(enclave.console.native_id)
+        for tid in filter(None, own):
+            with contextlib.suppress(OSError):
+                affinity = os.sched_getaffinity(tid)
+                if affinity & cpus:
+                    problems.append(f"harness thread {tid} ({_thread_name(os.getpid(), tid)}) may run "
+                                    f"on enclave CPUs {sorted(affinity & cpus)}")
+        (self.artifacts_dir / "affinity.json").write_text(json.dumps(
+            {"enclave_cpus": sorted(cpus), "vcpu_threads": vcpus, "qemu_threads": seen}, indent=2) + "\n")
+        if problems:
+            raise StepFailed("; ".join(problems))
+        return f"vCPU threads {vcpus} on {sorted(cpus)}; {len(seen) - len(vcpus)} other QEMU threads off them"
+
+    def _iso_host_memory(self, limit: float, tolerance: float) -> str:
+        enclave = self.enclave
+        argv = " ".join(enclave.qemu_cmdline)
+        if "prealloc=on" not in argv:
+            raise StepFailed("guest memory is not preallocated (no prealloc=on on the memory backend)")
+        try:
+            status = Path(f"/proc/{enclave.qemu_pid}/status").read_text()
+        except OSError as exc:
+            raise StepFailed(f"cannot read QEMU's status: {exc.strerror}") from None
+        fields = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", status, re.MULTILINE)}
+        resident_mib = (fields.get("RssShmem", 0) + fields.get("HugetlbPages", 0)) / 1024
+        want = enclave.memory_mib
+        if resident_mib < want * 0.95:
+            raise StepFailed(f"only {resident_mib:.0f} MiB of the {want} MiB guest memory is resident")
+        seen = f"{resident_mib:.0f} MiB resident (prealloc)"
+        if "mem-lock=on" in argv:
+            locked_mib = fields.get("VmLck", 0) / 1024
+            if locked_mib < want * 0.95:
+                raise StepFailed(f"mem-lock=on but only {locked_mib:.0f} MiB locked of {want} MiB")
+            seen += f", {locked_mib:.0f} MiB locked"
+        return seen
+
+    def _iso_peer_unreachable(self, limit: float, tolerance: float) -> str:
+        # A second enclave from the same EIF; each tries to reach the other's CID, which the
+        # vsock device must refuse (RST) whatever the port: only CID 3 is routed (SPEC 3).
+        peer = self.factory.start(self.factory.config(eif=self.eif_path, **{
+            k: v for k, v in self._settings().items() if k not in ("cid", "name", "cpu_ids")}))
+        try:
+            port = 5005
+            mine = self._guest_connect_results([(peer.cid, port)], limit)
+            theirs = self._guest_connect_results([(self.enclave.cid, port)], limit, peer)
+        finally:
+            peer.terminate()
+        if mine.get(peer.cid) == "ok" or theirs.get(self.enclave.cid) == "ok":
+            raise StepFailed(f"enclaves reached each other: {mine} / {theirs}")
+        return f"CID {self.enclave.cid} -> {peer.cid}: {mine[peer.cid]}; back: {theirs[self.enclave.cid]}"
+
+
+#: Isolation checks in the order they run; ``peer_unreachable`` (boots a second enclave) only on request.
+ISOLATION_CHECKS = (
+    "guest_network",
+    "guest_block_devices",
+    "guest_cpus",
+    "guest_memory",
+    "guest_vsock_cids",
+    "host_cmdline",
+    "host_vcpu_affinity",
+    "host_memory",
+    "peer_unreachable",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _guest_attest_command(body: dict) -> str:
+    parts = [GUEST_NSM_TOOL, "attest"]
+    for key, flag in (("nonce", "--nonce"), ("user_data", "--user-data"), ("public_key", "--public-key")):
+        if key in body:
+            parts += [flag, body[key]]
+    return " ".join(parts)
+
+
+def _document_from_output(output: str) -> bytes | None:
+    """The attestation document in a guest helper's output: JSON ``{"document": b64}``, or the
+    longest base64 / hex token (COSE_Sign1 starts with 0x84 or tag 18 0xd2)."""
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError, TypeError):
+                value = json.loads(line).get("document")
+                if value:
+                    return base64.b64decode(value)
+    best = None
+    for token in re.findall(r"[A-Za-z0-9+/=]{64,}", output):
+        for decode in (bytes.fromhex, base64.b64decode):
+            with contextlib.suppress(ValueError):
+                data = decode(token)
+                if data[:1] in (b"\x84", b"\xd2") and (best is None or len(data) > len(best)):
+                    best = data
+    return best
+
+
+def _thread_name(pid: int, tid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _indent(text: str, limit: int = 40) -> str:
+    lines = text.rstrip("\n").splitlines()
+    if len(lines) > limit:
+        lines = [f"... ({len(lines) - limit} lines before)"] + lines[-limit:]
+    return "\n".join("    " + line for line in lines) if lines else "    <no output>"
+
+
+def _tail_around(text: str, position: int, lines: int = 25) -> str:
+    head = text[:position].splitlines()[-lines:]
+    rest = text[position:].splitlines()[:3]
+    return "\n".join(head[:-1] + rest) if head else "\n".join(rest)
+
+
+def _received_excerpt(data: bytes | bytearray) -> str:
+    if not data:
+        return " (nothing received)"
+    shown = bytes(data[-200:]).decode("utf-8", "replace")
+    return f"; last bytes received: {shown!r}"
+
+
+def _subset_mismatch(expected: Any, actual: Any, where: str) -> str | None:
+    """Why ``actual`` does not contain ``expected`` (None if it does).
+
+    Mappings: every expected key present and matching; lists: every expected item matches some
+    actual item; a string expectation also matches a number equal to it (placeholders give strings).
+    """
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return f"{where}: expected a mapping, got {_short(actual)}"
+        for key, value in expected.items():
+            if key not in actual:
+                return f"{where}.{key}: missing (have {', '.join(map(str, actual))})"
+            if (why := _subset_mismatch(value, actual[key], f"{where}.{key}")) is not None:
+                return why
+        return None
+    if isinstance(expected, list):
+        if not isinstance(actual, list):
+            return f"{where}: expected a list, got {_short(actual)}"
+        for n, item in enumerate(expected):
+            if all(_subset_mismatch(item, have, where) is not None for have in actual):
+                return f"{where}[{n}]: no item matches {_short(item)}"
+        return None
+    if isinstance(expected, str) and isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        return None if expected == str(actual) else f"{where}: {actual!r} != {expected!r}"
+    return None if expected == actual else f"{where}: {_short(actual)} != {_short(expected)}"

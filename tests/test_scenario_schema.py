@@ -1,0 +1,469 @@
+"""Scenario schema, loading with file:line errors, matrix expansion, and the runner without QEMU.
+
+Each malformed scenario is checked one by one for the exact ``file:line: key: rule`` message
+(issue 6, "Must show"). Runner tests here use failures the engine detects before QEMU starts
+(missing EIF, corrupt EIF, memory below 4 x EIF size), so they drive the real engine without a
+boot; booting scenarios run from scenarios/ (pytest scenarios/) and tests/test_pytest_plugin.py.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from harness import scenario as scn
+from harness.errors import ErrorCode, NitroError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "case.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def load_error(tmp_path: Path, text: str) -> scn.ScenarioError:
+    path = write(tmp_path, text)
+    with pytest.raises(scn.ScenarioError) as info:
+        scn.load_scenarios(path)
+    return info.value
+
+
+# -- the schema itself ---------------------------------------------------------------------
+
+
+def test_schema_is_a_valid_draft_2020_12_schema():
+    jsonschema.Draft202012Validator.check_schema(scn.schema())
+    assert set(scn.schema()["$defs"]["step"]["properties"]) == set(scn.STEP_KINDS)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_validates(path):
+    cases = scn.load_scenarios(path)
+    assert cases, path
+    assert all(case.steps for case in cases)
+
+
+def test_hello_scenario_shape():
+    (case,) = scn.load_scenarios(REPO / "scenarios" / "hello.yaml")
+    assert case.id == "hello"
+    assert case.data["image"] == "hello"
+    assert case.enclave == {"cpu_count": 2, "memory_mib": 512, "debug_mode": True}
+    kind, body = scn.step_kind(case.steps[0])
+    assert (kind, body["expect"], body["count"]) == ("console", "Hello from the enclave side!", 3)
+    assert scn.step_kind(case.steps[-1]) == ("terminate", {})
+
+
+# -- errors, one by one, each with file and line ---------------------------------------------
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console:
+              expect: x
+              cuont: 3
+        """)
+    assert err.code == ErrorCode.InvalidArgument
+    assert err.line == 5
+    assert err.message.endswith(
+        "case.yaml:5: steps[0].console.cuont: unknown key 'cuont' "
+        "(allowed: name, timeout, expect, expect_not, count, within, fail_pattern)")
+    assert str(err).startswith("[ E03 ] InvalidArgument: ")
+
+
+def test_unknown_top_level_key(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        memory: 512
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 2
+    assert "memory: unknown key 'memory'" in err.message
+
+
+def test_wrong_type(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console:
+              expect: x
+              count: three
+        """)
+    assert err.line == 5
+    assert err.message.endswith("steps[0].console.count: must be of type integer, not string")
+
+
+def test_wrong_type_in_enclave_settings(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        enclave:
+          memory_mib: 512
+          debug_mode: "yes please"
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 4
+    assert "enclave.debug_mode: must be of type boolean, not string" in err.message
+
+
+def test_bad_regex(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - sleep: 1
+          - console: {expect: 'Hello ('}
+        """)
+    assert err.line == 4
+    assert "steps[1].console.expect: bad regex 'Hello (': missing ), unterminated subpattern" in err.message
+
+
+def test_unknown_step_kind(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console: {expect: x}
+          - reboot: {}
+        """)
+    assert err.line == 4
+    assert "steps[1].reboot: unknown step kind 'reboot' (known: boot, console, exec," in err.message
+
+
+def test_step_with_two_kinds(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console: {expect: x}
+            exec: {command: ls}
+        """)
+    assert err.line == 3
+    assert "steps[0]: a step has exactly one kind key" in err.message
+
+
+def test_step_body_not_indented(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console:
+            expect: x
+        """)
+    assert err.line == 3
+    assert "steps[0].console: must be of type object, not null (indent its keys under it)" in err.message
+
+
+def test_missing_required_key(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - exec: {status: 0}
+        """)
+    assert err.line == 3
+    assert "steps[0].exec: missing required key 'command'" in err.message
+
+
+def test_missing_steps(tmp_path):
+    err = load_error(tmp_path, "image: hello\n")
+    assert err.line == 1
+    assert "<top>: missing required key 'steps'" in err.message
+
+
+def test_image_and_eif_both_given(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        eif: hello.eif
+        steps: [{sleep: 1}]
+        """)
+    assert "names exactly one of 'image'" in err.message
+
+
+def test_cpu_count_and_cpu_ids_conflict(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        enclave: {cpu_count: 2, cpu_ids: [1, 2]}
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 2
+    assert "enclave: give cpu_count or cpu_ids, not both" in err.message
+
+
+def test_bad_error_code_and_hex_and_sleep(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - expect_failure: {code: E3}
+        """)
+    assert "steps[0].expect_failure.code: must be a nitro-cli error code such as E26 (got 'E3')" in err.message
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - attest: {nonce: abc}
+        """)
+    assert "steps[0].attest.nonce: must be an even number of hex digits (got 'abc')" in err.message
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - sleep: -1
+        """)
+    assert "steps[0].sleep: sleep is a number of seconds (> 0) or {seconds: N} (got -1)" in err.message
+
+
+def test_vsock_needs_exactly_one_direction(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - vsock: {connect: 5000, accept: 7000, send: hi}
+        """)
+    assert "steps[0].vsock: a vsock step has exactly one of 'connect'" in err.message
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - vsock: {connect: 5000, send: hi, send_hex: "00"}
+        """)
+    assert "give at most one of send, send_hex, send_file, send_random" in err.message
+
+
+def test_nested_steps_are_validated(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - expect_failure:
+              code: E36
+              steps:
+                - console: {expect: x, within: 0}
+        """)
+    assert err.line == 6
+    assert "steps[0].expect_failure.steps[0].console.within" in err.message
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        image: python
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 2
+    assert "duplicate key 'image'" in err.message
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - console: {expect: x
+          - sleep: 1
+        """)
+    assert err.line is not None and err.line >= 3
+    assert "YAML:" in err.message
+
+
+def test_unknown_placeholder(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        steps:
+          - exec: {command: "echo ${enclave_id} ${nope}"}
+        """)
+    assert err.line == 3
+    assert "steps[0].exec.command: unknown placeholder ${nope}" in err.message
+
+
+def test_duplicate_scenario_names_in_one_file(tmp_path):
+    err = load_error(tmp_path, """
+        name: a
+        image: hello
+        steps: [{sleep: 1}]
+        ---
+        name: a
+        image: hello
+        steps: [{sleep: 2}]
+        """)
+    assert err.line == 5
+    assert "name: 'a' is already used at line 1" in err.message
+
+
+def test_unreadable_file_is_e19(tmp_path):
+    with pytest.raises(NitroError) as info:
+        scn.load_scenarios(tmp_path / "absent.yaml")
+    assert info.value.code == ErrorCode.FileOperationFailure
+
+
+# -- matrix expansion -----------------------------------------------------------------------
+
+
+def test_matrix_mapping_expands_to_the_product(tmp_path):
+    path = write(tmp_path, """
+        name: m
+        image: hello
+        matrix:
+          enclave.cpu_count: [1, 2]
+          enclave.memory_mib: [256, 512]
+        steps:
+          - exec: {command: "echo ${cpu_count} ${memory_mib}"}
+        """)
+    cases = scn.load_scenarios(path)
+    assert [c.id for c in cases] == [
+        "m[cpu_count=1,memory_mib=256]", "m[cpu_count=1,memory_mib=512]",
+        "m[cpu_count=2,memory_mib=256]", "m[cpu_count=2,memory_mib=512]",
+    ]
+    assert [(c.enclave["cpu_count"], c.enclave["memory_mib"]) for c in cases] == [
+        (1, 256), (1, 512), (2, 256), (2, 512)]
+    assert all("matrix" not in c.data for c in cases)
+    assert cases[3].matrix_values == {"enclave.cpu_count": 2, "enclave.memory_mib": 512}
+    assert "memory_mib: 512" in cases[3].to_yaml()
+
+
+def test_matrix_list_of_cases_and_top_level_keys(tmp_path):
+    path = write(tmp_path, """
+        image: hello
+        matrix:
+          - {image: hello, enclave.debug_mode: true}
+          - {image: python, enclave.debug_mode: false}
+        steps: [{sleep: 1}]
+        """)
+    cases = scn.load_scenarios(path)
+    assert [(c.data["image"], c.enclave["debug_mode"]) for c in cases] == [("hello", True), ("python", False)]
+    assert cases[1].id == "case[image=python,debug_mode=false]"
+
+
+def test_matrix_value_of_the_wrong_type_points_at_the_value(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        matrix:
+          enclave.memory_mib:
+            - 256
+            - lots
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 5
+    assert "enclave.memory_mib: must be of type integer, not string (in matrix case memory_mib=lots)" in err.message
+
+
+def test_matrix_key_must_be_a_scenario_key(tmp_path):
+    err = load_error(tmp_path, """
+        image: hello
+        matrix:
+          enclave.memroy_mib: [256]
+        steps: [{sleep: 1}]
+        """)
+    assert err.line == 3
+    assert "enclave.memroy_mib: unknown key 'memroy_mib'" in err.message
+
+
+# -- small pieces -------------------------------------------------------------------------------
+
+
+def test_subset_matching():
+    actual = [{"EnclaveID": "i-1-enc2", "EnclaveCID": 16, "Flags": "DEBUG_MODE"}]
+    assert scn._subset_mismatch([{"EnclaveCID": "16"}], actual, "json") is None
+    assert scn._subset_mismatch({"Flags": "NONE"}, actual[0], "d") == "d.Flags: 'DEBUG_MODE' != 'NONE'"
+    assert scn._subset_mismatch([{"EnclaveCID": 17}], actual, "json").startswith("json[0]: no item matches")
+    assert scn._subset_mismatch({"State": "RUNNING"}, actual[0], "d").startswith("d.State: missing")
+
+
+def test_document_is_found_in_helper_output():
+    doc = bytes([0x84, 0x44]) + bytes(range(60))
+    import base64
+
+    assert scn._document_from_output("noise\n" + base64.b64encode(doc).decode() + "\n") == doc
+    assert scn._document_from_output(f'{{"document": "{base64.b64encode(doc).decode()}"}}') == doc
+    assert scn._document_from_output("x" * 10) is None
+
+
+def test_step_labels():
+    assert scn.step_label({"console": {"expect": "Hello"}}) == "console Hello"
+    assert scn.step_label({"vsock": {"connect": 5005}}) == "vsock connect 5005"
+    assert scn.step_label({"sleep": 2}) == "sleep 2 s"
+    assert scn.step_label({"exec": {"command": "ls", "name": "list"}}) == "list"
+
+
+# -- the runner, on failures the engine finds before QEMU starts -----------------------------
+
+
+def run_case(tmp_path: Path, text: str) -> scn.ScenarioResult:
+    (case,) = scn.load_scenarios(write(tmp_path, text))
+    artifacts = tmp_path / "artifacts"
+    factory = scn.EnclaveFactory(artifacts)
+    events: list[tuple[str, str, str]] = []
+    runner = scn.ScenarioRunner(case, factory, artifacts_dir=artifacts,
+                                on_step=lambda ev, r: events.append((ev, r.kind, r.status)))
+    result = runner.run()
+    result.events = events  # type: ignore[attr-defined]
+    return result
+
+
+def test_runner_expected_failure_missing_eif(tmp_path):
+    result = run_case(tmp_path, """
+        eif: missing.eif
+        steps:
+          - expect_failure: {code: E19, message: "EIF file not found"}
+          - sleep: 0.01
+        """)
+    assert result.status == "passed", result.message
+    assert [s.kind for s in result.steps] == ["expect_failure", "boot", "sleep"]
+    assert [s.status for s in result.steps] == ["passed", "xfailed", "passed"]
+    assert result.events[0] == ("start", "expect_failure", "running")
+    assert (tmp_path / "artifacts" / "scenario.yaml").read_text().startswith("eif: missing.eif")
+
+
+def test_runner_wrong_expected_code_fails_with_location(tmp_path):
+    result = run_case(tmp_path, """
+        eif: missing.eif
+        steps:
+          - expect_failure: {code: E26}
+        """)
+    assert result.status == "failed"
+    assert "case.yaml:3: step 1 (expect_failure E26) failed: expected failure E26, got E19" in result.message
+    assert result.artifacts == tmp_path / "artifacts"
+    assert f"artifacts: {tmp_path / 'artifacts'}" in result.failure_report()
+
+
+def test_runner_boot_failure_is_a_step_failure(tmp_path):
+    (tmp_path / "bad.eif").write_bytes(b"not an eif at all" * 64)
+    result = run_case(tmp_path, """
+        eif: bad.eif
+        steps:
+          - console: {expect: Hello}
+        """)
+    assert result.status == "failed"
+    assert "step 1 (console Hello) failed: [ E35 ]" in result.message
+
+
+def test_runner_memory_below_four_times_the_eif_is_e26(tmp_path):
+    from harness.eif import write_eif
+
+    # 17 MiB of ramdisk: 4 x the EIF size is above the 64 MiB asked for (SPEC 9: E26).
+    write_eif(tmp_path / "big.eif", b"\0" * 4096, "console=ttyS0", [b"\0" * (17 << 20)], None)
+    result = run_case(tmp_path, """
+        eif: big.eif
+        enclave: {memory_mib: 64, cpu_count: 1}
+        steps:
+          - expect_failure: {code: E26}
+        """)
+    assert result.status == "passed", result.message
+
+
+def test_runner_scenario_timeout_stops_the_steps(tmp_path):
+    result = run_case(tmp_path, """
+        image: hello
+        timeout: 0.2
+        steps:
+          - sleep: 0.15
+          - sleep: 0.15
+          - sleep: 0.15
+        """)
+    assert result.status == "failed"
+    assert [s.status for s in result.steps] == ["passed", "failed"]
+    assert "exceeds the time left" in result.message
+
+
+def test_runner_kms_step_skips_with_reason(tmp_path):
+    result = run_case(tmp_path, """
+        image: hello
+        steps:
+          - kms: {}
+        """)
+    assert result.status == "skipped"
+    assert "issue 7" in result.message
