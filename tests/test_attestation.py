@@ -370,3 +370,111 @@ def test_constraints(flaw):
     )
     data = sign_payload(keys[4], payload)
     assert _check(data, roots=[certs[0]]) == "constraints"
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from harness.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture()
+def tiny_eif(tmp_path):
+    from harness.eif import write_eif
+
+    kernel, cmdline, ramdisks = b"\x7fkernel" * 100, "console=ttyS0", [b"bootstrap" * 50, b"customer" * 70]
+    path = tmp_path / "tiny.eif"
+    write_eif(path, kernel, cmdline, ramdisks, None)
+    sha = lambda b: hashlib.sha384(b).digest()  # noqa: E731
+    ext = lambda d: hashlib.sha384(bytes(48) + d).digest()  # noqa: E731
+    pcrs = {
+        0: ext(sha(kernel + cmdline.encode() + ramdisks[0] + ramdisks[1])),
+        1: ext(sha(kernel + cmdline.encode() + ramdisks[0])),
+        2: ext(sha(ramdisks[1])),
+    }
+    return path, pcrs
+
+
+def test_cli_pki_init_show_export(capsys, tmp_path):
+    import json
+
+    directory = tmp_path / "pki"
+    status, out, _ = _cli(capsys, "pki", "init", "--pki-dir", str(directory))
+    first = json.loads(out)
+    assert status == 0 and first["Created"] is True and first["Subject"] == "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
+    status, out, err = _cli(capsys, "pki", "init", "--pki-dir", str(directory))
+    assert status == 0 and json.loads(out)["SHA256"] == first["SHA256"] and "keeping" in err
+    status, out, _ = _cli(capsys, "pki", "show", "--pki-dir", str(directory))
+    assert json.loads(out)["SHA256"] == first["SHA256"]
+    status, out, _ = _cli(capsys, "pki", "export-root", "--pki-dir", str(directory))
+    assert hashlib.sha256(x509.load_pem_x509_certificate(out.encode()).public_bytes(serialization.Encoding.DER)).hexdigest() == first["SHA256"]
+    status, _, err = _cli(capsys, "pki", "show", "--pki-dir", str(tmp_path / "none"))
+    assert status == 19 and "root.pem" in err and "Traceback" not in err
+
+
+def test_cli_attest_then_verify(capsys, tmp_path, tiny_eif):
+    import json
+
+    eif, pcrs = tiny_eif
+    directory, out_doc = tmp_path / "pki", tmp_path / "doc.cbor"
+    (tmp_path / "pub.der").write_bytes(b"\x30\x82pubkey")
+    status, out, err = _cli(
+        capsys, "attest", "--eif-path", str(eif), "--pki-dir", str(directory), "--instance-id", "i-1234567890abcdef0",
+        "--parent-role", "arn:aws:iam::123456789012:role/Webserver", "--nonce", "00ff", "--user-data", "abcd",
+        "--public-key", str(tmp_path / "pub.der"), "--output", str(out_doc),
+    )
+    assert status == 0, err
+    summary = json.loads(out)
+    assert summary["ModuleId"].startswith("i-1234567890abcdef0-enc") and summary["Measurements"]["PCR0"] == pcrs[0].hex()
+    _cli(capsys, "pki", "export-root", "--pki-dir", str(directory), "--output", str(tmp_path / "root.pem"))
+    status, out, err = _cli(
+        capsys, "verify-attestation", str(out_doc), "--root", str(tmp_path / "root.pem"),
+        "--expect-pcr", f"0={pcrs[0].hex()}", "--expect-pcr", f"1={pcrs[1].hex()}", "--expect-pcr", f"2={pcrs[2].hex()}",
+        "--nonce", "00ff",
+    )
+    assert status == 0, err
+    doc = json.loads(out)
+    assert doc["nonce"] == "00ff" and doc["user_data"] == "abcd" and doc["public_key"] == b"\x30\x82pubkey".hex()
+    # SPEC 2 check values for PCR3 and PCR4.
+    assert doc["pcrs"]["3"].startswith("78fce75db17cd4e0") and doc["pcrs"]["4"].startswith("08f996b5d43e047a")
+    assert doc["payload_map"] == "indefinite"
+    # Wrong PCR, wrong root, debug mode: one line naming the check, exit 59.
+    status, _, err = _cli(capsys, "verify-attestation", str(out_doc), "--root", str(tmp_path / "root.pem"),
+                          "--expect-pcr", f"0={pcrs[1].hex()}")
+    assert status == 59 and ": pcr: PCR0 is" in err and len(err.strip().splitlines()) == 1
+    status, _, err = _cli(capsys, "verify-attestation", str(out_doc))
+    assert status == 59 and ": root: " in err
+    debug_doc = tmp_path / "debug.cbor"
+    _cli(capsys, "attest", "--eif-path", str(eif), "--pki-dir", str(directory), "--debug-mode", "--definite", "--output", str(debug_doc))
+    status, _, err = _cli(capsys, "verify-attestation", str(debug_doc), "--root", str(tmp_path / "root.pem"))
+    assert status == 59 and ": debug-mode: " in err
+    status, out, _ = _cli(capsys, "verify-attestation", str(debug_doc), "--root", str(tmp_path / "root.pem"), "--allow-debug")
+    assert status == 0 and json.loads(out)["pcrs"]["0"] == "00" * 48 and json.loads(out)["payload_map"] == "definite"
+
+
+def test_cli_verify_aws_documents(capsys, tmp_path):
+    import base64
+    import json
+
+    path = VECTORS / "tempo_aws_attestation_2026_01_03.bin"
+    status, out, err = _cli(capsys, "verify-attestation", str(path), "--at", "document")
+    assert status == 0, err
+    assert json.loads(out)["module_id"] == "i-0368fa67e156d6d23-enc019b8596b1a9dad6"
+    status, _, err = _cli(capsys, "verify-attestation", str(path))
+    assert status == 59 and "certificate-expired" in err and "Traceback" not in err
+    status, _, err = _cli(capsys, "verify-attestation", str(path), "--at", "2026-01-03T20:41:00Z")
+    assert status == 0, err
+    # Base64 input, as carried in KMS requests.
+    b64 = tmp_path / "doc.b64"
+    b64.write_text(base64.b64encode(path.read_bytes()).decode())
+    status, _, err = _cli(capsys, "verify-attestation", str(b64), "--at", "document")
+    assert status == 0, err
+    status, _, err = _cli(capsys, "verify-attestation", str(path), "--at", "yesterday")
+    assert status == 3 and "--at" in err
+    status, _, err = _cli(capsys, "verify-attestation", str(path), "--expect-pcr", "0=abcd")
+    assert status == 3 and "48 bytes" in err
