@@ -23,6 +23,7 @@ import datetime as _dt
 import enum
 import hashlib
 import json
+import mmap
 import os
 import queue
 import struct
@@ -446,16 +447,17 @@ class _TwinHasher:
 
     SPEC 2: PCR0's chain and PCR2's chain both cover every ramdisk after the first, so that
     data is hashed twice; hashlib releases the GIL for large buffers, so two threads run the
-    two chains on two cores. ``submit`` hands a buffer to both workers and returns at once;
-    ``done(buf)`` blocks until both finished with that buffer (so it can be refilled).
+    two chains on two cores while the main thread maps the next chunk and runs the CRC.
+    ``submit(buf, done)`` queues a buffer for both chains (each worker gets its own view and
+    releases it, so an mmap window can be closed afterwards); ``done`` is released once by
+    each worker when it has finished with the buffer.
     """
 
     def __init__(self, a: Any, b: Any):
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue(), queue.SimpleQueue()]
         self._errors: list[BaseException] = []
         self._threads = [
-            threading.Thread(target=self._run, args=(h, q), daemon=True,
-                             name=f"eif-hash-{i}")
+            threading.Thread(target=self._run, args=(h, q), daemon=True, name=f"eif-hash-{i}")
             for i, (h, q) in enumerate(zip((a, b), self._queues))
         ]
         for t in self._threads:
@@ -466,18 +468,21 @@ class _TwinHasher:
             item = q.get()
             if item is None:
                 return
-            mv, ev = item
+            mv, done = item
+            item = None
             try:
                 hasher.update(mv)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            except BaseException as e:  # noqa: BLE001 - re-raised by close()
                 self._errors.append(e)
             finally:
-                ev.release()
+                mv.release()
+                mv = None
+                done.release()
 
-    def submit(self, mv: memoryview, done: threading.Semaphore) -> None:
-        """Queue ``mv`` for both chains; ``done`` is released once per chain when finished."""
+    def submit(self, buf: Any, start: int, length: int, done: threading.Semaphore) -> None:
+        """Queue ``buf[start:start+length]`` for both chains."""
         for q in self._queues:
-            q.put((mv, done))
+            q.put((memoryview(buf)[start:start + length], done))
 
     def close(self) -> None:
         """Stop the workers (after everything queued is hashed) and re-raise their errors."""
@@ -489,87 +494,141 @@ class _TwinHasher:
             raise self._errors[0]
 
 
-def _measure_open(path: Path, f: BinaryIO, eif: Eif, *, with_crc: bool) -> tuple[Measurements, int | None]:
+class _Slot:
+    """One in-flight chunk: a reusable read buffer or an mmap window, guarded by a semaphore
+    that both hash workers release (so the main thread waits twice before reusing it)."""
+
+    def __init__(self) -> None:
+        self.sem = threading.Semaphore(2)
+        self.buf: bytearray | None = None
+        self.map: mmap.mmap | None = None
+
+    def reclaim(self) -> None:
+        """Wait until both workers are done with the previous chunk, then drop its window."""
+        self.sem.acquire()
+        self.sem.acquire()
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+
+def _chunk_views(f: BinaryIO, offset: int, size: int, slots: list[_Slot], use_mmap: bool):
+    """Yield ``(slot, object, start, length)`` covering ``[offset, offset+size)`` of ``f``.
+
+    With ``use_mmap`` each chunk is a read-only window mapped with MAP_POPULATE (no copy out
+    of the page cache); otherwise ``readinto`` fills the slot's buffer. The caller must
+    release the slot's semaphore twice (directly or through the workers) for every chunk.
+    """
+    i = 0
+    pos, end = offset, offset + size
+    while pos < end:
+        slot = slots[i % len(slots)]
+        i += 1
+        slot.reclaim()
+        n = min(CHUNK_SIZE, end - pos)
+        if use_mmap:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            slot.map = mmap.mmap(f.fileno(), pos + n - base, flags=_MMAP_FLAGS,
+                                 prot=mmap.PROT_READ, offset=base)
+            yield slot, slot.map, pos - base, n
+        else:
+            if slot.buf is None:
+                slot.buf = bytearray(CHUNK_SIZE)
+            f.seek(pos)
+            got = f.readinto(memoryview(slot.buf)[:n])
+            if got != n:
+                slot.sem.release()
+                slot.sem.release()
+                raise OSError(f"file shrank while reading at offset {pos}")
+            yield slot, slot.buf, 0, n
+        pos += n
+
+
+_MMAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
+                  with_crc: bool) -> tuple[Measurements, int | None]:
     """One streaming read: PCR0/1/2 (and PCR8) plus, optionally, the table-order CRC.
 
-    Requires the measured sections (kernel, cmdline, ramdisks) to appear in the table in that
-    order, as nitro-cli writes them; other layouts take a second pass for the CRC.
+    When the table lists kernel and cmdline before the ramdisks (nitro-cli's layout) one pass
+    in table order serves both the PCRs and the CRC; other layouts are measured in
+    measurement order and take a second pass for the CRC.
     """
     sections = eif.sections
-    measured_order = [s for s in sections if s.type in (SectionType.KERNEL, SectionType.CMDLINE,
-                                                        SectionType.RAMDISK)]
-    canonical = ([s.type for s in measured_order[:2]] == [SectionType.KERNEL, SectionType.CMDLINE])
+    measured_order = [s for s in sections if s.type in _MEASURED]
+    canonical = [s.type for s in measured_order[:2]] == [SectionType.KERNEL, SectionType.CMDLINE]
+    order = sections if canonical else (
+        eif.of_type(SectionType.KERNEL) + eif.of_type(SectionType.CMDLINE) + eif.ramdisks)
     h0 = hashlib.sha384()  # kernel || cmdline || every ramdisk  (PCR0)
     h2 = hashlib.sha384()  # every ramdisk after the first       (PCR2)
     h1_digest: bytes | None = None
     crc = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if (with_crc and canonical) else None
-    nbuf = 3
-    bufs = [bytearray(CHUNK_SIZE) for _ in range(nbuf)]
-    sems = [threading.Semaphore(2) for _ in range(nbuf)]
+    slots = [_Slot() for _ in range(3)]
     twin: _TwinHasher | None = None
     ramdisk_no = 0
-    order = sections if canonical else (
-        eif.of_type(SectionType.KERNEL) + eif.of_type(SectionType.CMDLINE) + eif.ramdisks)
+    use_mmap = _MMAP_FLAGS != 0 and os.environ.get("NITRO_HARNESS_EIF_NO_MMAP") != "1"
     try:
-        slot = 0
         for s in order:
             if crc is not None:
                 crc = _crc32(s.header_bytes(), crc)
-            measured = s.type in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
+            measured = s.type in _MEASURED
             app = s.type == SectionType.RAMDISK and ramdisk_no >= 1
             if app and twin is None:
                 twin = _TwinHasher(h0, h2)
-            f.seek(s.data_offset)
-            left = s.size
-            while left:
-                # Wait until both chains released this buffer before refilling it.
-                sem = sems[slot]
-                sem.acquire()
-                sem.acquire()
-                mv = memoryview(bufs[slot])[: min(CHUNK_SIZE, left)]
-                n = f.readinto(mv)
-                if not n:
-                    sem.release()
-                    sem.release()
-                    raise _fail(path, f"section {s.index}", "file shrank while reading")
-                mv = mv[:n]
-                left -= n
-                if app:
-                    assert twin is not None
-                    twin.submit(mv, sem)
-                else:
-                    if measured:
-                        h0.update(mv)
-                    sem.release()
-                    sem.release()
-                if crc is not None:
-                    crc = _crc32(mv, crc)
-                slot = (slot + 1) % nbuf
+            try:
+                views = _chunk_views(f, s.data_offset, s.size, slots, use_mmap and app)
+                for slot, obj, start, n in views:
+                    submitted = False
+                    try:
+                        if app:
+                            assert twin is not None
+                            twin.submit(obj, start, n, slot.sem)
+                            submitted = True
+                        if crc is not None or (measured and not app):
+                            with memoryview(obj) as whole:
+                                mv = whole[start:start + n]
+                                if crc is not None:
+                                    crc = _crc32(mv, crc)
+                                if measured and not app:
+                                    h0.update(mv)
+                                mv.release()
+                    finally:
+                        if not submitted:  # nobody else will release this slot
+                            slot.sem.release()
+                            slot.sem.release()
+            except OSError as e:
+                raise _fail(path, f"section {s.index}", f"read failed: {e}") from None
             if s.type == SectionType.RAMDISK:
                 if ramdisk_no == 0:
                     # SPEC 2: PCR1's input is a prefix of PCR0's; copy the state, hash once.
                     h1_digest = h0.copy().digest()
                 ramdisk_no += 1
         if twin is not None:
-            twin.close()
-            twin = None
+            t, twin = twin, None
+            t.close()
     finally:
         if twin is not None:
             try:
                 twin.close()
             except BaseException:  # noqa: BLE001 - the primary error wins
                 pass
+        for slot in slots:
+            slot.reclaim()
     assert h1_digest is not None
     pcr8 = None
     if eif.signature_raw is not None:
         cert_pem, _cose = _decode_signature_section(path, eif.signature_raw)
         pcr8 = pcr_for_certificate_der(_first_cert_der(path, cert_pem))
     m = Measurements(ext(h0.digest()), ext(h1_digest), ext(h2.digest()), pcr8)
-    if with_crc and crc is not None:
-        return m, crc
-    if with_crc:
-        return m, _crc_table_order(f, eif.header, sections)
-    return m, None
+    if not with_crc:
+        return m, None
+    if crc is None:
+        crc = _crc_table_order(f, eif.header, sections)
+    return m, crc
+
+
+_MEASURED = (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
 
 
 def measure_eif(path: Path | str) -> Measurements:

@@ -1,0 +1,280 @@
+"""Container image tarballs (``docker save`` and OCI image layout) to a root filesystem.
+
+What nitro-cli does with ``--docker-uri`` (SPEC 3), without a Docker engine: read the image's
+config and layers from the tarball, apply the layers in order with their whiteouts
+(``.wh.<name>`` deletes a lower entry, ``.wh..wh..opq`` empties a directory of lower entries),
+and take the command from ``Cmd`` else ``Entrypoint`` (never both combined) and the ``Env``.
+The result is a list of rootfs-relative :class:`harness.cpio.Entry` whose file contents are
+spilled into a caller-owned work directory, so memory stays flat for large images; layer
+metadata (mode, uid, gid, mtime) is kept; hard links become relative symlinks (SPEC 3).
+
+Formats: ``docker save`` (``manifest.json`` with ``Config`` and ``Layers``) and OCI image
+layout (``oci-layout`` + ``index.json``; nested indexes are followed, picking linux/amd64 when
+there is a choice). Layers may be plain tar or gzip; zstd layers are refused with a clear
+message. Errors are ``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>")``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.cpio import Entry
+from harness.errors import ErrorCode, NitroError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_OCI_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                    "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+def _fail(path: Path | str, field_: str, rule: str) -> NitroError:
+    return NitroError(ErrorCode.EifBuildingError, f"{path}: {field_}: {rule}")
+
+
+@dataclass
+class ImageArchive:
+    """An image read from a tarball: its config JSON, layer member names, tags and format."""
+
+    path: Path
+    format: str  # "docker-save" or "oci"
+    config: dict
+    config_digest: str
+    layers: list[str]
+    repo_tags: list[str] = field(default_factory=list)
+
+    @property
+    def cmd(self) -> list[str]:
+        """The command nitro-cli runs: ``Cmd`` if set, else ``Entrypoint`` (SPEC 3)."""
+        c = self.config.get("config") or {}
+        return list(c.get("Cmd") or c.get("Entrypoint") or [])
+
+    @property
+    def env(self) -> list[str]:
+        """The image's ``Env`` list (``KEY=VALUE`` strings)."""
+        return list((self.config.get("config") or {}).get("Env") or [])
+
+    def docker_info(self) -> dict:
+        """A ``docker inspect``-like object for the EIF metadata's ``DockerInfo``."""
+        return {
+            "Id": self.config_digest,
+            "RepoTags": self.repo_tags,
+            "Architecture": self.config.get("architecture"),
+            "Os": self.config.get("os"),
+            "Created": self.config.get("created"),
+            "Config": self.config.get("config") or {},
+        }
+
+
+def _read_json(tf: tarfile.TarFile, name: str, path: Path) -> Any:
+    try:
+        member = tf.getmember(name)
+    except KeyError:
+        raise _fail(path, name, "not found in the archive") from None
+    f = tf.extractfile(member)
+    if f is None:
+        raise _fail(path, name, "is not a regular file")
+    try:
+        return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, name, f"is not valid JSON ({e})") from None
+
+
+def _blob_name(digest: str, path: Path) -> str:
+    algo, _, hexd = digest.partition(":")
+    if not algo or not hexd or "/" in hexd or "/" in algo:
+        raise _fail(path, "digest", f"{digest!r} is not <algorithm>:<hex>")
+    return f"blobs/{algo}/{hexd}"
+
+
+def _pick_manifest(tf: tarfile.TarFile, index: dict, path: Path) -> dict:
+    manifests = index.get("manifests") or []
+    if not manifests:
+        raise _fail(path, "index.json", "lists no manifests")
+    chosen = manifests[0]
+    if len(manifests) > 1:
+        for m in manifests:
+            plat = m.get("platform") or {}
+            if plat.get("os") == "linux" and plat.get("architecture") == "amd64":
+                chosen = m
+                break
+    doc = _read_json(tf, _blob_name(chosen["digest"], path), path)
+    if chosen.get("mediaType") in _OCI_INDEX_TYPES or doc.get("mediaType") in _OCI_INDEX_TYPES:
+        return _pick_manifest(tf, doc, path)
+    return doc
+
+
+def open_image_archive(path: Path | str) -> ImageArchive:
+    """Read the image description from a ``docker save`` or OCI image-layout tarball.
+
+    Raises ``NitroError(E48)`` naming the archive and the missing/invalid field, or E19 when
+    the file cannot be read.
+    """
+    path = Path(path)
+    try:
+        tf = tarfile.open(path, "r:*")
+    except FileNotFoundError:
+        raise NitroError(ErrorCode.FileOperationFailure, f"{path}: open: no such file") from None
+    except (tarfile.TarError, OSError) as e:
+        raise _fail(path, "archive", f"is not a tar archive ({e})") from None
+    with tf:
+        names = set(tf.getnames())
+        # Docker >= 25 writes both layouts into `docker save`; manifest.json is simpler.
+        if "manifest.json" in names:
+            manifest = _read_json(tf, "manifest.json", path)
+            if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+                raise _fail(path, "manifest.json", "must be a non-empty array of objects")
+            m = manifest[0]
+            if "Config" not in m or "Layers" not in m:
+                raise _fail(path, "manifest.json", "entry lacks Config or Layers")
+            config = _read_json(tf, m["Config"], path)
+            digest = "sha256:" + posixpath.basename(m["Config"]).removesuffix(".json")
+            return ImageArchive(path, "docker-save", config, digest, list(m["Layers"]),
+                                list(m.get("RepoTags") or []))
+        if "index.json" in names:
+            index = _read_json(tf, "index.json", path)
+            man = _pick_manifest(tf, index, path)
+            if "config" not in man or "layers" not in man:
+                raise _fail(path, "manifest", "lacks config or layers")
+            for layer in man["layers"]:
+                mt = layer.get("mediaType", "")
+                if "zstd" in mt:
+                    raise _fail(path, f"layer {layer.get('digest')}",
+                                "zstd-compressed layers are not supported; re-save with gzip")
+            config = _read_json(tf, _blob_name(man["config"]["digest"], path), path)
+            tags = []
+            for m in index.get("manifests") or []:
+                ref = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+                if ref:
+                    tags.append(ref)
+            return ImageArchive(path, "oci", config, man["config"]["digest"],
+                                [_blob_name(layer["digest"], path) for layer in man["layers"]],
+                                tags)
+        raise _fail(path, "archive", "has neither manifest.json (docker save) nor index.json "
+                                     "(OCI image layout)")
+
+
+def _clean(name: str, path: Path, layer: str) -> str | None:
+    """Normalise a layer member name to a rootfs-relative path (None for the root itself)."""
+    n = posixpath.normpath("/" + name).lstrip("/")
+    if n in ("", "."):
+        return None
+    if n.startswith("../") or "/../" in f"/{n}/":
+        raise _fail(path, f"layer {layer}", f"member {name!r} escapes the root filesystem")
+    return n
+
+
+def _remove_tree(fs: dict[str, Entry], name: str) -> None:
+    fs.pop(name, None)
+    pre = name + "/"
+    for k in [k for k in fs if k.startswith(pre)]:
+        del fs[k]
+
+
+def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
+    """Apply the image's layers in order and return rootfs-relative entries (SPEC 3).
+
+    File contents are written below ``workdir`` (the caller removes it after the ramdisk is
+    written). Whiteouts delete lower entries; an opaque marker empties its directory of lower
+    entries; hard links become relative symlinks to their target. Raises ``NitroError(E48)``
+    for unreadable layers or members escaping the root.
+    """
+    path = archive.path
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    fs: dict[str, Entry] = {}
+    counter = 0
+    with tarfile.open(path, "r:*") as outer:
+        for layer in archive.layers:
+            try:
+                member = outer.getmember(layer)
+            except KeyError:
+                raise _fail(path, f"layer {layer}", "not found in the archive") from None
+            raw = outer.extractfile(member)
+            if raw is None:
+                raise _fail(path, f"layer {layer}", "is not a regular file")
+            head = raw.read(4)
+            raw.seek(0)
+            if head == b"\x28\xb5\x2f\xfd":
+                raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
+            this_layer: set[str] = set()
+            try:
+                lt = tarfile.open(fileobj=raw, mode="r|*")
+            except tarfile.TarError as e:
+                raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
+            with lt:
+                try:
+                    for m in lt:
+                        counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
+                except (tarfile.TarError, EOFError, OSError) as e:
+                    raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
+    return list(fs.values())
+
+
+def _apply_member(fs: dict[str, Entry], this_layer: set[str], lt: tarfile.TarFile,
+                  m: tarfile.TarInfo, path: Path, layer: str, work: Path, counter: int) -> int:
+    name = _clean(m.name, path, layer)
+    if name is None:
+        return counter
+    base = posixpath.basename(name)
+    parent = posixpath.dirname(name)
+    if base == OPAQUE_MARKER:
+        # Opaque directory: hide everything from lower layers below ``parent``.
+        pre = parent + "/" if parent else ""
+        for k in [k for k in fs if k.startswith(pre) and k not in this_layer and k != parent]:
+            del fs[k]
+        return counter
+    if base.startswith(WHITEOUT_PREFIX):
+        target = posixpath.join(parent, base[len(WHITEOUT_PREFIX):])
+        _remove_tree(fs, target)
+        return counter
+    kw = dict(uid=m.uid, gid=m.gid, mtime=int(m.mtime))
+    perm = m.mode & 0o7777
+    if name in fs and not (m.isdir() and fs[name].is_dir):
+        _remove_tree(fs, name)  # a new non-directory replaces whatever was there
+    if m.isdir():
+        fs[name] = Entry.directory(name, perm, **kw)
+    elif m.issym():
+        fs[name] = Entry.symlink(name, m.linkname, **kw)
+    elif m.islnk():
+        target = _clean(m.linkname, path, layer)
+        if target is None:
+            raise _fail(path, f"layer {layer}", f"hard link {m.name!r} points at the root")
+        rel = posixpath.relpath(target, parent or ".")
+        fs[name] = Entry.symlink(name, rel, **kw)
+    elif m.isreg():
+        src = lt.extractfile(m)
+        counter += 1
+        blob = work / f"{counter:08d}"
+        with open(blob, "wb") as out:
+            if src is not None:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        fs[name] = Entry.file(name, source=blob, mode=perm, **kw)
+    elif m.ischr() or m.isblk():
+        fs[name] = Entry.device(name, "c" if m.ischr() else "b", m.devmajor, m.devminor,
+                                perm, **kw)
+    elif m.isfifo():
+        fs[name] = Entry(name, stat.S_IFIFO | perm, **kw)
+    else:
+        return counter  # other types (sparse markers, unknown) carry no filesystem object
+    this_layer.add(name)
+    return counter
+
+
+def load_docker_archive(path: Path | str, workdir: Path | str) -> tuple[ImageArchive, list[Entry]]:
+    """Open a ``docker save``/OCI tarball and return ``(archive, rootfs entries)``.
+
+    Convenience wrapper over :func:`open_image_archive` and :func:`rootfs_entries`; the
+    caller owns ``workdir`` (file contents) until the ramdisk is written.
+    """
+    archive = open_image_archive(path)
+    return archive, rootfs_entries(archive, workdir)
+
+
+__all__ = ["ImageArchive", "load_docker_archive", "open_image_archive", "rootfs_entries"]
