@@ -905,6 +905,11 @@ class KmsService:
 
     def _open_blob(self, p, caller, action: str, *, blob_field="CiphertextBlob", key_field="KeyId", context_field="EncryptionContext", attestation=None):
         """Resolve, authorize and decrypt a ciphertext blob (Decrypt, ReEncrypt's source)."""
+        if blob_field not in p:
+            # Optional in the current model (DryRun-era change); KMS still needs it here.
+            check = _Validation()
+            check.add(blob_field, None, "Member must not be null")
+            check.raise_if_any()
         blob = p[blob_field]
         with self._lock:
             blob_key_id = self._blob_key_id(blob)
@@ -1018,7 +1023,9 @@ class KmsService:
             raise KmsError("CustomKeyStoreNotFoundException", "The KMS emulator has no custom key stores")
         count = p.get("NumberOfBytes")
         if count is None:
-            raise KmsError("ValidationException", "1 validation error detected: Value at 'numberOfBytes' failed to satisfy constraint: Member must not be null")
+            check = _Validation()
+            check.add("NumberOfBytes", None, "Member must not be null")
+            check.raise_if_any()
         # GenerateRandom is not a key operation: IAM alone authorizes it, no key policy applies.
         spki, _ = self._attest(p.get("Recipient"))
         data = os.urandom(count)
