@@ -3,12 +3,20 @@ driver drives it (SPEC 5/6: request and 0x3000 response buffer as two chains).""
 
 from __future__ import annotations
 
+import base64
+import ctypes
+import hashlib
+import importlib.util
+import io
+import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from harness.attestation import Expectations, verify_document
 from harness.nsm import (
@@ -177,3 +185,96 @@ def test_stop_with_a_request_in_flight_is_clean(served):
     device.run_on_loop(lambda: None)  # the loop has run the completion the worker queued
     assert queue.used_idx() == 0  # the late answer was dropped, not written into a stopped ring
     assert backend.error is None
+
+
+# -- the PyPI client (aws-nsm-interface, unchanged) and the guest helper, over the ring ----------
+
+NSM_TOOL = Path(__file__).resolve().parent.parent / "images" / "guest" / "nsm_tool.py"
+
+
+@pytest.fixture
+def nsm_client(served, monkeypatch):
+    """aws-nsm-interface with only the kernel's part replaced: its ioctl goes through the device
+    the way the Linux nsm driver does it (request chain + 0x3000 response chain), and the
+    response length is written back into the caller's iovec (SPEC 6)."""
+    aws_nsm_interface = pytest.importorskip("aws_nsm_interface")
+    from ioctl_opt import IOC, IOC_READ, IOC_WRITE
+
+    nsm, device, backend, fe, queue = served
+    # The package computes the ioctl number the driver defines: _IOWR(0x0A, 0, 32 bytes).
+    assert IOC(IOC_READ | IOC_WRITE, 0x0A, 0, ctypes.sizeof(aws_nsm_interface.NsmMessage)) == 0xC0200A00
+
+    def driver_ioctl(file_handle, message) -> None:
+        request = ctypes.string_at(message.request.iov_base, message.request.iov_len)
+        (answer,) = send(queue, [request])
+        assert len(answer) <= message.response.iov_len
+        ctypes.memmove(message.response.iov_base, answer, len(answer))
+        message.response.iov_len = len(answer)
+
+    monkeypatch.setattr(aws_nsm_interface, "_execute_ioctl", driver_ioctl)
+    monkeypatch.setattr(aws_nsm_interface, "open_nsm_device", lambda: io.StringIO())
+    return aws_nsm_interface, nsm
+
+
+def test_aws_nsm_interface_client_against_the_device(nsm_client, pki):
+    client, nsm = nsm_client
+    fh = client.open_nsm_device()
+    info = client.describe_nsm(fh)
+    assert info == {"version_major": 1, "version_minor": 0, "version_patch": 0, "module_id": MODULE_ID,
+                    "max_pcrs": 32, "locked_pcrs": list(range(16)), "digest": "SHA384"}
+    assert client.describe_pcr(fh, 0) == {"lock": True, "data": MEASUREMENTS.pcr0}
+    assert client.extend_pcr(fh, 16, b"abc")["data"] == hashlib.sha384(bytes(48) + b"abc").digest()
+    assert client.lock_pcr(fh, 16) is True
+    with pytest.raises(client.IoctlError, match="ReadOnlyIndex"):
+        client.extend_pcr(fh, 16, b"abc")
+    assert client.lock_pcrs(fh, 32) is True
+    with pytest.raises(client.IoctlError, match="InvalidIndex"):
+        client.lock_pcrs(fh, 33)
+    assert len(client.get_random(fh, 256)) == 256
+    document = client.get_attestation_doc(fh, user_data=b"ud", nonce=b"nonce", public_key=b"pk")["document"]
+    verify_document(document, roots=[pki.root_certificate],
+                    expect=Expectations(pcrs={0: MEASUREMENTS.pcr0}, nonce=b"nonce", user_data=b"ud", public_key=b"pk"))
+
+
+def _load_nsm_tool():
+    spec = importlib.util.spec_from_file_location("nsm_tool", NSM_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_guest_nsm_tool_all(nsm_client, pki, capsys, tmp_path):
+    tool = _load_nsm_tool()
+    assert tool.main(["--marker", "NSMTOOL", "all", "--nonce", "0a0b", "--user-data", "cafe", "--gen-rsa",
+                      "--private-key-out", str(tmp_path / "key.pem")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("NSMTOOL {") and "\n" not in line
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["describe"]["module_id"] == MODULE_ID
+    assert result["describe_pcr"]["0"] == {"index": 0, "lock": True, "data": MEASUREMENTS.pcr0.hex()}
+    assert result["describe_pcr"]["16"] == {"index": 16, "lock": False, "data": "00" * 48}
+    assert result["random"]["length"] == 256
+    assert result["selfcheck"]["passed"], result["selfcheck"]
+    attest = result["attest"]
+    document = base64.b64decode(attest["document"])
+    doc = verify_document(document, roots=[pki.root_certificate],
+                          expect=Expectations(pcrs={0: MEASUREMENTS.pcr0}, nonce=bytes.fromhex("0a0b"), user_data=bytes.fromhex("cafe")))
+    # The RSA-2048 SubjectPublicKeyInfo KMS expects, matching the private key the tool wrote.
+    key = serialization.load_pem_private_key((tmp_path / "key.pem").read_bytes(), None)
+    assert doc.public_key == key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.key_size == 2048
+    assert attest["pcrs"]["0"] == MEASUREMENTS.pcr0.hex()
+
+
+def test_guest_nsm_tool_bench_and_errors(nsm_client, capsys):
+    tool = _load_nsm_tool()
+    assert tool.main(["bench", "--count", "5", "--kind", "attestation"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == 5 and result["min_us"] <= result["p50_us"] <= result["p99_us"] <= result["max_us"]
+    assert tool.main(["describe-pcr", "40"]) == 0
+    assert json.loads(capsys.readouterr().out)["error"] == "InvalidIndex"
+    assert tool.main(["lock-pcr", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["error"] == "ReadOnlyIndex"
+    assert tool.main(["extend-pcr", "17", "00ff"]) == 0
+    extended = json.loads(capsys.readouterr().out)
+    assert extended["data"] == extended["expected"] == hashlib.sha384(bytes(48) + b"\x00\xff").hexdigest()
