@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,6 @@ def make_eif(path: Path, size_mib: int) -> None:
 def run(cmd: list[str]) -> tuple[float, int, str]:
     """Run ``cmd``; return (wall seconds, child peak RSS in KiB, stdout)."""
     t0 = time.perf_counter()
-    pid = os.fork() if False else None  # noqa: F841 - keep it simple: use wait4 below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -96,7 +94,6 @@ def main() -> int:
         print(f"describe-eif peak RSS: {max(rss) / 1024:.1f} MiB (target < 64 MiB)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _ = resource  # ru_maxrss comes from wait4 on each child
     return 0
 
 

@@ -161,10 +161,10 @@ def open_image_archive(path: Path | str) -> ImageArchive:
 
 def _clean(name: str, path: Path, layer: str) -> str | None:
     """Normalise a layer member name to a rootfs-relative path (None for the root itself)."""
-    n = posixpath.normpath("/" + name).lstrip("/")
+    n = posixpath.normpath(name.lstrip("/"))
     if n in ("", "."):
         return None
-    if n.startswith("../") or "/../" in f"/{n}/":
+    if n == ".." or n.startswith("../"):
         raise _fail(path, f"layer {layer}", f"member {name!r} escapes the root filesystem")
     return n
 
