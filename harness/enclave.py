@@ -143,6 +143,8 @@ class Enclave:
         self.accel = ""
         self.accel_reason = ""
         self.heartbeat_seconds: float | None = None
+        self.end_reason: str | None = None
+        self._monitor: threading.Thread | None = None
         self._backends: list[Any] = []
         self._heartbeat: Any = None
         self._lock = threading.Lock()
@@ -249,6 +251,29 @@ class Enclave:
         )
         self.state = "RUNNING"
         self._write_record()
+        self._monitor = threading.Thread(target=self._watch, name="enclave-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        """End the enclave when its VM exits or a device back end fails (SPEC 3: an exiting
+        application reboots the VM, which ends the enclave), recording why in ``end_reason``."""
+        assert self.machine is not None
+        while not self._terminated:
+            status = self.machine.wait(0.2)
+            if status is not None:
+                self.end_reason = (
+                    "the enclave's VM exited (the application ended and init rebooted)"
+                    if status == 0
+                    else f"QEMU ended with status {status}; {self.machine.stderr_excerpt()}"
+                )
+                break
+            failed = [b.error for b in self._backends if getattr(b, "error", None)]
+            if failed:
+                self.end_reason = f"a device back end failed: {failed[0]}"
+                break
+        else:
+            return
+        self.terminate()
 
     def _find_qemu(self):
         from harness import qemu as qemu_mod
@@ -487,6 +512,8 @@ class Enclave:
             if self._terminated:
                 return
             self._terminated = True
+            if self.end_reason is None and self.state == "RUNNING":
+                self.end_reason = "terminated by the parent"
             if self.state == "RUNNING":
                 self.state = "TERMINATING"
                 with contextlib.suppress(Exception):
