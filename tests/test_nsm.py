@@ -302,3 +302,16 @@ def test_state_rejects_bad_measurements():
     with pytest.raises(ValueError):
         NsmState({0: b"short"}, module_id=MODULE_ID)
     assert nsm.MAX_REQUEST_SIZE == 0x1000 and nsm.MAX_RESPONSE_SIZE == 0x3000
+
+
+def test_trace_writer_json_lines(pki, tmp_path):
+    import json
+
+    path = tmp_path / "nsm.trace"
+    device = Nsm(NsmState(MEASUREMENTS, module_id=MODULE_ID), pki, trace=nsm.trace_writer(path))
+    call(device, ExtendPCR(3, b"x"))
+    call(device, Attestation(nonce=b"n" * 20))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(e["request"], e["error"]) for e in lines] == [("ExtendPCR", "ReadOnlyIndex"), ("Attestation", None)]
+    assert lines[0]["index"] == 3 and lines[1]["nonce"] == 20 and lines[1]["user_data"] is None
+    assert lines[1]["response_bytes"] > 3000

@@ -278,3 +278,7 @@ def test_guest_nsm_tool_bench_and_errors(nsm_client, capsys):
     assert tool.main(["extend-pcr", "17", "00ff"]) == 0
     extended = json.loads(capsys.readouterr().out)
     assert extended["data"] == extended["expected"] == hashlib.sha384(bytes(48) + b"\x00\xff").hexdigest()
+    # --public-key takes a file or, when no such file exists, hex (scenarios pass it inline).
+    assert tool.main(["attest", "--public-key", "0a0b", "--nonce", "01"]) == 0
+    attested = json.loads(capsys.readouterr().out)
+    assert attested["public_key"] == "0a0b" and attested["nonce"] == "01"

@@ -12,7 +12,7 @@ Commands (each prints ONE line: ``[MARKER ]{json}``; bytes are hex, documents ba
   extend-pcr N HEX              ExtendPCR              -> {"index", "data", "expected"}
   lock-pcr N / lock-pcrs N      LockPCR / LockPCRs     -> {"ok": true} or {"error": name}
   random [N]                    GetRandom (N <= 256)   -> {"random"}
-  attest [--nonce HEX] [--user-data HEX] [--public-key FILE | --gen-rsa [--private-key-out F]]
+  attest [--nonce HEX] [--user-data HEX] [--public-key FILE|HEX | --gen-rsa [--private-key-out F]]
                                 Attestation            -> {"document": base64, "pcrs": {...}, ...}
   selfcheck                     AWS nsm-check style state machine (locks every PCR: run last)
   bench --count N [--kind attestation|random|describe]
@@ -227,7 +227,7 @@ def _attest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nonce")
     p.add_argument("--user-data")
     key = p.add_mutually_exclusive_group()
-    key.add_argument("--public-key", help="file whose bytes go into public_key")
+    key.add_argument("--public-key", help="file whose bytes go into public_key, or hex if no such file")
     key.add_argument("--gen-rsa", action="store_true", help="generate RSA-2048, send its DER SPKI")
     p.add_argument("--private-key-out", help="with --gen-rsa: write the private key (PEM) here")
 
@@ -237,8 +237,11 @@ def _attest_inputs(args) -> tuple[bytes | None, bytes | None, bytes | None]:
     user_data = bytes.fromhex(args.user_data) if args.user_data else None
     public_key = None
     if args.public_key:
-        with open(args.public_key, "rb") as handle:
-            public_key = handle.read()
+        try:
+            with open(args.public_key, "rb") as handle:
+                public_key = handle.read()
+        except FileNotFoundError:
+            public_key = bytes.fromhex(args.public_key)  # scenarios may pass the bytes inline
     elif args.gen_rsa:
         public_key = _rsa_public_key(args.private_key_out)
     return nonce, user_data, public_key
