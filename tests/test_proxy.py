@@ -1,0 +1,304 @@
+"""vsock-proxy (SPEC 8): allowlist rules, byte forwarding, worker limit, TLS end to end, CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+
+from harness.errors import ErrorCode, NitroError
+from harness.kms import KmsServer
+from harness.proxy import AllowlistEntry, VsockProxy, check_allowlist, load_allowlist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_kms import ALICE, REGION, make_tls  # noqa: E402  (shared TLS helper)
+
+
+class EchoServer:
+    """TCP echo server on 127.0.0.1 that records how many connections were open at once."""
+
+    def __init__(self, reply_prefix: bytes = b""):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.prefix = reply_prefix
+        self.open = 0
+        self.max_open = 0
+        self.accepted = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+                self.open += 1
+                self.max_open = max(self.max_open, self.open)
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    def _echo(self, conn):
+        with conn:
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+            # Reply only after the client's half-close: proves SHUT_WR crosses the proxy.
+            conn.sendall(self.prefix + received)
+        with self.lock:
+            self.open -= 1
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer(b"echo:")
+    yield server
+    server.close()
+
+
+def wait_for(condition, limit_s: float = 30.0) -> None:
+    """Poll ``condition`` until true; fail (not a timing assertion: a hang guard) after limit_s."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.01)
+
+
+def tcp_listener() -> socket.socket:
+    return socket.create_server(("127.0.0.1", 0))
+
+
+def exchange(port_or_path, payload: bytes) -> bytes:
+    family = socket.AF_UNIX if isinstance(port_or_path, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(port_or_path if family == socket.AF_UNIX else ("127.0.0.1", port_or_path))
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        return data
+
+
+# -- allowlist ---------------------------------------------------------------------------------------
+
+
+def test_load_allowlist(tmp_path):
+    path = tmp_path / "vsock-proxy.yaml"
+    path.write_text("allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 127.0.0.1, port: 8443}\n")
+    assert load_allowlist(path) == [AllowlistEntry("kms.us-east-1.amazonaws.com", 443), AllowlistEntry("127.0.0.1", 8443)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("allowlist: [", "bad YAML"),
+        ("other: []", "no 'allowlist' field"),
+        ("allowlist: {address: x}", "'allowlist' must be a list"),
+        ("allowlist:\n- {address: x, port: 70000}", r"allowlist\[0\]\.port: must be an integer 1..65535"),
+        ("allowlist:\n- {port: 443}", r"allowlist\[0\]\.address"),
+    ],
+)
+def test_bad_allowlist_names_file_and_field(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(NitroError, match=message) as exc:
+        load_allowlist(path)
+    assert str(path) in exc.value.message and exc.value.code == ErrorCode.InvalidArgument
+
+
+def test_allowlist_matching_follows_nitro_cli():
+    entries = [AllowlistEntry("localhost", 443)]
+    assert check_allowlist("localhost", 443, entries, 4) == "127.0.0.1"  # same name
+    assert check_allowlist("127.0.0.1", 443, entries, 4) == "127.0.0.1"  # name resolves to the IP
+    with pytest.raises(NitroError, match=r"127.0.0.1:444 is not in the allowlist \(localhost:443\)"):
+        check_allowlist("127.0.0.1", 444, entries, 4)
+    with pytest.raises(NitroError, match="not in the allowlist"):
+        check_allowlist("127.0.0.2", 443, entries, 4)
+
+
+def test_off_list_destination_refused_at_start(echo):
+    listener = tcp_listener()
+    try:
+        with pytest.raises(NitroError, match="is not in the allowlist"):
+            VsockProxy(listener, "127.0.0.1", echo.port, allowlist=[{"address": "127.0.0.1", "port": echo.port + 1}])
+    finally:
+        listener.close()
+
+
+# -- forwarding ---------------------------------------------------------------------------------------------
+
+
+def test_forwards_bytes_both_ways_with_half_close(echo):
+    listener = tcp_listener()
+    port = listener.getsockname()[1]
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+    with VsockProxy(listener, "127.0.0.1", echo.port, allowlist=[{"address": "127.0.0.1", "port": echo.port}], owns_listener=True) as proxy:
+        assert exchange(port, payload) == b"echo:" + payload
+        assert exchange(port, b"second") == b"echo:second"
+        assert proxy.connections == 2
+
+
+def test_unix_listener_source(echo, tmp_path):
+    path = str(tmp_path / "proxy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    with VsockProxy(listener, "127.0.0.1", echo.port, owns_listener=True):
+        assert exchange(path, b"over unix") == b"echo:over unix"
+
+
+class TimeoutListener:
+    """The vsock device's listener contract: ``accept(timeout)`` -> socket or None."""
+
+    def __init__(self):
+        self.inner = tcp_listener()
+        self.port = self.inner.getsockname()[1]
+        self.calls = 0
+
+    def accept(self, timeout):
+        self.calls += 1
+        self.inner.settimeout(timeout)
+        try:
+            conn, _ = self.inner.accept()
+        except TimeoutError:
+            return None
+        conn.settimeout(None)
+        return conn
+
+    def close(self):
+        self.inner.close()
+
+
+def test_accept_timeout_source_like_the_vsock_device(echo):
+    source = TimeoutListener()
+
+    class Device:
+        def listen(self, port):
+            assert port == 8000
+            return source
+
+    proxy = VsockProxy.on_vsock(Device(), 8000, "127.0.0.1", echo.port, allowlist=[AllowlistEntry("127.0.0.1", echo.port)])
+    with proxy:
+        assert exchange(source.port, b"from the enclave") == b"echo:from the enclave"
+    assert source.inner.fileno() == -1  # the proxy owned and closed the device listener
+
+
+@pytest.mark.parametrize("workers, expected_max", [(1, 1), (3, 3)])
+def test_num_workers_bounds_simultaneous_connections(echo, workers, expected_max):
+    listener = tcp_listener()
+    port = listener.getsockname()[1]
+    with VsockProxy(listener, "127.0.0.1", echo.port, num_workers=workers, owns_listener=True):
+        clients = []
+        for _ in range(3):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+            conn.sendall(b"x")
+            clients.append(conn)
+        # Every allowed connection reaches the server before anyone closes (sync, not timing).
+        wait_for(lambda: echo.accepted >= expected_max)
+        results = []
+        for conn in clients:  # closing in order lets queued connections through one by one
+            conn.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := conn.recv(100):
+                data += chunk
+            results.append(data)
+            conn.close()
+    assert results == [b"echo:x"] * 3
+    assert echo.max_open == expected_max
+
+
+def test_unreachable_destination_closes_the_client():
+    dead = socket.create_server(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    listener = tcp_listener()
+    with VsockProxy(listener, "127.0.0.1", dead_port, owns_listener=True):
+        assert exchange(listener.getsockname()[1], b"anyone?") == b""
+
+
+def test_tls_stays_end_to_end_to_kms(tmp_path):
+    """boto3 speaks TLS to kms.<region>.amazonaws.com through the proxy, as an enclave does."""
+    ca, cert, key = make_tls(tmp_path)
+    with KmsServer(tls=(cert, key), credentials=[ALICE]) as kms:
+        listener = tcp_listener()
+        port = listener.getsockname()[1]
+        with VsockProxy(listener, "127.0.0.1", kms.port, allowlist=[{"address": "127.0.0.1", "port": kms.port}], owns_listener=True):
+            client = boto3.client("kms", endpoint_url=f"https://localhost:{port}", region_name=REGION, verify=str(ca),
+                                  aws_access_key_id=ALICE.access_key_id, aws_secret_access_key=ALICE.secret_access_key)
+            key_id = client.create_key()["KeyMetadata"]["KeyId"]
+            blob = client.encrypt(KeyId=key_id, Plaintext=b"through the proxy")["CiphertextBlob"]
+            assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"through the proxy"
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def test_cli_refuses_off_list_destination(tmp_path):
+    config = tmp_path / "vsock-proxy.yaml"
+    config.write_text("allowlist:\n- {address: localhost, port: 443}\n")
+    result = cli("vsock-proxy", "8000", "127.0.0.1", "80", "--config", str(config), "--listen-tcp", "127.0.0.1:0")
+    assert result.returncode == ErrorCode.InvalidArgument.value
+    assert result.stderr == ("[ E03 ] InvalidArgument: vsock-proxy: 127.0.0.1:80 is not in the allowlist "
+                             "(localhost:443); the given address and port are not allowed\n")
+    missing = cli("vsock-proxy", "8000", "127.0.0.1", "80", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == ErrorCode.FileOperationFailure.value and "none.yaml: cannot read" in missing.stderr
+
+
+def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
+    """``kms serve`` standalone with a state file, reached through ``vsock-proxy --listen-unix``."""
+    state = tmp_path / "state.json"
+    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "kms", "serve", "--state", str(state),
+                               "--pki-dir", str(tmp_path / "pki")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proxy = None
+    try:
+        info = json.loads("".join(iter(server.stdout.readline, "}\n")) + "}")
+        assert info["StateFile"] == str(state.resolve()) and info["Region"] == "us-east-1"
+        kms_port = int(info["EndpointUrl"].rsplit(":", 1)[1])
+        config = tmp_path / "vsock-proxy.yaml"
+        config.write_text(f"allowlist:\n- {{address: 127.0.0.1, port: {kms_port}}}\n")
+        sock_path = str(tmp_path / "vsock_8000")
+        proxy = subprocess.Popen([sys.executable, "-m", "harness.cli", "vsock-proxy", "-4", "-w", "2", "--config", str(config),
+                                  "8000", "127.0.0.1", str(kms_port), "--listen-unix", sock_path],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proxy.stderr.readline().startswith(f"vsock-proxy: unix {sock_path} -> 127.0.0.1:{kms_port}")
+        body = b"{}"
+        request = (b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nContent-Type: application/x-amz-json-1.1\r\n"
+                   b"X-Amz-Target: TrentService.CreateKey\r\nConnection: close\r\nContent-Length: 2\r\n\r\n" + body)
+        reply = exchange(sock_path, request)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+        key_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["KeyMetadata"]["KeyId"]
+        assert key_id in json.loads(state.read_text())["keys"]
+    finally:
+        for process in (proxy, server):
+            if process is not None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    assert server.returncode == 130 and proxy.returncode == 130
+    assert not Path(sock_path).exists()
