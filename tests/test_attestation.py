@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import cbor2
@@ -478,3 +479,27 @@ def test_cli_verify_aws_documents(capsys, tmp_path):
     assert status == 3 and "--at" in err
     status, _, err = _cli(capsys, "verify-attestation", str(path), "--expect-pcr", "0=abcd")
     assert status == 3 and "48 bytes" in err
+
+
+def test_cli_attest_errors_are_one_line_and_write_nothing(capsys, tmp_path, tiny_eif):
+    eif, _ = tiny_eif
+    out_doc = tmp_path / "doc.cbor"
+    status, _, err = _cli(capsys, "attest", "--eif-path", str(tmp_path / "missing.eif"), "--pki-dir",
+                          str(tmp_path / "pki"), "--output", str(out_doc))
+    assert status in (19, 35) and "missing.eif" in err and "Traceback" not in err
+    status, _, err = _cli(capsys, "attest", "--eif-path", str(eif), "--pki-dir", str(tmp_path / "pki"),
+                          "--timestamp", "2001-01-01T00:00:00Z", "--output", str(out_doc))
+    assert status == 3 and "--timestamp" in err and len(err.strip().splitlines()) == 1
+    status, _, err = _cli(capsys, "attest", "--eif-path", str(eif), "--pki-dir", str(tmp_path / "pki"),
+                          "--nonce", "xyz", "--output", str(out_doc))
+    assert status == 3 and "--nonce" in err
+    assert not out_doc.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".doc")] == []
+    # A past timestamp inside the root's validity: the document verifies at its own time only.
+    status, _, err = _cli(capsys, "attest", "--eif-path", str(eif), "--pki-dir", str(tmp_path / "pki"),
+                          "--timestamp", str(int(time.time()) - 7 * 86400), "--output", str(out_doc))
+    assert status == 0, err
+    _cli(capsys, "pki", "export-root", "--pki-dir", str(tmp_path / "pki"), "--output", str(tmp_path / "root.pem"))
+    status, _, err = _cli(capsys, "verify-attestation", str(out_doc), "--root", str(tmp_path / "root.pem"))
+    assert status == 59 and "certificate-expired" in err
+    status, _, err = _cli(capsys, "verify-attestation", str(out_doc), "--root", str(tmp_path / "root.pem"), "--at", "document")
+    assert status == 0, err
