@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Build the QEMU nitro-harness runs enclaves on, once, and cache it.
+#
+# What: Debian's qemu 10.0 source (bookworm-backports deb-src), x86_64-softmmu only, with
+# vhost-user, libcbor and gnutls (so QEMU's own `nitro-enclave` machine exists as a reference),
+# plus the patches in scripts/qemu-patches/ (vhost-user-device made user-creatable: SPEC 5).
+# Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-x86_64
+#        (prefix: $NITRO_HARNESS_CACHE, default ${XDG_CACHE_HOME:-~/.cache}/nitro-harness).
+# Idempotent: a finished build (its .complete stamp) is reused and "cached" is printed.
+# Facts followed: shared/DESIGN.md "Environment" (packages, configure flags, edk2/bzip2 caveat).
+#
+# Usage: scripts/build-qemu.sh [--print-dir] [--force]
+#   --print-dir  print the install directory this source tree maps to, build nothing
+#   --force      rebuild even if the cache is complete
+# Env: QEMU_VERSION (default 10.0.2), JOBS (default 2: the cores are shared), PYTHON (python3).
+set -euo pipefail
+
+QEMU_VERSION="${QEMU_VERSION:-10.0.2}"
+JOBS="${JOBS:-2}"
+PYTHON="${PYTHON:-python3}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PATCH_DIR="$REPO/scripts/qemu-patches"
+CACHE="${NITRO_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nitro-harness}"
+APT_WAIT=(-o DPkg::Lock::Timeout=600)
+
+STEP="start"
+log() { printf 'build-qemu: %s\n' "$*" >&2; }
+step() { STEP="$1"; log "step: $1"; }
+die() { printf 'build-qemu: FAILED at step "%s": %s\n' "$STEP" "$*" >&2; exit 1; }
+trap 'rc=$?; [ $rc -eq 0 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
+
+# The cache key: every patch's bytes, in name order (sha256, first 12 hex digits).
+patch_hash() {
+    local f
+    for f in "$PATCH_DIR"/*.patch; do
+        printf '%s\n' "$(basename "$f")"
+        cat "$f"
+    done | sha256sum | cut -c1-12
+}
+
+FORCE=0
+PRINT_DIR=0
+for arg in "$@"; do
+    case "$arg" in
+        --force) FORCE=1 ;;
+        --print-dir) PRINT_DIR=1 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) die "unknown argument '$arg' (expected --force or --print-dir)" ;;
+    esac
+done
+
+compgen -G "$PATCH_DIR/*.patch" >/dev/null || die "no patches in $PATCH_DIR"
+PHASH="$(patch_hash)"
+PREFIX="$CACHE/qemu-$QEMU_VERSION-$PHASH"
+if [ "$PRINT_DIR" = 1 ]; then
+    echo "$PREFIX"
+    exit 0
+fi
+
+if [ "$FORCE" = 0 ] && [ -f "$PREFIX/.complete" ] && [ -x "$PREFIX/bin/qemu-system-x86_64" ]; then
+    log "cached: $PREFIX/bin/qemu-system-x86_64"
+    exit 0
+fi
+
+mkdir -p "$CACHE"
+# Never two builds at once (the 2 cores are shared): wait for the other one, then re-check.
+exec 9>"$CACHE/.build-qemu.lock"
+if ! flock -n 9; then
+    log "another QEMU build holds $CACHE/.build-qemu.lock; waiting for it"
+    flock 9
+    if [ "$FORCE" = 0 ] && [ -f "$PREFIX/.complete" ]; then
+        log "cached: $PREFIX/bin/qemu-system-x86_64 (built by the other run)"
+        exit 0
+    fi
+fi
+
+step "build dependencies (apt)"
+BUILD_DEPS=(build-essential ninja-build pkg-config libglib2.0-dev libpixman-1-dev libcbor-dev
+            libgnutls28-dev libfdt-dev flex bison python3-venv qemu-system-data xz-utils patch)
+missing=()
+for p in "${BUILD_DEPS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]}: run 'sudo apt-get install ${missing[*]}' or scripts/setup.sh as root"
+    DEBIAN_FRONTEND=noninteractive apt-get "${APT_WAIT[@]}" install -y --no-install-recommends "${missing[@]}" >&2 \
+        || die "apt-get install ${missing[*]} failed"
+fi
+
+step "QEMU $QEMU_VERSION source (apt deb-src)"
+SRC_DIR="$CACHE/src"
+mkdir -p "$SRC_DIR"
+TARBALL="qemu_${QEMU_VERSION}+ds.orig.tar.xz"
+# The expected checksum comes from the signed Sources index (apt-cache showsrc), which is what
+# the .dsc would repeat; the .dsc itself answered 404 here (DESIGN.md Environment).
+expected="$(apt-cache showsrc qemu 2>/dev/null | awk -v t="$TARBALL" '
+    /^Checksums-Sha256:/ {inside=1; next}
+    /^[^ ]/ {inside=0}
+    inside && $3 == t && !found {print $1; found=1}')"
+[ -n "$expected" ] || die "no deb-src entry lists $TARBALL: add a deb-src line for bookworm-backports (scripts/setup.sh does) and run 'apt-get update'"
+if [ ! -f "$SRC_DIR/$TARBALL" ] || [ "$(sha256sum "$SRC_DIR/$TARBALL" | cut -d' ' -f1)" != "$expected" ]; then
+    rm -f "$SRC_DIR/$TARBALL"
+    dl_version="$(apt-cache showsrc qemu | awk -v v="$QEMU_VERSION" '
+        /^Version:/ && index($2, v "+ds") && !found {print $2; found=1}')"
+    log "fetching qemu=$dl_version source with apt-get source --download-only"
+    # Exits non-zero when the Debian diff/.dsc answer 404; the tarball is all the build needs.
+    (cd "$SRC_DIR" && apt-get source --download-only "qemu=$dl_version" >&2) \
+        || log "apt-get source exited non-zero (known: stale .dsc/.debian.tar.xz); checking the tarball"
+    [ -f "$SRC_DIR/$TARBALL" ] || die "apt-get source did not fetch $TARBALL"
+fi
+actual="$(sha256sum "$SRC_DIR/$TARBALL" | cut -d' ' -f1)"
+[ "$actual" = "$expected" ] || die "$TARBALL sha256 $actual != $expected from the Sources index"
+log "verified $TARBALL sha256 $actual"
+
+step "unpack and patch"
+WORK="$(mktemp -d "$CACHE/build-qemu.XXXXXX")"
+cleanup() { rm -rf "$WORK"; }
+trap 'rc=$?; cleanup; [ $rc -eq 0 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
+tar -C "$WORK" -xf "$SRC_DIR/$TARBALL"
+SRC="$WORK/qemu-$QEMU_VERSION"
+[ -d "$SRC" ] || die "$TARBALL did not unpack to qemu-$QEMU_VERSION/"
+for p in "$PATCH_DIR"/*.patch; do
+    log "applying $(basename "$p")"
+    patch -d "$SRC" -p1 --forward --quiet < "$p" || die "patch $(basename "$p") does not apply to qemu $QEMU_VERSION"
+done
+# Debian's +ds tarball has no firmware blobs; the edk2 unpack step still runs whenever bzip2 is on
+# PATH and then fails, so switch it off (DESIGN.md Environment).
+sed -i 's/^\( *\)unpack_edk2_blobs = bzip2.found()$/\1unpack_edk2_blobs = false/' "$SRC/meson.build"
+grep -q 'unpack_edk2_blobs = bzip2.found()' "$SRC/meson.build" && die "could not disable the edk2 blob unpack in meson.build"
+
+step "meson venv (meson>=1.5,<1.8, pycotap)"
+VENV="$CACHE/meson-venv"
+if ! "$VENV/bin/python" -c 'import mesonbuild, pycotap' 2>/dev/null; then
+    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed (install python3-venv)"
+    "$VENV/bin/pip" install --quiet 'meson>=1.5,<1.8' pycotap >&2 || die "pip install meson pycotap failed"
+fi
+
+step "configure"
+CONFIGURE_FLAGS=(--target-list=x86_64-softmmu --without-default-features --enable-kvm --enable-tcg
+                 --enable-libcbor --enable-gnutls --enable-vhost-user --enable-vhost-kernel
+                 --enable-fdt=system --disable-install-blobs --disable-docs --disable-werror)
+mkdir -p "$SRC/build"
+(cd "$SRC/build" && ../configure --prefix="$PREFIX" --python="$VENV/bin/python" "${CONFIGURE_FLAGS[@]}" >&2) \
+    || die "configure failed (see the output above)"
+
+step "compile (ninja -j$JOBS)"
+t0=$(date +%s)
+# Only what gets installed: the default target would also build ~900 test objects.
+ninja -C "$SRC/build" -j"$JOBS" qemu-system-x86_64 trace/trace-events-all >&2 || die "compile failed"
+t1=$(date +%s)
+log "compiled in $((t1 - t0)) s"
+
+step "install into $PREFIX"
+STAGE="$WORK/stage"
+"$SRC/build/pyvenv/bin/meson" install -C "$SRC/build" --no-rebuild --quiet --destdir "$STAGE" >&2 \
+    || die "meson install failed"
+built="$STAGE$PREFIX"
+[ -x "$built/bin/qemu-system-x86_64" ] || die "install produced no bin/qemu-system-x86_64"
+# --disable-install-blobs leaves out the firmware and option ROMs. Take the x86 ones from Debian's
+# qemu-system-data so the build is self-contained: qboot.rom (microvm's firmware; SeaBIOS hung
+# on microvm with this QEMU) and linuxboot_dma.bin (microvm's -kernel loader needs it).
+X86_BLOBS=(qboot.rom linuxboot_dma.bin linuxboot.bin multiboot_dma.bin multiboot.bin pvh.bin
+           kvmvapic.bin bios-microvm.bin)
+mkdir -p "$built/share/qemu"
+for blob in "${X86_BLOBS[@]}"; do
+    if [ -f "/usr/share/qemu/$blob" ]; then
+        cp "/usr/share/qemu/$blob" "$built/share/qemu/$blob"
+    else
+        log "warning: /usr/share/qemu/$blob missing (apt-get install qemu-system-data)"
+    fi
+done
+[ -f "$built/share/qemu/qboot.rom" ] && [ -f "$built/share/qemu/linuxboot_dma.bin" ] \
+    || die "qboot.rom/linuxboot_dma.bin not found in /usr/share/qemu: apt-get install qemu-system-data"
+"$built/bin/qemu-system-x86_64" --version >/dev/null || die "the built binary does not run"
+# A record of what was built, for the doctor and for bug reports.
+"$PYTHON" - "$built/build-info.json" <<EOF
+import json, sys
+json.dump({
+    "qemu_version": "$QEMU_VERSION",
+    "source": "$TARBALL",
+    "source_sha256": "$actual",
+    "patch_hash": "$PHASH",
+    "patches": sorted(p for p in """$(cd "$PATCH_DIR" && ls ./*.patch | xargs -n1 basename)""".split()),
+    "configure": "${CONFIGURE_FLAGS[*]}",
+    "compile_seconds": $((t1 - t0)),
+    "blobs_from": "/usr/share/qemu (qemu-system-data $(dpkg-query -W -f='${Version}' qemu-system-data 2>/dev/null))",
+    "blobs": sorted("""${X86_BLOBS[*]}""".split()),
+}, open(sys.argv[1], "w"), indent=2)
+EOF
+date -u +%Y-%m-%dT%H:%M:%SZ > "$built/.complete"
+# Swap into place in one rename so a reader never sees a half-installed tree.
+rm -rf "$PREFIX.old"
+[ -e "$PREFIX" ] && mv "$PREFIX" "$PREFIX.old"
+mv "$built" "$PREFIX"
+rm -rf "$PREFIX.old"
+STEP="done"
+log "built: $PREFIX/bin/qemu-system-x86_64"

@@ -1,0 +1,226 @@
+"""harness.doctor: the accelerator decision and the report, on faked /proc, /sys and /dev.
+
+The decision rule (DESIGN.md Environment, issue 3): KVM only when /dev/kvm opens AND the CPU
+exposes vmx or svm AND a probe boot succeeds; else TCG with the reason. Decision tests pass a
+``probe`` stand-in only where the rule says a probe would run, and one that fails the test if
+called where it must not. Report tests use the real patched QEMU when it is built.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import doctor, qemu
+from harness.errors import ErrorCode, NitroError
+from harness.qemu import BootProbe, QemuInfo
+
+from test_host import fake_cpus, fake_hugepages, interleaved, write
+from test_qemu_probe import expected_build_dir
+
+INTEL_NO_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu lm hypervisor\n"
+INTEL_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu vmx lm\n"
+AMD_SVM = "vendor_id\t: AuthenticAMD\nmodel name\t: Fake\nflags\t\t: fpu svm lm\n"
+
+
+def info(accels: frozenset[str] = frozenset({"kvm", "tcg"}), path: str = "/nonexistent/qemu"
+         ) -> QemuInfo:
+    """A QemuInfo for decision tests (the decision reads only path and accelerators)."""
+    return QemuInfo(
+        path=Path(path), version=(10, 0, 2), version_text="QEMU emulator version 10.0.2",
+        machines=frozenset({"microvm"}), devices=frozenset({"vhost-user-device"}),
+        accelerators=accels, vhost_user_device_creatable=True,
+        vhost_user_device_detail="No 'virtio-bus' bus found",
+    )
+
+
+def fake_host(root: Path, cpuinfo: str, *, kvm: str | None = "file") -> Path:
+    """A 2 cores x 1 thread host; /dev/kvm a plain file ("file"), a directory ("dir": exists
+    but does not open) or absent (None)."""
+    fake_cpus(root, interleaved(2, 1))
+    write(root, "proc/cpuinfo", cpuinfo)
+    if kvm == "file":
+        write(root, "dev/kvm", "")
+    elif kvm == "dir":
+        (root / "dev/kvm").mkdir(parents=True)
+    return root
+
+
+def no_probe(path: Path, accel: str) -> BootProbe:
+    raise AssertionError("the probe boot must not run when KVM is already ruled out")
+
+
+@pytest.fixture(autouse=True)
+def _no_accel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(doctor.ACCEL_ENV, raising=False)
+
+
+# --- choose_accelerator ------------------------------------------------------------------------
+
+def test_kvm_present_but_no_vmx_svm_chooses_tcg(tmp_path: Path) -> None:
+    from harness.host import host_facts
+    host = host_facts(fake_host(tmp_path, INTEL_NO_VMX))
+    assert host.kvm.device.opens
+    accel, reason = doctor.choose_accelerator(info(), host, probe=no_probe)
+    assert accel == "tcg"
+    assert "neither vmx nor svm" in reason
+
+
+def test_no_dev_kvm_chooses_tcg(tmp_path: Path) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, INTEL_VMX, kvm=None))
+    accel, reason = doctor.choose_accelerator(info(), kvm, probe=no_probe)
+    assert accel == "tcg" and "does not exist" in reason
+
+
+def test_dev_kvm_that_does_not_open_chooses_tcg(tmp_path: Path) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, AMD_SVM, kvm="dir"))
+    accel, reason = doctor.choose_accelerator(info(), kvm, probe=no_probe)
+    assert accel == "tcg" and "does not open" in reason
+
+
+def test_qemu_without_kvm_accel_chooses_tcg(tmp_path: Path) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, INTEL_VMX))
+    accel, reason = doctor.choose_accelerator(info(frozenset({"tcg"})), kvm, probe=no_probe)
+    assert accel == "tcg" and "without the kvm accelerator" in reason
+
+
+def test_all_conditions_and_probe_ok_choose_kvm(tmp_path: Path) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, AMD_SVM))
+    calls: list[tuple[Path, str]] = []
+
+    def probe(path: Path, accel: str) -> BootProbe:
+        calls.append((path, accel))
+        return BootProbe(True, "kvm: probe guest ran and exited (status 99)", 0.05)
+
+    accel, reason = doctor.choose_accelerator(info(), kvm, probe=probe)
+    assert (accel, calls) == ("kvm", [(Path("/nonexistent/qemu"), "kvm")])
+    assert "svm" in reason and "probe boot ok" in reason
+
+
+def test_probe_failure_falls_back_to_tcg_with_its_detail(tmp_path: Path) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, INTEL_VMX))
+    failed = BootProbe(False, "kvm: probe boot failed (exit status 1: failed to initialize kvm)", 0.1)
+    accel, reason = doctor.choose_accelerator(info(), kvm, probe=lambda p, a: failed)
+    assert accel == "tcg" and "failed to initialize kvm" in reason
+
+
+def test_env_forces_tcg_and_rejects_garbage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.host import kvm_status
+    kvm = kvm_status(fake_host(tmp_path, INTEL_VMX))
+    monkeypatch.setenv(doctor.ACCEL_ENV, "tcg")
+    assert doctor.choose_accelerator(info(), kvm, probe=no_probe) == (
+        "tcg", "forced by NITRO_HARNESS_ACCEL=tcg")
+    monkeypatch.setenv(doctor.ACCEL_ENV, "hvf")
+    with pytest.raises(NitroError) as err:
+        doctor.choose_accelerator(info(), kvm, probe=no_probe)
+    assert err.value.code == ErrorCode.InvalidArgument and "NITRO_HARNESS_ACCEL=hvf" in err.value.message
+
+
+def test_env_forced_kvm_needs_the_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.host import kvm_status
+    monkeypatch.setenv(doctor.ACCEL_ENV, "kvm")
+    with pytest.raises(NitroError):
+        doctor.choose_accelerator(info(), kvm_status(fake_host(tmp_path, INTEL_VMX, kvm=None)))
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def by_name(report: doctor.Report) -> dict[str, doctor.Check]:
+    return {c.name: c for c in report.checks}
+
+
+def test_report_without_qemu_fails_with_setup_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = fake_host(tmp_path / "root", INTEL_NO_VMX)
+    monkeypatch.setenv("NITRO_HARNESS_QEMU", str(tmp_path / "missing-qemu"))
+    report = doctor.diagnose(root, probe=no_probe)
+    checks = by_name(report)
+    assert not report.ok
+    assert checks["qemu"].status == "fail" and checks["qemu"].fix == "scripts/setup.sh"
+    assert "NITRO_HARNESS_QEMU" in checks["qemu"].detail
+
+
+def test_report_fix_commands_for_host_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    fake_cpus(root, interleaved(1, 2))  # one core: no enclave pool possible
+    write(root, "proc/cpuinfo", INTEL_VMX)  # vmx, but no /dev/kvm
+    fake_hugepages(root, 2048, nr=0, free=0, resv=0)
+    monkeypatch.setenv("NITRO_HARNESS_QEMU", str(tmp_path / "missing-qemu"))
+    checks = by_name(doctor.diagnose(root, probe=no_probe))
+    assert checks["cpus"].status == "warn" and "no whole core" in checks["cpus"].detail
+    assert checks["hugepages"].fix and "hugepages-2048kB/nr_hugepages" in checks["hugepages"].fix
+    assert checks["/dev/vhost-vsock"].status == "info"
+    assert "modprobe vhost_vsock" in (checks["/dev/vhost-vsock"].fix or "")
+
+
+@pytest.fixture(scope="module")
+def built_qemu() -> Path:
+    binary = expected_build_dir() / "bin" / "qemu-system-x86_64"
+    if not (binary.parent.parent / ".complete").is_file():
+        pytest.skip(f"patched QEMU not built yet at {binary}: run scripts/build-qemu.sh")
+    return binary
+
+
+def test_report_with_real_qemu_on_fake_host(built_qemu: Path, tmp_path: Path) -> None:
+    root = fake_host(tmp_path, INTEL_NO_VMX)
+    fake_hugepages(root, 2048, nr=64, free=64, resv=0)
+    report = doctor.diagnose(root, qemu_path=built_qemu, probe=no_probe)
+    checks = by_name(report)
+    assert report.ok, report.to_text()
+    assert (report.accelerator, checks["accelerator"].status) == ("tcg", "warn")
+    assert checks["accelerator"].fix and "nested virtualisation" in checks["accelerator"].fix
+    for name in ("vhost-user-device", "vhost-user-vsock-device", "microvm", "nitro-enclave"):
+        assert checks[name].status == "ok", checks[name]
+    assert checks["cpus"].status == "ok" and "enclave pool 1 " in checks["cpus"].detail
+    assert checks["hugepages"].status == "ok" and "2M: 64 reserved, 64 free (128 MiB)" in \
+        checks["hugepages"].detail
+    data = report.to_json()
+    assert data["qemu"]["devices"]["vhost-user-device"]["creatable"] is True
+    assert data["accelerator"]["choice"] == "tcg"
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_cli_json_and_text(built_qemu: Path, tmp_path: Path) -> None:
+    """`nitro-harness doctor --json` and the text form, as a user runs them (a subprocess)."""
+    root = fake_host(tmp_path, INTEL_NO_VMX)
+    base = [sys.executable, "-m", "harness.cli", "doctor", "--qemu", str(built_qemu),
+            "--host-root", str(root)]
+    out = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert out.stdout.startswith('{\n  "ok": true')  # nitro-cli style 2-space JSON
+    assert data["qemu"]["version"] == "10.0.2"
+    assert data["host"]["enclave_pool"] == [1]
+    text = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0
+    assert "[warn] accelerator" in text.stdout and "ready: enclaves boot with TCG" in text.stdout
+
+
+def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, INTEL_NO_VMX)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "doctor", "--qemu", str(tmp_path / "none"),
+         "--host-root", str(root)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 1
+    assert "fix: scripts/setup.sh" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_real_host_decision_follows_the_rule(built_qemu: Path) -> None:
+    """On this machine: no vmx/svm -> TCG whatever /dev/kvm does (DESIGN.md Environment)."""
+    from harness.host import kvm_status
+    kvm = kvm_status()
+    accel, reason = doctor.choose_accelerator(qemu.probe_qemu(built_qemu), kvm)
+    if kvm.cpu_virt_flag is None or not kvm.device.opens:
+        assert accel == "tcg"
+    else:  # a host with VT-x/AMD-V: the real probe boot decided
+        assert (accel == "kvm") == qemu.probe_boot(built_qemu, "kvm").ok, reason
