@@ -67,7 +67,7 @@ assert _HEADER.size == HEADER_SIZE and _SECTION.size == SECTION_HEADER_SIZE
 
 #: Streaming chunk: large enough that hashlib/zlib release the GIL and per-call overhead
 #: vanishes, small enough that memory stays flat (a few buffers of this size are alive).
-CHUNK_SIZE = 8 << 20
+CHUNK_SIZE = 4 << 20
 
 #: mtime-independent build tool identity written into metadata.
 BUILD_TOOL = "nitro-harness"
@@ -379,8 +379,20 @@ def read_eif(path: Path | str, *, check_crc: bool = True) -> Eif:
     return eif
 
 
+#: Upper bounds for the sections read into memory: metadata is a few KiB in practice
+#: (custom metadata <= 4096 bytes plus docker inspect), a signature well under 16 KiB.
+MAX_METADATA_SIZE = 16 << 20
+MAX_SIGNATURE_SIZE = 1 << 20
+
+
 def _load_small_sections(eif: Eif, f: BinaryIO) -> None:
     """Read and decode metadata and signature sections (both small), validating them."""
+    for s in eif.sections:
+        limit = {SectionType.METADATA: MAX_METADATA_SIZE,
+                 SectionType.SIGNATURE: MAX_SIGNATURE_SIZE}.get(s.type)
+        if limit is not None and s.size > limit:
+            raise _fail(eif.path, f"section {s.index} ({s.type.name.lower()}) size",
+                        f"{s.size} bytes exceeds the {limit}-byte limit for this section type")
     for s in eif.of_type(SectionType.METADATA):
         f.seek(s.data_offset)
         raw = f.read(s.size)
@@ -638,7 +650,7 @@ def measure_eif(path: Path | str) -> Measurements:
     cmdline || ramdisk 0)), PCR2 = ext(SHA384(ramdisks after the first)), PCR8 =
     ext(SHA384(DER of the signing certificate)). The PCR1 state is a copy of PCR0's after
     ramdisk 0; PCR0's and PCR2's chains over the application ramdisks run on two threads fed
-    the same 8 MiB buffers, so memory stays flat (three buffers) whatever the file size.
+    the same 4 MiB windows, so memory stays flat (three windows) whatever the file size.
     Raises ``NitroError(E35)`` for an invalid EIF.
     """
     m, _ = measure_and_check(path, with_crc=False)

@@ -415,3 +415,21 @@ def test_pcr_command(tmp_path, capsys):
     der = cert.public_bytes(serialization.Encoding.DER)
     assert json.loads(capsys.readouterr().out) == {"PCR8": ext(hashlib.sha384(der).digest()).hex()}
     assert main(["pcr", "--input", str(tmp_path / "nope")]) == 19
+
+
+def test_describe_warns_where_nitro_cli_would_disagree(tmp_path, parts, capsys):
+    secs = [(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]), (RAMDISK, parts["boot"])]
+    data, _ = assemble(secs, gaps={1: b"\0" * 8})
+    p = write(tmp_path, data)
+    assert main(["describe-eif", "--eif-path", str(p)]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["CheckCRC"] is True
+    assert "warning:" in cap.err and "sequential reader would fail" in cap.err
+
+
+def test_oversized_metadata_section_refused(tmp_path, parts, monkeypatch):
+    monkeypatch.setattr(eif, "MAX_METADATA_SIZE", 10)
+    data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
+                        (METADATA, b'{"ImageName": "long"}'), (RAMDISK, parts["boot"])])
+    with pytest.raises(NitroError, match=r"section 2 \(metadata\) size: 21 bytes exceeds"):
+        eif.read_eif(write(tmp_path, data))

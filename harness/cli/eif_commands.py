@@ -104,6 +104,9 @@ def describe(path: Path) -> dict:
     them). Raises ``NitroError(E35)`` for an invalid EIF.
     """
     m, eif = eifmod.measure_and_check(path, with_crc=True)
+    for note in eif.sequential_notes:
+        # nitro-cli has no field for these; the hypervisor's view (the table) is reported.
+        progress(f"warning: {path}: {note}")
     doc: dict[str, Any] = {"EifVersion": eif.version, "Measurements": m.to_json(),
                            "IsSigned": eif.is_signed}
     check = None
