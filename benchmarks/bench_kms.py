@@ -93,7 +93,9 @@ def _request(port: int, target: str, params: dict, signed: bool) -> bytes:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images" / "guest"))
         from kms_client import sign_request
 
-        sign_request(headers, body, access_key=CRED[0], secret_key=CRED[1], session_token=None, region="us-east-1")
+        sign_request(
+            headers, body, access_key=CRED[0], secret_key=CRED[1], session_token=None, region="us-east-1"
+        )
     head = "POST / HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
@@ -104,7 +106,9 @@ def _call(sock: socket.socket, request: bytes, buffer: bytearray) -> tuple[int, 
         buffer += sock.recv(65536)
     head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
     while len(rest) < length:
         rest += sock.recv(65536)
     buffer[:] = rest[length:]
@@ -131,11 +135,21 @@ def _breakdown(pki, document: bytes, count: int) -> list[tuple[str, float]]:
     doc = attestation.verify_document(document, roots=[pki.root_certificate])
     policy = kms_policy.default_key_policy(ACCOUNT)
     parsed = kms_policy.parse_policy(policy)
-    ctx = kms_policy.RequestContext("kms:Decrypt", CRED[2], f"arn:aws:kms:us-east-1:{ACCOUNT}:key/x",
-                                    {"kms:RecipientAttestation:ImageSha384": doc.pcrs[0].hex()})
+    ctx = kms_policy.RequestContext(
+        "kms:Decrypt",
+        CRED[2],
+        f"arn:aws:kms:us-east-1:{ACCOUNT}:key/x",
+        {"kms:RecipientAttestation:ImageSha384": doc.pcrs[0].hex()},
+    )
     steps = [
-        ("verify attestation document", lambda: attestation.verify_document(document, roots=[pki.root_certificate])),
-        ("CiphertextForRecipient (RSA-OAEP + AES-CBC)", lambda: cms.build_ciphertext_for_recipient(b"k" * 32, doc.public_key)),
+        (
+            "verify attestation document",
+            lambda: attestation.verify_document(document, roots=[pki.root_certificate]),
+        ),
+        (
+            "CiphertextForRecipient (RSA-OAEP + AES-CBC)",
+            lambda: cms.build_ciphertext_for_recipient(b"k" * 32, doc.public_key),
+        ),
         ("policy evaluation", lambda: kms_policy.evaluate(parsed, ctx)),
     ]
     out = []
@@ -166,10 +180,17 @@ def main() -> int:
     pki = Pki.create()
     root_pem = pki.root_pem().encode()
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     pcrs = {i: bytes([i]) * 48 for i in range(16)}
-    document = attestation.build_document(pki, module_id="i-0123456789abcdef0-enc0123456789abcdef", pcrs=pcrs, public_key=spki)
-    recipient = {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": base64.b64encode(document).decode()}
+    document = attestation.build_document(
+        pki, module_id="i-0123456789abcdef0-enc0123456789abcdef", pcrs=pcrs, public_key=spki
+    )
+    recipient = {
+        "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",
+        "AttestationDocument": base64.b64encode(document).decode(),
+    }
 
     results = []
     for kind in ("reference", "plain", "recipient", "sigv4"):
@@ -183,7 +204,16 @@ def main() -> int:
                     buffer = bytearray()
                     _, body = _call(sock, _request(port, "CreateKey", {}, signed), buffer)
                     key_id = json.loads(body)["KeyMetadata"]["KeyId"]
-                    _, body = _call(sock, _request(port, "Encrypt", {"KeyId": key_id, "Plaintext": base64.b64encode(b"k" * 32).decode()}, signed), buffer)
+                    _, body = _call(
+                        sock,
+                        _request(
+                            port,
+                            "Encrypt",
+                            {"KeyId": key_id, "Plaintext": base64.b64encode(b"k" * 32).decode()},
+                            signed,
+                        ),
+                        buffer,
+                    )
                     blob = json.loads(body)["CiphertextBlob"]
                 params = {"CiphertextBlob": blob}
                 if kind != "plain":
@@ -195,12 +225,16 @@ def main() -> int:
             process.join()
 
     reference = results[0][1]
-    print(f"KMS emulator, server pinned to CPU {args.server_cpu}, client CPU {args.client_cpu}, {args.requests} requests each")
+    print(
+        f"KMS emulator, server pinned to CPU {args.server_cpu}, client CPU {args.client_cpu}, {args.requests} requests each"
+    )
     print(f"{'run':<11}{'requests/s':>12}{'ms/request':>12}{'vs reference':>14}")
     for kind, rate in results:
         print(f"{kind:<11}{rate:>12.1f}{1000 / rate:>12.2f}{rate / reference:>13.3f}x")
     rec, sig = results[2][1], results[3][1]
-    print(f"SigV4 costs {1000 / sig - 1000 / rec:.2f} ms/request ({sig / rec:.3f}x the unsigned Recipient rate)")
+    print(
+        f"SigV4 costs {1000 / sig - 1000 / rec:.2f} ms/request ({sig / rec:.3f}x the unsigned Recipient rate)"
+    )
     print("per step (in-process):")
     for name, ms in _breakdown(pki, document, max(20, args.requests // 10)):
         print(f"  {name:<46}{ms:>8.2f} ms")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from asn1crypto import cms as asn1_cms
 from cryptography.hazmat.primitives import hashes, padding as sym_padding, serialization
@@ -113,13 +113,10 @@ def _load_rsa_spki(spki_der: bytes) -> rsa.RSAPublicKey:
     try:
         key = serialization.load_der_public_key(spki_der)
     except (ValueError, TypeError) as err:
-        raise CmsError(
-            f"recipient public_key: not a DER SubjectPublicKeyInfo ({err})"
-        ) from None
+        raise CmsError(f"recipient public_key: not a DER SubjectPublicKeyInfo ({err})") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise CmsError(
-            "recipient public_key: must be an RSA key (SPEC 8: KeyEncryptionAlgorithm "
-            "RSAES_OAEP_SHA_256)"
+            "recipient public_key: must be an RSA key (SPEC 8: KeyEncryptionAlgorithm RSAES_OAEP_SHA_256)"
         )
     return key
 
@@ -158,13 +155,7 @@ def build_ciphertext_for_recipient(
     recipient_infos = _tlv(0x31, ktri)
     content_alg = _tlv(0x30, _OID_AES256_CBC + _tlv(0x04, iv))
     encrypted_content_info = (
-        b"\x30\x80"
-        + _OID_DATA
-        + content_alg
-        + b"\xa0\x80"
-        + _tlv(0x04, encrypted_content)
-        + _EOC
-        + _EOC
+        b"\x30\x80" + _OID_DATA + content_alg + b"\xa0\x80" + _tlv(0x04, encrypted_content) + _EOC + _EOC
     )
     enveloped = b"\x30\x80" + b"\x02\x01\x02" + recipient_infos + encrypted_content_info + _EOC
     return b"\x30\x80" + _OID_ENVELOPED_DATA + b"\xa0\x80" + enveloped + _EOC + _EOC
@@ -223,15 +214,11 @@ def parse_ciphertext_for_recipient(blob: bytes) -> EnvelopedData:
         recipients = []
         for index, choice in enumerate(enveloped["recipient_infos"]):
             if choice.name != "ktri":
-                raise CmsError(
-                    f"RecipientInfos[{index}]: {choice.name}, expected a KeyTransRecipientInfo"
-                )
+                raise CmsError(f"RecipientInfos[{index}]: {choice.name}, expected a KeyTransRecipientInfo")
             ktri = choice.chosen
             rid = ktri["rid"]
             if rid.name != "subject_key_identifier":
-                raise CmsError(
-                    f"RecipientInfos[{index}].rid: {rid.name}, expected [0] subjectKeyIdentifier"
-                )
+                raise CmsError(f"RecipientInfos[{index}].rid: {rid.name}, expected [0] subjectKeyIdentifier")
             algorithm = ktri["key_encryption_algorithm"]
             oaep_hash = mgf1_hash = None
             if algorithm["algorithm"].native == "rsaes_oaep":
@@ -329,7 +316,7 @@ class BerNode:
     tag: int
     indefinite: bool
     length: int
-    children: list["BerNode"] = field(default_factory=list)
+    children: list[BerNode] = field(default_factory=list)
 
     def shape(self) -> tuple:
         """Tags and length forms, without lengths: ``(tag, indefinite, (child shapes...))``.

@@ -43,7 +43,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -140,9 +141,7 @@ class _Validation:
 
     def add(self, path: str, value: Any, rule: str, sensitive: bool = False) -> None:
         shown = "" if sensitive or value is None else f" '{value}'"
-        self.errors.append(
-            f"Value{shown} at '{_wire_name(path)}' failed to satisfy constraint: {rule}"
-        )
+        self.errors.append(f"Value{shown} at '{_wire_name(path)}' failed to satisfy constraint: {rule}")
 
     def raise_if_any(self) -> None:
         if self.errors:
@@ -165,7 +164,9 @@ def _decode(value: Any, shape, path: str, check: _Validation) -> Any:
     sensitive = bool(meta.get("sensitive"))
     if kind == "structure":
         if not isinstance(value, dict):
-            raise KmsError("SerializationException", f"{_wire_name(path) or 'request'}: expected a JSON object")
+            raise KmsError(
+                "SerializationException", f"{_wire_name(path) or 'request'}: expected a JSON object"
+            )
         out = {}
         for name, member in shape.members.items():
             if name in value and value[name] is not None:
@@ -195,7 +196,11 @@ def _decode(value: Any, shape, path: str, check: _Validation) -> Any:
             check.add(path, value, "Member must satisfy enum value set: [" + ", ".join(shape.enum) + "]")
         pattern = meta.get("pattern")
         if pattern and value and (compiled := _pattern(pattern)) and not compiled.fullmatch(value):
-            check.add(path, None if sensitive else value, f"Member must satisfy regular expression pattern: {pattern}")
+            check.add(
+                path,
+                None if sensitive else value,
+                f"Member must satisfy regular expression pattern: {pattern}",
+            )
         return value
     if kind == "blob":
         if not isinstance(value, str):
@@ -222,7 +227,9 @@ def _decode(value: Any, shape, path: str, check: _Validation) -> Any:
     return value
 
 
-def _check_size(n: int, meta: Mapping[str, Any], path: str, shown: Any, check: _Validation, what: str) -> None:
+def _check_size(
+    n: int, meta: Mapping[str, Any], path: str, shown: Any, check: _Validation, what: str
+) -> None:
     if "min" in meta and n < meta["min"]:
         check.add(path, shown, f"Member must have {what} greater than or equal to {meta['min']}")
     if "max" in meta and n > meta["max"]:
@@ -290,7 +297,9 @@ def _load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {"version": _STATE_VERSION, "keys": {}, "aliases": {}}
     except OSError as err:
-        raise NitroError(ErrorCode.FileOperationFailure, f"KMS state file {path}: cannot read ({err.strerror})") from None
+        raise NitroError(
+            ErrorCode.FileOperationFailure, f"KMS state file {path}: cannot read ({err.strerror})"
+        ) from None
     try:
         state = json.loads(raw)
     except ValueError as err:
@@ -305,7 +314,10 @@ def _load_state(path: Path) -> dict[str, Any]:
         )
     for field_name in ("keys", "aliases"):
         if not isinstance(state.get(field_name), dict):
-            raise NitroError(ErrorCode.FileOperationFailure, f"KMS state file {path}: field '{field_name}' must be an object")
+            raise NitroError(
+                ErrorCode.FileOperationFailure,
+                f"KMS state file {path}: field '{field_name}' must be an object",
+            )
     for key_id, key in state["keys"].items():
         try:
             if len(base64.b64decode(key["Material"], validate=True)) != 32:
@@ -348,14 +360,19 @@ def _load_roots(roots: Iterable[Any]) -> list[Any]:
             try:
                 data = Path(item).read_bytes()
             except OSError as err:
-                raise NitroError(ErrorCode.FileOperationFailure, f"attestation root {item}: cannot read ({err.strerror})") from None
+                raise NitroError(
+                    ErrorCode.FileOperationFailure, f"attestation root {item}: cannot read ({err.strerror})"
+                ) from None
         try:
             if b"-----BEGIN" in data:
                 out.extend(x509.load_pem_x509_certificates(data))
             else:
                 out.append(x509.load_der_x509_certificate(data))
         except ValueError as err:
-            raise NitroError(ErrorCode.InvalidArgument, f"attestation root {item!r:.60}: not a PEM or DER certificate ({err})") from None
+            raise NitroError(
+                ErrorCode.InvalidArgument,
+                f"attestation root {item!r:.60}: not a PEM or DER certificate ({err})",
+            ) from None
     return out
 
 
@@ -395,9 +412,11 @@ class KmsService:
         self.account_id = account_id
         self.state_path = Path(state_path) if state_path is not None else None
         self._lock = threading.RLock()
-        self._state = _load_state(self.state_path) if self.state_path else {
-            "version": _STATE_VERSION, "keys": {}, "aliases": {}
-        }
+        self._state = (
+            _load_state(self.state_path)
+            if self.state_path
+            else {"version": _STATE_VERSION, "keys": {}, "aliases": {}}
+        )
         self._roots = _load_roots(attestation_roots) if attestation_roots is not None else None
         self._attestation_at = attestation_at
         self._bad_attestation = bad_attestation_exception
@@ -442,7 +461,9 @@ class KmsService:
         try:
             op_model = self.model.operation_model(operation)
         except Exception:  # botocore raises OperationNotFoundError
-            raise KmsError("UnknownOperationException", f"Unknown operation TrentService.{operation}") from None
+            raise KmsError(
+                "UnknownOperationException", f"Unknown operation TrentService.{operation}"
+            ) from None
         try:
             raw = json.loads(body or b"{}")
         except ValueError:
@@ -477,7 +498,11 @@ class KmsService:
     def _sweep(self) -> None:
         """Delete keys whose deletion date has passed (as KMS does at the window's end)."""
         now = time.time()
-        gone = [k for k, v in self._state["keys"].items() if v["KeyState"] == "PendingDeletion" and v["DeletionDate"] <= now]
+        gone = [
+            k
+            for k, v in self._state["keys"].items()
+            if v["KeyState"] == "PendingDeletion" and v["DeletionDate"] <= now
+        ]
         for key_id in gone:
             del self._state["keys"][key_id]
             for alias in [a for a, t in self._state["aliases"].items() if t["TargetKeyId"] == key_id]:
@@ -492,13 +517,18 @@ class KmsService:
         prefix = f"arn:aws:kms:{self.region}:{self.account_id}:"
         if ref.startswith("arn:"):
             if not ref.startswith(prefix):
-                raise KmsError("NotFoundException", f"Invalid arn {key_ref}" if ref.count(":") < 5 else f"Key '{key_ref}' does not exist")
-            ref = ref[len(prefix):]
+                raise KmsError(
+                    "NotFoundException",
+                    f"Invalid arn {key_ref}" if ref.count(":") < 5 else f"Key '{key_ref}' does not exist",
+                )
+            ref = ref[len(prefix) :]
             if ref.startswith("key/"):
                 ref = ref[4:]
         if ref.startswith("alias/"):
             if not allow_alias:
-                raise KmsError("ValidationException", f"{key_ref} is an alias; a key id or key ARN is required here")
+                raise KmsError(
+                    "ValidationException", f"{key_ref} is an alias; a key id or key ARN is required here"
+                )
             alias = self._state["aliases"].get(ref)
             if alias is None:
                 raise KmsError("NotFoundException", f"Alias {self._alias_arn(ref)} is not found.")
@@ -567,7 +597,13 @@ class KmsService:
         ctx = kms_policy.RequestContext(f"kms:{action}", caller.principal_arn, key["Arn"], keys)
         decision = kms_policy.evaluate(self._policy(key), ctx)
         if not decision.allowed:
-            log.info("denied %s for %s on %s: %s", ctx.action, caller.principal_arn, key["Arn"], "; ".join(decision.trace))
+            log.info(
+                "denied %s for %s on %s: %s",
+                ctx.action,
+                caller.principal_arn,
+                key["Arn"],
+                "; ".join(decision.trace),
+            )
             raise KmsError("AccessDeniedException", kms_policy.denial_message(ctx, decision))
 
     @staticmethod
@@ -588,7 +624,9 @@ class KmsService:
             return None, {}
         document = recipient.get("AttestationDocument")
         if not document:
-            raise KmsError("ValidationException", "Recipient.AttestationDocument is required when Recipient is given")
+            raise KmsError(
+                "ValidationException", "Recipient.AttestationDocument is required when Recipient is given"
+            )
         from harness import attestation  # the NSM area's verifier; imported on first use
 
         roots = self._roots
@@ -603,11 +641,17 @@ class KmsService:
             ) from None
         public_key = doc.public_key
         if not public_key:
-            raise KmsError("ValidationException", "The attestation document has no public_key to encrypt the CiphertextForRecipient to")
+            raise KmsError(
+                "ValidationException",
+                "The attestation document has no public_key to encrypt the CiphertextForRecipient to",
+            )
         try:
             key = serialization.load_der_public_key(public_key)
         except ValueError:
-            raise KmsError("ValidationException", "The attestation document's public_key is not a DER SubjectPublicKeyInfo") from None
+            raise KmsError(
+                "ValidationException",
+                "The attestation document's public_key is not a DER SubjectPublicKeyInfo",
+            ) from None
         if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
             raise KmsError(
                 "ValidationException",
@@ -627,16 +671,22 @@ class KmsService:
 
     def _blob_key_id(self, blob: bytes) -> str:
         if len(blob) < 4 + 36 + 12 + 16 or blob[:4] != _BLOB_MAGIC:
-            raise KmsError("InvalidCiphertextException", "The ciphertext is not a ciphertext blob of this KMS")
+            raise KmsError(
+                "InvalidCiphertextException", "The ciphertext is not a ciphertext blob of this KMS"
+            )
         key_id = blob[4:40].decode("ascii", "replace")
         if not _KEY_ID_RE.match(key_id):
-            raise KmsError("InvalidCiphertextException", "The ciphertext is not a ciphertext blob of this KMS")
+            raise KmsError(
+                "InvalidCiphertextException", "The ciphertext is not a ciphertext blob of this KMS"
+            )
         return key_id
 
     def _unseal(self, key: Mapping[str, Any], blob: bytes, context: Mapping[str, str] | None) -> bytes:
         material = base64.b64decode(key["Material"])
         try:
-            return AESGCM(material).decrypt(blob[40:52], blob[52:], key["KeyId"].encode() + _encryption_context_aad(context))
+            return AESGCM(material).decrypt(
+                blob[40:52], blob[52:], key["KeyId"].encode() + _encryption_context_aad(context)
+            )
         except Exception:  # cryptography raises InvalidTag
             raise KmsError(
                 "InvalidCiphertextException",
@@ -647,17 +697,31 @@ class KmsService:
     def _check_algorithm(params: Mapping[str, Any], name: str = "EncryptionAlgorithm") -> None:
         algorithm = params.get(name)
         if algorithm not in (None, "SYMMETRIC_DEFAULT"):
-            raise KmsError("InvalidKeyUsageException", f"{name} {algorithm} is not valid for a SYMMETRIC_DEFAULT key")
+            raise KmsError(
+                "InvalidKeyUsageException", f"{name} {algorithm} is not valid for a SYMMETRIC_DEFAULT key"
+            )
 
     @staticmethod
     def _dry_run(params: Mapping[str, Any]) -> None:
         if params.get("DryRun"):
-            raise KmsError("DryRunOperationException", "The request would have succeeded, but the DryRun option is set.")
+            raise KmsError(
+                "DryRunOperationException", "The request would have succeeded, but the DryRun option is set."
+            )
 
-    def _key_for_secret_op(self, params: Mapping[str, Any], caller: _Caller, action: str, *, attestation: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def _key_for_secret_op(
+        self,
+        params: Mapping[str, Any],
+        caller: _Caller,
+        action: str,
+        *,
+        attestation: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         key = self._resolve(params["KeyId"])
         self._authorize(
-            key, action, caller,
+            key,
+            action,
+            caller,
             encryption_context=params.get("EncryptionContext"),
             attestation=attestation,
             extra={"kms:RequestAlias": _alias_of(params.get("KeyId")), **(extra or {})},
@@ -676,9 +740,14 @@ class KmsService:
             raise KmsError("MalformedPolicyDocumentException", str(err)) from None
         if bypass:
             return
-        ctx = kms_policy.RequestContext("kms:PutKeyPolicy", caller.principal_arn, key_arn, {
-            "aws:PrincipalArn": caller.principal_arn,
-        })
+        ctx = kms_policy.RequestContext(
+            "kms:PutKeyPolicy",
+            caller.principal_arn,
+            key_arn,
+            {
+                "aws:PrincipalArn": caller.principal_arn,
+            },
+        )
         if not kms_policy.evaluate(doc, ctx).allowed:
             raise KmsError(
                 "MalformedPolicyDocumentException",
@@ -689,9 +758,15 @@ class KmsService:
         usage = p.get("KeyUsage", "ENCRYPT_DECRYPT")
         spec = p.get("KeySpec", p.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
         if usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT":
-            raise KmsError("UnsupportedOperationException", f"The KMS emulator supports only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys, not {spec}/{usage}")
+            raise KmsError(
+                "UnsupportedOperationException",
+                f"The KMS emulator supports only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys, not {spec}/{usage}",
+            )
         if p.get("Origin", "AWS_KMS") != "AWS_KMS" or p.get("CustomKeyStoreId") or p.get("MultiRegion"):
-            raise KmsError("UnsupportedOperationException", "The KMS emulator supports only AWS_KMS-origin single-Region keys")
+            raise KmsError(
+                "UnsupportedOperationException",
+                "The KMS emulator supports only AWS_KMS-origin single-Region keys",
+            )
         key_id = str(uuid.uuid4())
         arn = self._arn(key_id)
         policy = p.get("Policy")
@@ -730,7 +805,9 @@ class KmsService:
 
     def _check_alias_name(self, name: str) -> None:
         if not name.startswith("alias/") or len(name) <= len("alias/"):
-            raise KmsError("ValidationException", f"Alias name {name!r} must begin with 'alias/' followed by a name")
+            raise KmsError(
+                "ValidationException", f"Alias name {name!r} must begin with 'alias/' followed by a name"
+            )
         if name.startswith("alias/aws/"):
             raise KmsError("NotFoundException", f"Alias {name} is reserved for AWS managed keys (alias/aws/)")
 
@@ -743,9 +820,15 @@ class KmsService:
             if key["KeyState"] == "PendingDeletion":
                 self._require_usable(key)
             if name in self._state["aliases"]:
-                raise KmsError("AlreadyExistsException", f"An alias with the name {self._alias_arn(name)} already exists")
+                raise KmsError(
+                    "AlreadyExistsException", f"An alias with the name {self._alias_arn(name)} already exists"
+                )
             now = time.time()
-            self._state["aliases"][name] = {"TargetKeyId": key["KeyId"], "CreationDate": now, "LastUpdatedDate": now}
+            self._state["aliases"][name] = {
+                "TargetKeyId": key["KeyId"],
+                "CreationDate": now,
+                "LastUpdatedDate": now,
+            }
             self._save()
         return {}
 
@@ -778,9 +861,15 @@ class KmsService:
             target = self._resolve(p["KeyId"], allow_alias=False)["KeyId"] if p.get("KeyId") else None
             aliases = sorted(self._state["aliases"].items())
         entries = [
-            {"AliasName": name, "AliasArn": self._alias_arn(name), "TargetKeyId": a["TargetKeyId"],
-             "CreationDate": a["CreationDate"], "LastUpdatedDate": a["LastUpdatedDate"]}
-            for name, a in aliases if target is None or a["TargetKeyId"] == target
+            {
+                "AliasName": name,
+                "AliasArn": self._alias_arn(name),
+                "TargetKeyId": a["TargetKeyId"],
+                "CreationDate": a["CreationDate"],
+                "LastUpdatedDate": a["LastUpdatedDate"],
+            }
+            for name, a in aliases
+            if target is None or a["TargetKeyId"] == target
         ]
         page, marker = _paginate(entries, p)
         return {"Aliases": page, "NextMarker": marker, "Truncated": marker is not None}
@@ -805,15 +894,24 @@ class KmsService:
         days = p.get("PendingWindowInDays", 30)
         if not 7 <= days <= 30:
             # The model allows 1..365; KMS itself enforces 7..30 for customer keys.
-            raise KmsError("ValidationException", f"1 validation error detected: Value '{days}' at 'pendingWindowInDays' failed to satisfy constraint: Member must have value between 7 and 30")
+            check = _Validation()
+            check.add("PendingWindowInDays", days, "Member must have value between 7 and 30")
+            check.raise_if_any()
         with self._lock:
             key = self._resolve(p["KeyId"], allow_alias=False)
             self._authorize(key, "ScheduleKeyDeletion", caller)
             if key["KeyState"] == "PendingDeletion":
                 raise KmsError("KMSInvalidStateException", f"{key['Arn']} is pending deletion.")
-            key.update(KeyState="PendingDeletion", DeletionDate=time.time() + days * 86400, PendingWindowInDays=days)
+            key.update(
+                KeyState="PendingDeletion", DeletionDate=time.time() + days * 86400, PendingWindowInDays=days
+            )
             self._save()
-        return {"KeyId": key["Arn"], "DeletionDate": key["DeletionDate"], "KeyState": "PendingDeletion", "PendingWindowInDays": days}
+        return {
+            "KeyId": key["Arn"],
+            "DeletionDate": key["DeletionDate"],
+            "KeyState": "PendingDeletion",
+            "PendingWindowInDays": days,
+        }
 
     def _cancel_key_deletion(self, p, caller):
         with self._lock:
@@ -832,7 +930,10 @@ class KmsService:
     def _check_policy_name(p) -> str:
         name = p.get("PolicyName", "default")
         if name != "default":
-            raise KmsError("NotFoundException", f"No such policy exists: {name} (a KMS key has one policy, named 'default')")
+            raise KmsError(
+                "NotFoundException",
+                f"No such policy exists: {name} (a KMS key has one policy, named 'default')",
+            )
         return name
 
     def _get_key_policy(self, p, caller):
@@ -847,7 +948,9 @@ class KmsService:
         with self._lock:
             key = self._resolve(p["KeyId"], allow_alias=False)
             self._authorize(key, "PutKeyPolicy", caller)
-            self._check_new_policy(p["Policy"], caller, key["Arn"], bool(p.get("BypassPolicyLockoutSafetyCheck")))
+            self._check_new_policy(
+                p["Policy"], caller, key["Arn"], bool(p.get("BypassPolicyLockoutSafetyCheck"))
+            )
             key["Policy"] = p["Policy"]
             self._save()
         return {}
@@ -896,14 +999,29 @@ class KmsService:
     def _encrypt(self, p, caller):
         self._check_algorithm(p)
         with self._lock:
-            key = self._key_for_secret_op(p, caller, "Encrypt", extra={"kms:EncryptionAlgorithm": p.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")})
+            key = self._key_for_secret_op(
+                p,
+                caller,
+                "Encrypt",
+                extra={"kms:EncryptionAlgorithm": p.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")},
+            )
         return {
             "CiphertextBlob": self._seal(key, p["Plaintext"], p.get("EncryptionContext")),
             "KeyId": key["Arn"],
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         }
 
-    def _open_blob(self, p, caller, action: str, *, blob_field="CiphertextBlob", key_field="KeyId", context_field="EncryptionContext", attestation=None):
+    def _open_blob(
+        self,
+        p,
+        caller,
+        action: str,
+        *,
+        blob_field="CiphertextBlob",
+        key_field="KeyId",
+        context_field="EncryptionContext",
+        attestation=None,
+    ):
         """Resolve, authorize and decrypt a ciphertext blob (Decrypt, ReEncrypt's source)."""
         if blob_field not in p:
             # Optional in the current model (DryRun-era change); KMS still needs it here.
@@ -923,11 +1041,20 @@ class KmsService:
             else:
                 key = self._state["keys"].get(blob_key_id)
                 if key is None:
-                    raise KmsError("InvalidCiphertextException", "The ciphertext refers to a KMS key that does not exist")
+                    raise KmsError(
+                        "InvalidCiphertextException", "The ciphertext refers to a KMS key that does not exist"
+                    )
             context = p.get(context_field)
             self._authorize(
-                key, action, caller, encryption_context=context, attestation=attestation,
-                extra={"kms:RequestAlias": _alias_of(p.get(key_field)), "kms:EncryptionAlgorithm": p.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT")},
+                key,
+                action,
+                caller,
+                encryption_context=context,
+                attestation=attestation,
+                extra={
+                    "kms:RequestAlias": _alias_of(p.get(key_field)),
+                    "kms:EncryptionAlgorithm": p.get("EncryptionAlgorithm", "SYMMETRIC_DEFAULT"),
+                },
             )
             self._require_usable(key)
         return key, self._unseal(key, blob, context)
@@ -952,7 +1079,9 @@ class KmsService:
         )
         with self._lock:
             destination = self._resolve(p["DestinationKeyId"])
-            self._authorize(destination, "ReEncryptTo", caller, encryption_context=p.get("DestinationEncryptionContext"))
+            self._authorize(
+                destination, "ReEncryptTo", caller, encryption_context=p.get("DestinationEncryptionContext")
+            )
             self._require_usable(destination)
         self._dry_run(p)
         return {
@@ -977,7 +1106,10 @@ class KmsService:
         with self._lock:
             key = self._key_for_secret_op(p, caller, "GenerateDataKey", attestation=attestation)
         plaintext = os.urandom(length)
-        out: dict[str, Any] = {"CiphertextBlob": self._seal(key, plaintext, p.get("EncryptionContext")), "KeyId": key["Arn"]}
+        out: dict[str, Any] = {
+            "CiphertextBlob": self._seal(key, plaintext, p.get("EncryptionContext")),
+            "KeyId": key["Arn"],
+        }
         if spki is not None:
             out["CiphertextForRecipient"] = cms.build_ciphertext_for_recipient(plaintext, spki)
         else:
@@ -988,15 +1120,24 @@ class KmsService:
         length = self._data_key_length(p)
         with self._lock:
             key = self._key_for_secret_op(p, caller, "GenerateDataKeyWithoutPlaintext")
-        return {"CiphertextBlob": self._seal(key, os.urandom(length), p.get("EncryptionContext")), "KeyId": key["Arn"]}
+        return {
+            "CiphertextBlob": self._seal(key, os.urandom(length), p.get("EncryptionContext")),
+            "KeyId": key["Arn"],
+        }
 
     def _key_pair(self, p, caller, action: str, attestation=None):
         spec = p["KeyPairSpec"]
         with self._lock:
-            key = self._key_for_secret_op(p, caller, action, attestation=attestation, extra={"kms:DataKeyPairSpec": spec})
+            key = self._key_for_secret_op(
+                p, caller, action, attestation=attestation, extra={"kms:DataKeyPairSpec": spec}
+            )
         private = _generate_private_key(spec)
-        private_der = private.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        public_der = private.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        private_der = private.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        public_der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         out = {
             "PrivateKeyCiphertextBlob": self._seal(key, private_der, p.get("EncryptionContext")),
             "PublicKey": public_der,
@@ -1080,7 +1221,9 @@ def _generate_private_key(spec: str):
         from cryptography.hazmat.primitives.asymmetric import ed25519
 
         return ed25519.Ed25519PrivateKey.generate()
-    raise KmsError("UnsupportedOperationException", f"KeyPairSpec {spec} is not supported by the KMS emulator")
+    raise KmsError(
+        "UnsupportedOperationException", f"KeyPairSpec {spec} is not supported by the KMS emulator"
+    )
 
 
 def _default_roots() -> list[Any]:
@@ -1111,7 +1254,10 @@ def _normalize_credentials(credentials: Any, default_principal: str) -> dict[str
         return out
     for cred in credentials:
         if not isinstance(cred, KmsCredential):
-            raise NitroError(ErrorCode.InvalidArgument, f"credentials: expected KmsCredential entries, got {type(cred).__name__}")
+            raise NitroError(
+                ErrorCode.InvalidArgument,
+                f"credentials: expected KmsCredential entries, got {type(cred).__name__}",
+            )
         out[cred.access_key_id] = cred
     return out
 
@@ -1148,24 +1294,40 @@ class _SigV4:
             )
         scope = match.group("cred").split("/")
         if len(scope) != 5:
-            raise KmsError("IncompleteSignatureException", f"Credential {match.group('cred')!r} is not <key>/<date>/<region>/<service>/aws4_request")
+            raise KmsError(
+                "IncompleteSignatureException",
+                f"Credential {match.group('cred')!r} is not <key>/<date>/<region>/<service>/aws4_request",
+            )
         akid, day, region, service, terminator = scope
         cred = self.credentials.get(akid)
         if cred is None:
-            raise KmsError("UnrecognizedClientException", "The security token included in the request is invalid.")
+            raise KmsError(
+                "UnrecognizedClientException", "The security token included in the request is invalid."
+            )
         if service != "kms" or terminator != "aws4_request":
-            raise KmsError("InvalidSignatureException", f"Credential should be scoped to correct service: 'kms'. (got {service!r})")
+            raise KmsError(
+                "InvalidSignatureException",
+                f"Credential should be scoped to correct service: 'kms'. (got {service!r})",
+            )
         if region != self.region:
-            raise KmsError("InvalidSignatureException", f"Credential should be scoped to a valid region, not '{region}'. (this KMS serves {self.region})")
+            raise KmsError(
+                "InvalidSignatureException",
+                f"Credential should be scoped to a valid region, not '{region}'. (this KMS serves {self.region})",
+            )
         amz_date = headers.get("X-Amz-Date")
         if not amz_date:
             raise KmsError("IncompleteSignatureException", "X-Amz-Date header is required for SigV4")
         try:
             signed_at = calendar.timegm(time.strptime(amz_date, "%Y%m%dT%H%M%SZ"))
         except ValueError:
-            raise KmsError("IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not YYYYMMDDTHHMMSSZ") from None
+            raise KmsError(
+                "IncompleteSignatureException", f"X-Amz-Date {amz_date!r} is not YYYYMMDDTHHMMSSZ"
+            ) from None
         if day != amz_date[:8]:
-            raise KmsError("InvalidSignatureException", f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{day}' != '{amz_date[:8]}'")
+            raise KmsError(
+                "InvalidSignatureException",
+                f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{day}' != '{amz_date[:8]}'",
+            )
         now = time.time()
         if abs(now - signed_at) > self.max_skew_s:
             raise KmsError(
@@ -1173,16 +1335,23 @@ class _SigV4:
                 f"Signature expired: {amz_date} is now earlier than "
                 f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now - self.max_skew_s))} "
                 f"({time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))} - 5 min.)"
-                if signed_at < now else
-                f"Signature not yet current: {amz_date} is still later than "
+                if signed_at < now
+                else f"Signature not yet current: {amz_date} is still later than "
                 f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now + self.max_skew_s))}",
             )
         signed_names = match.group("signed").split(";")
         if "host" not in signed_names:
             raise KmsError("InvalidSignatureException", "'Host' must be a signed header")
         content_sha = headers.get("X-Amz-Content-SHA256")
-        if content_sha and content_sha != "UNSIGNED-PAYLOAD" and content_sha != hashlib.sha256(body).hexdigest():
-            raise KmsError("InvalidSignatureException", "The provided 'x-amz-content-sha256' header does not match what was computed.")
+        if (
+            content_sha
+            and content_sha != "UNSIGNED-PAYLOAD"
+            and content_sha != hashlib.sha256(body).hexdigest()
+        ):
+            raise KmsError(
+                "InvalidSignatureException",
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
+            )
 
         signed_headers = {name: ",".join(headers.get_all(name) or [""]) for name in signed_names}
 
@@ -1194,7 +1363,9 @@ class _SigV4:
                     mapped[name] = signed_headers[name]
                 return mapped
 
-        request = AWSRequest(method=method, url=f"http://{signed_headers['host']}{path}", data=body, headers=signed_headers)
+        request = AWSRequest(
+            method=method, url=f"http://{signed_headers['host']}{path}", data=body, headers=signed_headers
+        )
         request.context["timestamp"] = amz_date
         verifier = _Verifier(Credentials(cred.access_key_id, cred.secret_access_key), "kms", region)
         canonical = verifier.canonical_request(request)
@@ -1245,7 +1416,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(min(length, _MAX_BODY))
-        self._fail(KmsError("UnknownOperationException", "KMS accepts only POST / with X-Amz-Target"), str(uuid.uuid4()))
+        self._fail(
+            KmsError("UnknownOperationException", "KMS accepts only POST / with X-Amz-Target"),
+            str(uuid.uuid4()),
+        )
 
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         request_id = str(uuid.uuid4())
@@ -1258,17 +1432,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             length = int(length_text)
             if length < 0 or length > _MAX_BODY:
                 self.close_connection = True
-                raise KmsError("SerializationException", f"request body of {length} bytes exceeds {_MAX_BODY}")
+                raise KmsError(
+                    "SerializationException", f"request body of {length} bytes exceeds {_MAX_BODY}"
+                )
             body = self.rfile.read(length)
             target = self.headers.get("X-Amz-Target", "")
             if not target.startswith(_TARGET_PREFIX):
-                raise KmsError("UnknownOperationException", f"X-Amz-Target {target!r} is not TrentService.<Operation>")
+                raise KmsError(
+                    "UnknownOperationException", f"X-Amz-Target {target!r} is not TrentService.<Operation>"
+                )
             if server.sigv4 is not None:
                 cred = server.sigv4.verify("POST", self.path, self.headers, body)
                 caller = _Caller(cred.principal_arn, cred.access_key_id)
             else:
                 caller = _Caller(server.default_principal, None)
-            result = server.service.handle(target[len(_TARGET_PREFIX):], body, caller)
+            result = server.service.handle(target[len(_TARGET_PREFIX) :], body, caller)
             self._reply(200, result, request_id)
         except KmsError as err:
             self._fail(err, request_id)
@@ -1276,7 +1454,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._fail(KmsError("SerializationException", str(err)), request_id)
         except Exception as err:  # noqa: BLE001 - any bug becomes KMS's 500, never a dead socket
             log.exception("KMS emulator internal error")
-            self._fail(KmsError("KMSInternalException", f"internal error in the KMS emulator: {type(err).__name__}: {err}"), request_id)
+            self._fail(
+                KmsError(
+                    "KMSInternalException", f"internal error in the KMS emulator: {type(err).__name__}: {err}"
+                ),
+                request_id,
+            )
 
 
 class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -1284,7 +1467,14 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address, service: KmsService, sigv4: _SigV4 | None, default_principal: str, ssl_context: ssl.SSLContext | None):
+    def __init__(
+        self,
+        address,
+        service: KmsService,
+        sigv4: _SigV4 | None,
+        default_principal: str,
+        ssl_context: ssl.SSLContext | None,
+    ):
         import socket
 
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -1324,7 +1514,9 @@ def _ssl_context(tls: Any) -> ssl.SSLContext | None:
     try:
         certfile, keyfile = tls
     except (TypeError, ValueError):
-        raise NitroError(ErrorCode.InvalidArgument, "tls: expected an ssl.SSLContext or (cert_path, key_path)") from None
+        raise NitroError(
+            ErrorCode.InvalidArgument, "tls: expected an ssl.SSLContext or (cert_path, key_path)"
+        ) from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -1408,15 +1600,22 @@ class KmsServer:
             host = f"[{host}]"
         return f"{'https' if self._ssl else 'http'}://{host}:{self.port}"
 
-    def start(self) -> "KmsServer":
+    def start(self) -> KmsServer:
         """Bind and serve in a daemon thread. Returns self. NitroError if the bind fails."""
         if self._server is not None:
             return self
         try:
-            self._server = _HttpServer(self._address, self.service, self._sigv4, self.default_principal, self._ssl)
+            self._server = _HttpServer(
+                self._address, self.service, self._sigv4, self.default_principal, self._ssl
+            )
         except OSError as err:
-            raise NitroError(ErrorCode.SocketError, f"KMS emulator: cannot listen on {self._address[0]}:{self._address[1]} ({err.strerror})") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="kms-emulator", daemon=True)
+            raise NitroError(
+                ErrorCode.SocketError,
+                f"KMS emulator: cannot listen on {self._address[0]}:{self._address[1]} ({err.strerror})",
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="kms-emulator", daemon=True
+        )
         self._thread.start()
         log.info("KMS emulator listening on %s", self.endpoint_url)
         return self
@@ -1441,7 +1640,7 @@ class KmsServer:
         finally:
             self.stop()
 
-    def __enter__(self) -> "KmsServer":
+    def __enter__(self) -> KmsServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -31,7 +31,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = [
     "PolicyError",
@@ -171,17 +172,14 @@ def _check_principal(value: Any, where: str) -> None:
     if value == "*":
         return
     if not isinstance(value, dict) or not value:
-        raise PolicyError(f"{where}: must be \"*\" or an object such as {{\"AWS\": ...}}")
+        raise PolicyError(f'{where}: must be "*" or an object such as {{"AWS": ...}}')
     for kind, ids in value.items():
         if kind not in ("AWS", "Service", "Federated", "CanonicalUser"):
             raise PolicyError(f"{where}: unknown principal type {kind!r}")
         for ident in _as_list(ids, f"{where}.{kind}"):
-            if kind == "AWS" and not (
-                ident == "*" or _ACCOUNT_RE.match(ident) or ident.startswith("arn:")
-            ):
+            if kind == "AWS" and not (ident == "*" or _ACCOUNT_RE.match(ident) or ident.startswith("arn:")):
                 raise PolicyError(
-                    f"{where}.AWS: {ident!r} is not an ARN, a 12-digit account id or \"*\" "
-                    "(invalid principal)"
+                    f'{where}.AWS: {ident!r} is not an ARN, a 12-digit account id or "*" (invalid principal)'
                 )
 
 
@@ -208,11 +206,13 @@ def parse_policy(text: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(statements, list) or not statements:
         raise PolicyError("policy.Statement: missing or empty")
     for index, st in enumerate(statements):
-        where = f"Statement[{index}]" + (f" (Sid {st.get('Sid')!r})" if isinstance(st, dict) and "Sid" in st else "")
+        where = f"Statement[{index}]" + (
+            f" (Sid {st.get('Sid')!r})" if isinstance(st, dict) and "Sid" in st else ""
+        )
         if not isinstance(st, dict):
             raise PolicyError(f"{where}: must be an object")
         if st.get("Effect") not in ("Allow", "Deny"):
-            raise PolicyError(f"{where}.Effect: must be \"Allow\" or \"Deny\"")
+            raise PolicyError(f'{where}.Effect: must be "Allow" or "Deny"')
         for a, b in (("Principal", "NotPrincipal"), ("Action", "NotAction"), ("Resource", "NotResource")):
             if (a in st) == (b in st):
                 raise PolicyError(f"{where}: needs exactly one of {a} or {b}")
@@ -234,9 +234,7 @@ def parse_policy(text: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
                 if op.lower() == "null":
                     for v in _condition_values(values, f"{where}.Condition.Null.{key}"):
                         if v.lower() not in ("true", "false"):
-                            raise PolicyError(
-                                f"{where}.Condition.Null.{key}: must be \"true\" or \"false\""
-                            )
+                            raise PolicyError(f'{where}.Condition.Null.{key}: must be "true" or "false"')
     doc["Statement"] = statements
     return doc
 
@@ -314,7 +312,9 @@ def _condition_holds(
     return (not any(matches)) if negated else any(matches)
 
 
-def _statement_applies(st: Mapping[str, Any], ctx: RequestContext, keys: Mapping[str, list[str]]) -> tuple[bool, str]:
+def _statement_applies(
+    st: Mapping[str, Any], ctx: RequestContext, keys: Mapping[str, list[str]]
+) -> tuple[bool, str]:
     """(applies, why-not) for one statement."""
     if "Principal" in st and not _principal_matches(st["Principal"], ctx.principal_arn):
         return False, "principal does not match"

@@ -25,7 +25,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import yaml
 
@@ -68,11 +69,15 @@ def load_allowlist(path: str | os.PathLike) -> list[AllowlistEntry]:
     try:
         text = path.read_text()
     except OSError as err:
-        raise NitroError(ErrorCode.FileOperationFailure, f"vsock-proxy config {path}: cannot read ({err.strerror})") from None
+        raise NitroError(
+            ErrorCode.FileOperationFailure, f"vsock-proxy config {path}: cannot read ({err.strerror})"
+        ) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy config {path}: bad YAML ({err})".replace("\n", " ")) from None
+        raise NitroError(
+            ErrorCode.InvalidArgument, f"vsock-proxy config {path}: bad YAML ({err})".replace("\n", " ")
+        ) from None
     if not isinstance(doc, dict) or "allowlist" not in doc:
         raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy config {path}: no 'allowlist' field")
     return parse_allowlist(doc["allowlist"], source=str(path))
@@ -82,7 +87,9 @@ def parse_allowlist(items: Any, source: str = "allowlist") -> list[AllowlistEntr
     """Check a YAML/JSON-like ``allowlist`` value (list of {address, port}); see
     :func:`load_allowlist` for the rules and errors."""
     if not isinstance(items, list):
-        raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy config {source}: 'allowlist' must be a list")
+        raise NitroError(
+            ErrorCode.InvalidArgument, f"vsock-proxy config {source}: 'allowlist' must be a list"
+        )
     out = []
     for index, item in enumerate(items):
         if isinstance(item, AllowlistEntry):
@@ -95,7 +102,9 @@ def parse_allowlist(items: Any, source: str = "allowlist") -> list[AllowlistEntr
         if not isinstance(address, str) or not address:
             raise NitroError(ErrorCode.InvalidArgument, f"{where}.address: must be a host name or IP address")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise NitroError(ErrorCode.InvalidArgument, f"{where}.port: must be an integer 1..65535, got {port!r}")
+            raise NitroError(
+                ErrorCode.InvalidArgument, f"{where}.port: must be an integer 1..65535, got {port!r}"
+            )
         out.append(AllowlistEntry(address, port))
     return out
 
@@ -112,7 +121,9 @@ def resolve(host: str, ip_version: int | None = None) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, _family(ip_version), socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: cannot resolve {host!r} ({err.strerror})") from None
+        raise NitroError(
+            ErrorCode.InvalidArgument, f"vsock-proxy: cannot resolve {host!r} ({err.strerror})"
+        ) from None
     addresses: list[str] = []
     for info in infos:
         address = str(info[4][0])
@@ -185,11 +196,18 @@ class VsockProxy:
         owns_listener: bool = False,
     ):
         if ip_version not in (None, 4, 6):
-            raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: ip_version must be 4, 6 or None, got {ip_version!r}")
+            raise NitroError(
+                ErrorCode.InvalidArgument, f"vsock-proxy: ip_version must be 4, 6 or None, got {ip_version!r}"
+            )
         if not isinstance(remote_port, int) or not 0 < remote_port < 65536:
-            raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: remote port must be 1..65535, got {remote_port!r}")
+            raise NitroError(
+                ErrorCode.InvalidArgument, f"vsock-proxy: remote port must be 1..65535, got {remote_port!r}"
+            )
         if num_workers < 1:
-            raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: number of workers must be at least 1, got {num_workers}")
+            raise NitroError(
+                ErrorCode.InvalidArgument,
+                f"vsock-proxy: number of workers must be at least 1, got {num_workers}",
+            )
         if allowlist is not None:
             if isinstance(allowlist, (str, os.PathLike)):
                 entries = load_allowlist(allowlist)
@@ -210,20 +228,26 @@ class VsockProxy:
         self._lock = threading.Lock()
 
     @classmethod
-    def on_vsock(cls, device: Any, local_port: int, remote_addr: str, remote_port: int, **kwargs: Any) -> "VsockProxy":
+    def on_vsock(
+        cls, device: Any, local_port: int, remote_addr: str, remote_port: int, **kwargs: Any
+    ) -> VsockProxy:
         """A proxy listening on the parent's vsock ``local_port`` via ``device.listen(port)``
         (the harness vsock device); the proxy owns and closes that listener. Keyword
         arguments as the constructor. The allowlist is checked before listening."""
         if kwargs.get("allowlist") is not None:
             allowlist = kwargs["allowlist"]
-            entries = load_allowlist(allowlist) if isinstance(allowlist, (str, os.PathLike)) else parse_allowlist(list(allowlist))
+            entries = (
+                load_allowlist(allowlist)
+                if isinstance(allowlist, (str, os.PathLike))
+                else parse_allowlist(list(allowlist))
+            )
             check_allowlist(remote_addr, remote_port, entries, kwargs.get("ip_version"))
             kwargs["allowlist"] = entries
         return cls(device.listen(local_port), remote_addr, remote_port, owns_listener=True, **kwargs)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> "VsockProxy":
+    def start(self) -> VsockProxy:
         """Serve in a daemon thread; returns self."""
         if self._thread is None:
             self._stop.clear()
@@ -262,7 +286,7 @@ class VsockProxy:
         finally:
             self.stop()
 
-    def __enter__(self) -> "VsockProxy":
+    def __enter__(self) -> VsockProxy:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -279,7 +303,7 @@ class VsockProxy:
                 conn.settimeout(None)
                 return conn
             result = listener.accept(_ACCEPT_POLL_S)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return None
         if isinstance(result, tuple):
             result = result[0]
@@ -316,7 +340,9 @@ class VsockProxy:
                 upstream = socket.create_connection((address, self.remote_port), timeout=30)
                 upstream.settimeout(None)
             except (OSError, NitroError) as err:
-                log.warning("vsock-proxy: cannot connect to %s:%s (%s)", self.remote_addr, self.remote_port, err)
+                log.warning(
+                    "vsock-proxy: cannot connect to %s:%s (%s)", self.remote_addr, self.remote_port, err
+                )
                 return
             with self._lock:
                 self._open.add(upstream)

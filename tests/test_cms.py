@@ -46,7 +46,11 @@ def test_real_vector_parses_with_sdk_test_values():
     assert ktri.subject_key_identifier.hex() == (
         "7087b55df94ba3255cdf3c01840a2aa3ec93620625d601cf56f97bde7a3d2eb1"
     )
-    assert (ktri.key_encryption_algorithm, ktri.oaep_hash, ktri.mgf1_hash) == ("rsaes_oaep", "sha256", "sha256")
+    assert (ktri.key_encryption_algorithm, ktri.oaep_hash, ktri.mgf1_hash) == (
+        "rsaes_oaep",
+        "sha256",
+        "sha256",
+    )
     assert len(ktri.encrypted_key) == 256
     assert parsed.content_type == "data"
     assert parsed.content_encryption_algorithm == "aes256_cbc"
@@ -119,9 +123,19 @@ def test_openssl_cms_decrypts_our_ber(rsa_key, tmp_path):
     # With no -recip, OpenSSL tries the key on every KeyTransRecipientInfo: that is how a
     # subjectKeyIdentifier rid (SHA-256, not the certificate's SKI) is decrypted.
     result = subprocess.run(
-        [openssl, "cms", "-decrypt", "-inform", "DER", "-in", str(tmp_path / "ct.der"),
-         "-inkey", str(tmp_path / "key.pem")],
-        capture_output=True, timeout=60,
+        [
+            openssl,
+            "cms",
+            "-decrypt",
+            "-inform",
+            "DER",
+            "-in",
+            str(tmp_path / "ct.der"),
+            "-inkey",
+            str(tmp_path / "key.pem"),
+        ],
+        capture_output=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == secret

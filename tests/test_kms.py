@@ -50,7 +50,9 @@ def recipient_key() -> rsa.RSAPrivateKey:
 
 
 def spki_of(key) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def pcrs_with(pcr0: bytes) -> dict[int, bytes]:
@@ -98,16 +100,30 @@ def key_id(kms):
 
 def enclave_policy(*pcr0_values: str) -> str:
     """Alice administers the key; Decrypt only from an enclave whose PCR0 is listed."""
-    return json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Sid": "Admin", "Effect": "Allow", "Principal": {"AWS": ALICE.principal_arn},
-             "NotAction": "kms:Decrypt", "Resource": "*"},
-            {"Sid": "EnclaveDecrypt", "Effect": "Allow", "Principal": {"AWS": ALICE.principal_arn},
-             "Action": "kms:Decrypt", "Resource": "*",
-             "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": list(pcr0_values)}}},
-        ],
-    })
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "Admin",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": ALICE.principal_arn},
+                    "NotAction": "kms:Decrypt",
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "EnclaveDecrypt",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": ALICE.principal_arn},
+                    "Action": "kms:Decrypt",
+                    "Resource": "*",
+                    "Condition": {
+                        "StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": list(pcr0_values)}
+                    },
+                },
+            ],
+        }
+    )
 
 
 def error_of(excinfo) -> tuple[str, str]:
@@ -132,10 +148,17 @@ def raw_post(server, target: str | None, body: bytes, headers: dict | None = Non
 
 
 def test_key_lifecycle_operations(kms):
-    meta = kms.create_key(Description="lifecycle", Tags=[{"TagKey": "team", "TagValue": "enclaves"}])["KeyMetadata"]
+    meta = kms.create_key(Description="lifecycle", Tags=[{"TagKey": "team", "TagValue": "enclaves"}])[
+        "KeyMetadata"
+    ]
     key = meta["KeyId"]
     assert meta["Arn"] == f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key}"
-    assert (meta["KeyState"], meta["Enabled"], meta["KeySpec"], meta["KeyUsage"]) == ("Enabled", True, "SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
+    assert (meta["KeyState"], meta["Enabled"], meta["KeySpec"], meta["KeyUsage"]) == (
+        "Enabled",
+        True,
+        "SYMMETRIC_DEFAULT",
+        "ENCRYPT_DECRYPT",
+    )
     assert kms.describe_key(KeyId=meta["Arn"])["KeyMetadata"]["Description"] == "lifecycle"
 
     kms.create_alias(AliasName="alias/lifecycle", TargetKeyId=key)
@@ -157,7 +180,11 @@ def test_key_lifecycle_operations(kms):
     assert kms.encrypt(KeyId=key, Plaintext=b"x")["KeyId"] == meta["Arn"]
 
     scheduled = kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
-    assert (scheduled["KeyState"], scheduled["PendingWindowInDays"], scheduled["KeyId"]) == ("PendingDeletion", 7, meta["Arn"])
+    assert (scheduled["KeyState"], scheduled["PendingWindowInDays"], scheduled["KeyId"]) == (
+        "PendingDeletion",
+        7,
+        meta["Arn"],
+    )
     with pytest.raises(ClientError) as exc:
         kms.encrypt(KeyId=key, Plaintext=b"x")
     assert error_of(exc)[0] == "KMSInvalidStateException"
@@ -192,14 +219,30 @@ def test_policies_get_put_and_lockout_check(kms):
     kms.put_key_policy(KeyId=key, PolicyName="default", Policy=enclave_policy(IMAGE_PCR0.hex()))
     assert json.loads(kms.get_key_policy(KeyId=key)["Policy"])["Statement"][1]["Sid"] == "EnclaveDecrypt"
 
-    locked_out = json.dumps({"Statement": [{"Effect": "Allow", "Principal": {"AWS": BOB.principal_arn}, "Action": "kms:*", "Resource": "*"}]})
+    locked_out = json.dumps(
+        {
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": BOB.principal_arn},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                }
+            ]
+        }
+    )
     with pytest.raises(ClientError) as exc:
         kms.put_key_policy(KeyId=key, PolicyName="default", Policy=locked_out)
-    assert error_of(exc) == ("MalformedPolicyDocumentException", "The new key policy will not allow you to update the key policy in the future.")
+    assert error_of(exc) == (
+        "MalformedPolicyDocumentException",
+        "The new key policy will not allow you to update the key policy in the future.",
+    )
     with pytest.raises(ClientError) as exc:
         kms.put_key_policy(KeyId=key, PolicyName="default", Policy='{"Statement": [{"Effect": "Allow"}]}')
     assert error_of(exc)[0] == "MalformedPolicyDocumentException" and "Principal" in error_of(exc)[1]
-    kms.put_key_policy(KeyId=key, PolicyName="default", Policy=locked_out, BypassPolicyLockoutSafetyCheck=True)
+    kms.put_key_policy(
+        KeyId=key, PolicyName="default", Policy=locked_out, BypassPolicyLockoutSafetyCheck=True
+    )
     with pytest.raises(ClientError) as exc:
         kms.get_key_policy(KeyId=key)
     code, message = error_of(exc)
@@ -227,10 +270,17 @@ def test_encrypt_decrypt_reencrypt(kms, key_id):
     with pytest.raises(ClientError) as exc:
         kms.decrypt(CiphertextBlob=blob, EncryptionContext=context, KeyId=other)
     assert error_of(exc)[0] == "IncorrectKeyException"
-    moved = kms.re_encrypt(CiphertextBlob=blob, SourceEncryptionContext=context, DestinationKeyId=other,
-                           DestinationEncryptionContext={"moved": "yes"})
+    moved = kms.re_encrypt(
+        CiphertextBlob=blob,
+        SourceEncryptionContext=context,
+        DestinationKeyId=other,
+        DestinationEncryptionContext={"moved": "yes"},
+    )
     assert moved["SourceKeyId"].endswith(key_id) and moved["KeyId"].endswith(other)
-    assert kms.decrypt(CiphertextBlob=moved["CiphertextBlob"], EncryptionContext={"moved": "yes"})["Plaintext"] == b"attack at dawn"
+    assert (
+        kms.decrypt(CiphertextBlob=moved["CiphertextBlob"], EncryptionContext={"moved": "yes"})["Plaintext"]
+        == b"attack at dawn"
+    )
 
 
 def test_data_keys_and_random(kms, key_id):
@@ -249,8 +299,13 @@ def test_data_keys_and_random(kms, key_id):
     pair = kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="ECC_NIST_P256")
     private = serialization.load_der_private_key(pair["PrivateKeyPlaintext"], None)
     assert spki_of(private) == pair["PublicKey"]
-    assert kms.decrypt(CiphertextBlob=pair["PrivateKeyCiphertextBlob"])["Plaintext"] == pair["PrivateKeyPlaintext"]
-    assert "PrivateKeyPlaintext" not in kms.generate_data_key_pair_without_plaintext(KeyId=key_id, KeyPairSpec="ECC_NIST_P384")
+    assert (
+        kms.decrypt(CiphertextBlob=pair["PrivateKeyCiphertextBlob"])["Plaintext"]
+        == pair["PrivateKeyPlaintext"]
+    )
+    assert "PrivateKeyPlaintext" not in kms.generate_data_key_pair_without_plaintext(
+        KeyId=key_id, KeyPairSpec="ECC_NIST_P384"
+    )
 
     assert len(kms.generate_random(NumberOfBytes=1024)["Plaintext"]) == 1024
 
@@ -258,19 +313,28 @@ def test_data_keys_and_random(kms, key_id):
 def test_model_validation_errors(kms, key_id):
     with pytest.raises(ClientError) as exc:
         kms.generate_data_key(KeyId=key_id, NumberOfBytes=2000)
-    assert error_of(exc) == ("ValidationException", "1 validation error detected: Value '2000' at 'numberOfBytes' failed to satisfy constraint: Member must have value less than or equal to 1024")
+    assert error_of(exc) == (
+        "ValidationException",
+        "1 validation error detected: Value '2000' at 'numberOfBytes' failed to satisfy constraint: Member must have value less than or equal to 1024",
+    )
     with pytest.raises(ClientError) as exc:
         kms.generate_random(NumberOfBytes=1025)
     assert error_of(exc)[0] == "ValidationException"
     with pytest.raises(ClientError) as exc:
         kms.encrypt(KeyId=key_id, Plaintext=b"x" * 4097)
     # Plaintext is sensitive in the model: its value is never echoed.
-    assert error_of(exc)[1] == "1 validation error detected: Value at 'plaintext' failed to satisfy constraint: Member must have length less than or equal to 4096"
+    assert (
+        error_of(exc)[1]
+        == "1 validation error detected: Value at 'plaintext' failed to satisfy constraint: Member must have length less than or equal to 4096"
+    )
 
 
 def test_errors_on_the_wire(server, key_id):
     status, body = raw_post(server, "DescribeKey", json.dumps({"KeyId": key_id}).encode())
-    assert (status, body) == (400, {"__type": "MissingAuthenticationTokenException", "message": "Missing Authentication Token"})
+    assert (status, body) == (
+        400,
+        {"__type": "MissingAuthenticationTokenException", "message": "Missing Authentication Token"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -285,20 +349,46 @@ def test_raw_json_protocol(open_server):
     assert status == 200 and body["KeyMetadata"]["KeyState"] == "Enabled"
     assert isinstance(body["KeyMetadata"]["CreationDate"], float)
     key = body["KeyMetadata"]["KeyId"]
-    status, body = raw_post(open_server, "Encrypt", json.dumps({"KeyId": key, "Plaintext": base64.b64encode(b"hi").decode()}).encode())
+    status, body = raw_post(
+        open_server,
+        "Encrypt",
+        json.dumps({"KeyId": key, "Plaintext": base64.b64encode(b"hi").decode()}).encode(),
+    )
     assert status == 200 and base64.b64decode(body["CiphertextBlob"])[:4] == b"NHK\x01"
-    assert raw_post(open_server, "Decrypt", b"{}") == (400, {
-        "__type": "ValidationException",
-        "message": "1 validation error detected: Value at 'ciphertextBlob' failed to satisfy constraint: Member must not be null"})
-    assert raw_post(open_server, "GenerateDataKey", json.dumps({"KeyId": key, "NumberOfBytes": "8"}).encode())[1]["__type"] == "SerializationException"
-    assert raw_post(open_server, "Encrypt", json.dumps({"KeyId": key, "Plaintext": "%%%"}).encode())[1]["__type"] == "SerializationException"
+    assert raw_post(open_server, "Decrypt", b"{}") == (
+        400,
+        {
+            "__type": "ValidationException",
+            "message": "1 validation error detected: Value at 'ciphertextBlob' failed to satisfy constraint: Member must not be null",
+        },
+    )
+    assert (
+        raw_post(open_server, "GenerateDataKey", json.dumps({"KeyId": key, "NumberOfBytes": "8"}).encode())[
+            1
+        ]["__type"]
+        == "SerializationException"
+    )
+    assert (
+        raw_post(open_server, "Encrypt", json.dumps({"KeyId": key, "Plaintext": "%%%"}).encode())[1]["__type"]
+        == "SerializationException"
+    )
     assert raw_post(open_server, "Encrypt", b"{nope")[1]["__type"] == "SerializationException"
     assert raw_post(open_server, "Frobnicate", b"{}")[1]["__type"] == "UnknownOperationException"
     assert raw_post(open_server, None, b"{}")[1]["__type"] == "UnknownOperationException"
-    status, body = raw_post(open_server, "Sign", json.dumps({"KeyId": key, "Message": "eA==", "SigningAlgorithm": "ECDSA_SHA_256"}).encode())
+    status, body = raw_post(
+        open_server,
+        "Sign",
+        json.dumps({"KeyId": key, "Message": "eA==", "SigningAlgorithm": "ECDSA_SHA_256"}).encode(),
+    )
     assert (status, body["__type"]) == (400, "UnsupportedOperationException")
     status, body = raw_post(open_server, "DescribeKey", json.dumps({"KeyId": "alias/missing"}).encode())
-    assert (status, body) == (400, {"__type": "NotFoundException", "message": f"Alias arn:aws:kms:{REGION}:{ACCOUNT}:alias/missing is not found."})
+    assert (status, body) == (
+        400,
+        {
+            "__type": "NotFoundException",
+            "message": f"Alias arn:aws:kms:{REGION}:{ACCOUNT}:alias/missing is not found.",
+        },
+    )
 
 
 def test_dry_run(kms, key_id):
@@ -312,12 +402,27 @@ def test_dry_run(kms, key_id):
 
 
 def test_sigv4_principals_and_failures(server, kms):
-    key = kms.create_key(Policy=json.dumps({"Statement": [
-        {"Sid": "AliceOnly", "Effect": "Allow", "Principal": {"AWS": ALICE.principal_arn}, "Action": "kms:*", "Resource": "*"}]}))["KeyMetadata"]["KeyId"]
+    key = kms.create_key(
+        Policy=json.dumps(
+            {
+                "Statement": [
+                    {
+                        "Sid": "AliceOnly",
+                        "Effect": "Allow",
+                        "Principal": {"AWS": ALICE.principal_arn},
+                        "Action": "kms:*",
+                        "Resource": "*",
+                    }
+                ]
+            }
+        )
+    )["KeyMetadata"]["KeyId"]
     bob = client_for(server, BOB)
     with pytest.raises(ClientError) as exc:
         bob.describe_key(KeyId=key)
-    assert error_of(exc)[1].startswith(f"User: {BOB.principal_arn} is not authorized to perform: kms:DescribeKey")
+    assert error_of(exc)[1].startswith(
+        f"User: {BOB.principal_arn} is not authorized to perform: kms:DescribeKey"
+    )
     wrong_secret = client_for(server, KmsCredential(ALICE.access_key_id, "nope", ""))
     with pytest.raises(ClientError) as exc:
         wrong_secret.describe_key(KeyId=key)
@@ -325,9 +430,17 @@ def test_sigv4_principals_and_failures(server, kms):
     stranger = client_for(server, KmsCredential("AKIDSTRANGER", "x", ""))
     with pytest.raises(ClientError) as exc:
         stranger.list_keys()
-    assert error_of(exc) == ("UnrecognizedClientException", "The security token included in the request is invalid.")
-    elsewhere = boto3.client("kms", endpoint_url=server.endpoint_url, region_name="eu-west-1",
-                             aws_access_key_id=ALICE.access_key_id, aws_secret_access_key=ALICE.secret_access_key)
+    assert error_of(exc) == (
+        "UnrecognizedClientException",
+        "The security token included in the request is invalid.",
+    )
+    elsewhere = boto3.client(
+        "kms",
+        endpoint_url=server.endpoint_url,
+        region_name="eu-west-1",
+        aws_access_key_id=ALICE.access_key_id,
+        aws_secret_access_key=ALICE.secret_access_key,
+    )
     with pytest.raises(ClientError) as exc:
         elsewhere.list_keys()
     assert error_of(exc)[0] == "InvalidSignatureException" and "region" in error_of(exc)[1]
@@ -341,8 +454,13 @@ def test_recipient_operations_return_only_ciphertext_for_recipient(kms, key_id, 
     blob = kms.encrypt(KeyId=key_id, Plaintext=b"enclave secret")["CiphertextBlob"]
     out = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(doc))
     assert "Plaintext" not in out and out["KeyId"].endswith(key_id)
-    assert cms.decrypt_ciphertext_for_recipient(out["CiphertextForRecipient"], recipient_key) == b"enclave secret"
-    rid = cms.parse_ciphertext_for_recipient(out["CiphertextForRecipient"]).recipients[0].subject_key_identifier
+    assert (
+        cms.decrypt_ciphertext_for_recipient(out["CiphertextForRecipient"], recipient_key)
+        == b"enclave secret"
+    )
+    rid = (
+        cms.parse_ciphertext_for_recipient(out["CiphertextForRecipient"]).recipients[0].subject_key_identifier
+    )
     assert rid == cms.subject_key_identifier(spki_of(recipient_key))
 
     gdk = kms.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=recipient(doc))
@@ -352,7 +470,9 @@ def test_recipient_operations_return_only_ciphertext_for_recipient(kms, key_id, 
 
     pair = kms.generate_data_key_pair(KeyId=key_id, KeyPairSpec="RSA_2048", Recipient=recipient(doc))
     assert "PrivateKeyPlaintext" not in pair
-    private = serialization.load_der_private_key(cms.decrypt_ciphertext_for_recipient(pair["CiphertextForRecipient"], recipient_key), None)
+    private = serialization.load_der_private_key(
+        cms.decrypt_ciphertext_for_recipient(pair["CiphertextForRecipient"], recipient_key), None
+    )
     assert spki_of(private) == pair["PublicKey"]
 
     rnd = kms.generate_random(NumberOfBytes=64, Recipient=recipient(doc))
@@ -366,17 +486,25 @@ def test_pcr0_policy_cases(kms, pki, recipient_key):
     key = kms.create_key(Policy=enclave_policy(IMAGE_PCR0.hex().upper()))["KeyMetadata"]["KeyId"]
     blob = kms.encrypt(KeyId=key, Plaintext=b"only for the image")["CiphertextBlob"]
     allowed = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(document(pki, recipient_key)))
-    assert cms.decrypt_ciphertext_for_recipient(allowed["CiphertextForRecipient"], recipient_key) == b"only for the image"
+    assert (
+        cms.decrypt_ciphertext_for_recipient(allowed["CiphertextForRecipient"], recipient_key)
+        == b"only for the image"
+    )
     arn = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key}"
-    denial = (f"User: {ALICE.principal_arn} is not authorized to perform: kms:Decrypt on resource: {arn} "
-              "because no resource-based policy allows the kms:Decrypt action")
+    denial = (
+        f"User: {ALICE.principal_arn} is not authorized to perform: kms:Decrypt on resource: {arn} "
+        "because no resource-based policy allows the kms:Decrypt action"
+    )
     for doc in (None, document(pki, recipient_key, OTHER_PCR0), document(pki, recipient_key, bytes(48))):
         with pytest.raises(ClientError) as exc:
             kms.decrypt(CiphertextBlob=blob, **({"Recipient": recipient(doc)} if doc else {}))
         assert error_of(exc) == ("AccessDeniedException", denial)
     kms.put_key_policy(KeyId=key, PolicyName="default", Policy=enclave_policy(IMAGE_PCR0.hex(), "0" * 96))
     debug = kms.decrypt(CiphertextBlob=blob, Recipient=recipient(document(pki, recipient_key, bytes(48))))
-    assert cms.decrypt_ciphertext_for_recipient(debug["CiphertextForRecipient"], recipient_key) == b"only for the image"
+    assert (
+        cms.decrypt_ciphertext_for_recipient(debug["CiphertextForRecipient"], recipient_key)
+        == b"only for the image"
+    )
 
 
 def test_bad_attestation_documents_are_rejected(kms, key_id, pki, recipient_key):
@@ -388,27 +516,38 @@ def test_bad_attestation_documents_are_rejected(kms, key_id, pki, recipient_key)
         with pytest.raises(ClientError) as exc:
             kms.decrypt(CiphertextBlob=blob, Recipient=recipient(bad))
         code, message = error_of(exc)
-        assert code == "ValidationException" and message.startswith(f"The attestation document is not valid: {check}")
+        assert code == "ValidationException" and message.startswith(
+            f"The attestation document is not valid: {check}"
+        )
     no_key = attestation.build_document(pki, module_id=MODULE_ID, pcrs=pcrs_with(IMAGE_PCR0))
     with pytest.raises(ClientError) as exc:
         kms.decrypt(CiphertextBlob=blob, Recipient=recipient(no_key))
     assert error_of(exc)[0] == "ValidationException" and "public_key" in error_of(exc)[1]
-    ec_key = attestation.build_document(pki, module_id=MODULE_ID, pcrs=pcrs_with(IMAGE_PCR0),
-                                        public_key=spki_of(ec.generate_private_key(ec.SECP384R1())))
+    ec_key = attestation.build_document(
+        pki,
+        module_id=MODULE_ID,
+        pcrs=pcrs_with(IMAGE_PCR0),
+        public_key=spki_of(ec.generate_private_key(ec.SECP384R1())),
+    )
     with pytest.raises(ClientError) as exc:
         kms.decrypt(CiphertextBlob=blob, Recipient=recipient(ec_key))
     assert "RSA" in error_of(exc)[1]
 
 
 def test_bad_attestation_exception_is_configurable(pki, recipient_key):
-    expired_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=6)
-    with KmsServer(attestation_roots=[pki.root_certificate], bad_attestation_exception="AccessDeniedException",
-                   attestation_at=expired_at) as srv:
+    expired_at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=6)
+    with KmsServer(
+        attestation_roots=[pki.root_certificate],
+        bad_attestation_exception="AccessDeniedException",
+        attestation_at=expired_at,
+    ) as srv:
         client = client_for(srv, None)
         with pytest.raises(ClientError) as exc:
             client.generate_random(NumberOfBytes=8, Recipient=recipient(document(pki, recipient_key)))
         code, message = error_of(exc)
-        assert code == "AccessDeniedException" and message.startswith("The attestation document is not valid: certificate-expired")
+        assert code == "AccessDeniedException" and message.startswith(
+            "The attestation document is not valid: certificate-expired"
+        )
     with pytest.raises(NitroError, match="bad_attestation_exception"):
         KmsServer(bad_attestation_exception="NotFoundException")
 
@@ -418,7 +557,9 @@ def test_real_aws_document_with_aws_root():
     accepted against the AWS root at its own timestamp; the answer is encrypted to its key."""
     doc = (VECTORS / "attestation" / "yawn_attestation.cose").read_bytes()
     public_key = attestation.decode_document(doc).public_key
-    with KmsServer(attestation_roots=[VECTORS / "attestation" / "aws_nitro_root_g1.pem"], attestation_at="document") as srv:
+    with KmsServer(
+        attestation_roots=[VECTORS / "attestation" / "aws_nitro_root_g1.pem"], attestation_at="document"
+    ) as srv:
         out = client_for(srv, None).generate_random(NumberOfBytes=32, Recipient=recipient(doc))
     parsed = cms.parse_ciphertext_for_recipient(out["CiphertextForRecipient"])
     assert parsed.recipients[0].subject_key_identifier == cms.subject_key_identifier(public_key)
@@ -474,28 +615,53 @@ def test_corrupt_state_file_is_reported_and_left_alone(tmp_path):
 
 def make_tls(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for kms.<region>.amazonaws.com (as the image trusts)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nitro-harness test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kms.{REGION}.amazonaws.com")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"kms.{REGION}.amazonaws.com"), x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kms.{REGION}.amazonaws.com")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(f"kms.{REGION}.amazonaws.com"), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return paths
 
 
@@ -509,44 +675,82 @@ def tls_server(pki, tmp_path_factory):
 def test_boto3_over_tls(tls_server):
     srv, ca = tls_server
     assert srv.endpoint_url.startswith("https://127.0.0.1:")
-    client = boto3.client("kms", endpoint_url=f"https://localhost:{srv.port}", region_name=REGION, verify=str(ca),
-                          aws_access_key_id=ALICE.access_key_id, aws_secret_access_key=ALICE.secret_access_key)
+    client = boto3.client(
+        "kms",
+        endpoint_url=f"https://localhost:{srv.port}",
+        region_name=REGION,
+        verify=str(ca),
+        aws_access_key_id=ALICE.access_key_id,
+        aws_secret_access_key=ALICE.secret_access_key,
+    )
     assert len(client.generate_random(NumberOfBytes=16)["Plaintext"]) == 16
 
 
 def run_guest_client(srv, ca, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(GUEST_CLIENT), *args[:1], "--region", REGION, "--endpoint", f"127.0.0.1:{srv.port}",
-               "--ca-file", str(ca), "--aws-access-key-id", ALICE.access_key_id,
-               "--aws-secret-access-key", ALICE.secret_access_key, *args[1:]]
+    command = [
+        sys.executable,
+        str(GUEST_CLIENT),
+        *args[:1],
+        "--region",
+        REGION,
+        "--endpoint",
+        f"127.0.0.1:{srv.port}",
+        "--ca-file",
+        str(ca),
+        "--aws-access-key-id",
+        ALICE.access_key_id,
+        "--aws-secret-access-key",
+        ALICE.secret_access_key,
+        *args[1:],
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 def test_guest_client_decrypts_through_tls_sigv4_and_cms(tls_server, pki, recipient_key, tmp_path):
     srv, ca = tls_server
-    admin = boto3.client("kms", endpoint_url=f"https://localhost:{srv.port}", region_name=REGION, verify=str(ca),
-                         aws_access_key_id=ALICE.access_key_id, aws_secret_access_key=ALICE.secret_access_key)
+    admin = boto3.client(
+        "kms",
+        endpoint_url=f"https://localhost:{srv.port}",
+        region_name=REGION,
+        verify=str(ca),
+        aws_access_key_id=ALICE.access_key_id,
+        aws_secret_access_key=ALICE.secret_access_key,
+    )
     key = admin.create_key(Policy=enclave_policy(IMAGE_PCR0.hex()))["KeyMetadata"]["KeyId"]
     blob = base64.b64encode(admin.encrypt(KeyId=key, Plaintext=b"kmstool secret")["CiphertextBlob"]).decode()
     (tmp_path / "doc.bin").write_bytes(document(pki, recipient_key))
-    (tmp_path / "key.pem").write_bytes(recipient_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(
+        recipient_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     files = ["--attestation-doc", str(tmp_path / "doc.bin"), "--private-key", str(tmp_path / "key.pem")]
 
     ok = run_guest_client(srv, ca, "decrypt", "--ciphertext", blob, *files)
-    assert (ok.returncode, ok.stdout) == (0, f"PLAINTEXT: {base64.b64encode(b'kmstool secret').decode()}\n"), ok.stderr
+    assert (ok.returncode, ok.stdout) == (
+        0,
+        f"PLAINTEXT: {base64.b64encode(b'kmstool secret').decode()}\n",
+    ), ok.stderr
 
     denied = run_guest_client(srv, ca, "decrypt", "--ciphertext", blob, "--no-recipient")
     assert denied.returncode == 1 and denied.stdout == ""
-    assert denied.stderr.startswith(f"kms_client: AccessDeniedException: User: {ALICE.principal_arn} is not authorized to perform: kms:Decrypt")
+    assert denied.stderr.startswith(
+        f"kms_client: AccessDeniedException: User: {ALICE.principal_arn} is not authorized to perform: kms:Decrypt"
+    )
 
     genkey = run_guest_client(srv, ca, "genkey", "--key-id", key, "--key-spec", "AES-256", *files)
     assert genkey.returncode == 0, genkey.stderr
     lines = dict(line.split(": ", 1) for line in genkey.stdout.splitlines())
     again = run_guest_client(srv, ca, "decrypt", "--ciphertext", lines["CIPHERTEXT"], *files)
-    assert again.stdout == f"PLAINTEXT: {lines['PLAINTEXT']}\n" and len(base64.b64decode(lines["PLAINTEXT"])) == 32
+    assert (
+        again.stdout == f"PLAINTEXT: {lines['PLAINTEXT']}\n"
+        and len(base64.b64decode(lines["PLAINTEXT"])) == 32
+    )
 
     rnd = run_guest_client(srv, ca, "genrandom", "--length", "48", *files)
     assert rnd.returncode == 0 and len(base64.b64decode(rnd.stdout.split(": ", 1)[1])) == 48
 
-    untrusted = run_guest_client(srv, VECTORS / "attestation" / "aws_nitro_root_g1.pem", "genrandom", "--length", "8", "--no-recipient")
+    untrusted = run_guest_client(
+        srv, VECTORS / "attestation" / "aws_nitro_root_g1.pem", "genrandom", "--length", "8", "--no-recipient"
+    )
     assert untrusted.returncode == 1 and untrusted.stderr.startswith("kms_client: TLSError:")

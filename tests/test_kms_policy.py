@@ -41,7 +41,9 @@ def request(action="kms:Decrypt", principal=ALICE, **keys) -> RequestContext:
 
 
 def attested(pcr0=PCR0, **more):
-    return request(**{"kms__RecipientAttestation__ImageSha384": pcr0, "kms__RecipientAttestation__PCR0": pcr0}, **more)
+    return request(
+        **{"kms__RecipientAttestation__ImageSha384": pcr0, "kms__RecipientAttestation__PCR0": pcr0}, **more
+    )
 
 
 def allow_decrypt_if(operator, key, value):
@@ -119,16 +121,24 @@ def test_null_condition_forces_attestation():
 
 def test_hex_case_ignored_only_by_ignorecase_operators():
     upper = PCR0.upper()
-    assert evaluate(policy(allow_decrypt_if("StringEqualsIgnoreCase", "kms:RecipientAttestation:PCR0", upper)), attested()).allowed
-    assert not evaluate(policy(allow_decrypt_if("StringEquals", "kms:RecipientAttestation:PCR0", upper)), attested()).allowed
-    assert evaluate(policy(allow_decrypt_if("StringEquals", "kms:RecipientAttestation:PCR0", PCR0)), attested()).allowed
+    assert evaluate(
+        policy(allow_decrypt_if("StringEqualsIgnoreCase", "kms:RecipientAttestation:PCR0", upper)), attested()
+    ).allowed
+    assert not evaluate(
+        policy(allow_decrypt_if("StringEquals", "kms:RecipientAttestation:PCR0", upper)), attested()
+    ).allowed
+    assert evaluate(
+        policy(allow_decrypt_if("StringEquals", "kms:RecipientAttestation:PCR0", PCR0)), attested()
+    ).allowed
 
 
 def test_debug_mode_zero_pcr0_matches_only_96_zeros():
     zeros = "0" * 96
     doc = policy(allow_decrypt_if("StringEqualsIgnoreCase", "kms:RecipientAttestation:ImageSha384", PCR0))
     assert not evaluate(doc, attested(zeros)).allowed
-    both = policy(allow_decrypt_if("StringEqualsIgnoreCase", "kms:RecipientAttestation:ImageSha384", [PCR0, zeros]))
+    both = policy(
+        allow_decrypt_if("StringEqualsIgnoreCase", "kms:RecipientAttestation:ImageSha384", [PCR0, zeros])
+    )
     assert evaluate(both, attested(zeros)).allowed  # several values under one key are ORed
 
 
@@ -148,7 +158,9 @@ def test_encryption_context_conditions():
 
 
 def test_for_all_values_and_for_any_value():
-    all_doc = policy(allow_decrypt_if("ForAllValues:StringEquals", "kms:EncryptionContextKeys", ["Department", "Project"]))
+    all_doc = policy(
+        allow_decrypt_if("ForAllValues:StringEquals", "kms:EncryptionContextKeys", ["Department", "Project"])
+    )
     assert evaluate(all_doc, request(**{"kms__EncryptionContextKeys": ["Department"]})).allowed
     assert not evaluate(all_doc, request(**{"kms__EncryptionContextKeys": ["Department", "Owner"]})).allowed
     assert evaluate(all_doc, request()).allowed  # ForAllValues holds on an absent key
@@ -159,7 +171,9 @@ def test_for_all_values_and_for_any_value():
 
 
 def test_if_exists_passes_absent_keys():
-    doc = policy(allow_decrypt_if("StringEqualsIgnoreCaseIfExists", "kms:RecipientAttestation:ImageSha384", PCR0))
+    doc = policy(
+        allow_decrypt_if("StringEqualsIgnoreCaseIfExists", "kms:RecipientAttestation:ImageSha384", PCR0)
+    )
     assert evaluate(doc, request()).allowed
     assert evaluate(doc, attested()).allowed
     assert not evaluate(doc, attested(OTHER_PCR0)).allowed
@@ -167,14 +181,23 @@ def test_if_exists_passes_absent_keys():
 
 def test_principal_arn_conditions_and_principals():
     like = {
-        "Effect": "Allow", "Principal": "*", "Action": "kms:*", "Resource": "*",
+        "Effect": "Allow",
+        "Principal": "*",
+        "Action": "kms:*",
+        "Resource": "*",
         "Condition": {"ArnLike": {"aws:PrincipalArn": f"arn:aws:iam::{ACCOUNT}:role/enclave-*"}},
     }
     doc = policy(like)
     assert evaluate(doc, request(principal=f"arn:aws:iam::{ACCOUNT}:role/enclave-parent")).allowed
     assert not evaluate(doc, request()).allowed
-    role = policy({"Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:role/Parent"},
-                   "Action": "kms:Decrypt", "Resource": "*"})
+    role = policy(
+        {
+            "Effect": "Allow",
+            "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:role/Parent"},
+            "Action": "kms:Decrypt",
+            "Resource": "*",
+        }
+    )
     session = f"arn:aws:sts::{ACCOUNT}:assumed-role/Parent/i-0123456789abcdef0"
     assert evaluate(role, request(principal=session)).allowed  # a session is named by its role
     assert evaluate(policy({**ROOT_ALLOW, "Principal": {"AWS": ACCOUNT}}), request()).allowed
@@ -231,10 +254,19 @@ def test_trace_explains_each_statement():
         ("{not json", "not valid JSON"),
         ("[]", "must be a JSON object"),
         (json.dumps({"Statement": []}), "Statement: missing or empty"),
-        (policy({**ROOT_ALLOW, "Effect": "Maybe"}), r"Statement\[0\] \(Sid 'Enable IAM User Permissions'\)\.Effect"),
-        (policy({k: v for k, v in ROOT_ALLOW.items() if k != "Principal"}), "exactly one of Principal or NotPrincipal"),
-        (policy({**ROOT_ALLOW, "Condition": {"StringSorta": {"k": "v"}}}), "unsupported condition operator 'StringSorta'"),
-        (policy({**ROOT_ALLOW, "Condition": {"Null": {"k": "maybe"}}}), "must be \"true\" or \"false\""),
+        (
+            policy({**ROOT_ALLOW, "Effect": "Maybe"}),
+            r"Statement\[0\] \(Sid 'Enable IAM User Permissions'\)\.Effect",
+        ),
+        (
+            policy({k: v for k, v in ROOT_ALLOW.items() if k != "Principal"}),
+            "exactly one of Principal or NotPrincipal",
+        ),
+        (
+            policy({**ROOT_ALLOW, "Condition": {"StringSorta": {"k": "v"}}}),
+            "unsupported condition operator 'StringSorta'",
+        ),
+        (policy({**ROOT_ALLOW, "Condition": {"Null": {"k": "maybe"}}}), 'must be "true" or "false"'),
         (policy({**ROOT_ALLOW, "Principal": {"AWS": "alice"}}), "invalid principal"),
     ],
 )

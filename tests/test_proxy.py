@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -102,8 +101,13 @@ def exchange(port_or_path, payload: bytes) -> bytes:
 
 def test_load_allowlist(tmp_path):
     path = tmp_path / "vsock-proxy.yaml"
-    path.write_text("allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 127.0.0.1, port: 8443}\n")
-    assert load_allowlist(path) == [AllowlistEntry("kms.us-east-1.amazonaws.com", 443), AllowlistEntry("127.0.0.1", 8443)]
+    path.write_text(
+        "allowlist:\n- {address: kms.us-east-1.amazonaws.com, port: 443}\n- {address: 127.0.0.1, port: 8443}\n"
+    )
+    assert load_allowlist(path) == [
+        AllowlistEntry("kms.us-east-1.amazonaws.com", 443),
+        AllowlistEntry("127.0.0.1", 8443),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -138,7 +142,9 @@ def test_off_list_destination_refused_at_start(echo):
     listener = tcp_listener()
     try:
         with pytest.raises(NitroError, match="is not in the allowlist"):
-            VsockProxy(listener, "127.0.0.1", echo.port, allowlist=[{"address": "127.0.0.1", "port": echo.port + 1}])
+            VsockProxy(
+                listener, "127.0.0.1", echo.port, allowlist=[{"address": "127.0.0.1", "port": echo.port + 1}]
+            )
     finally:
         listener.close()
 
@@ -150,7 +156,13 @@ def test_forwards_bytes_both_ways_with_half_close(echo):
     listener = tcp_listener()
     port = listener.getsockname()[1]
     payload = os.urandom(3 * 1024 * 1024 + 7)
-    with VsockProxy(listener, "127.0.0.1", echo.port, allowlist=[{"address": "127.0.0.1", "port": echo.port}], owns_listener=True) as proxy:
+    with VsockProxy(
+        listener,
+        "127.0.0.1",
+        echo.port,
+        allowlist=[{"address": "127.0.0.1", "port": echo.port}],
+        owns_listener=True,
+    ) as proxy:
         assert exchange(port, payload) == b"echo:" + payload
         assert exchange(port, b"second") == b"echo:second"
         assert proxy.connections == 2
@@ -195,7 +207,9 @@ def test_accept_timeout_source_like_the_vsock_device(echo):
             assert port == 8000
             return source
 
-    proxy = VsockProxy.on_vsock(Device(), 8000, "127.0.0.1", echo.port, allowlist=[AllowlistEntry("127.0.0.1", echo.port)])
+    proxy = VsockProxy.on_vsock(
+        Device(), 8000, "127.0.0.1", echo.port, allowlist=[AllowlistEntry("127.0.0.1", echo.port)]
+    )
     with proxy:
         assert exchange(source.port, b"from the enclave") == b"echo:from the enclave"
     assert source.inner.fileno() == -1  # the proxy owned and closed the device listener
@@ -240,9 +254,21 @@ def test_tls_stays_end_to_end_to_kms(tmp_path):
     with KmsServer(tls=(cert, key), credentials=[ALICE]) as kms:
         listener = tcp_listener()
         port = listener.getsockname()[1]
-        with VsockProxy(listener, "127.0.0.1", kms.port, allowlist=[{"address": "127.0.0.1", "port": kms.port}], owns_listener=True):
-            client = boto3.client("kms", endpoint_url=f"https://localhost:{port}", region_name=REGION, verify=str(ca),
-                                  aws_access_key_id=ALICE.access_key_id, aws_secret_access_key=ALICE.secret_access_key)
+        with VsockProxy(
+            listener,
+            "127.0.0.1",
+            kms.port,
+            allowlist=[{"address": "127.0.0.1", "port": kms.port}],
+            owns_listener=True,
+        ):
+            client = boto3.client(
+                "kms",
+                endpoint_url=f"https://localhost:{port}",
+                region_name=REGION,
+                verify=str(ca),
+                aws_access_key_id=ALICE.access_key_id,
+                aws_secret_access_key=ALICE.secret_access_key,
+            )
             key_id = client.create_key()["KeyMetadata"]["KeyId"]
             blob = client.encrypt(KeyId=key_id, Plaintext=b"through the proxy")["CiphertextBlob"]
             assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"through the proxy"
@@ -252,26 +278,48 @@ def test_tls_stays_end_to_end_to_kms(tmp_path):
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=60, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True, timeout=60, **kwargs
+    )
 
 
 def test_cli_refuses_off_list_destination(tmp_path):
     config = tmp_path / "vsock-proxy.yaml"
     config.write_text("allowlist:\n- {address: localhost, port: 443}\n")
-    result = cli("vsock-proxy", "8000", "127.0.0.1", "80", "--config", str(config), "--listen-tcp", "127.0.0.1:0")
+    result = cli(
+        "vsock-proxy", "8000", "127.0.0.1", "80", "--config", str(config), "--listen-tcp", "127.0.0.1:0"
+    )
     assert result.returncode == ErrorCode.InvalidArgument.value
-    assert result.stderr == ("[ E03 ] InvalidArgument: vsock-proxy: 127.0.0.1:80 is not in the allowlist "
-                             "(localhost:443); the given address and port are not allowed\n")
+    assert result.stderr == (
+        "[ E03 ] InvalidArgument: vsock-proxy: 127.0.0.1:80 is not in the allowlist "
+        "(localhost:443); the given address and port are not allowed\n"
+    )
     missing = cli("vsock-proxy", "8000", "127.0.0.1", "80", "--config", str(tmp_path / "none.yaml"))
-    assert missing.returncode == ErrorCode.FileOperationFailure.value and "none.yaml: cannot read" in missing.stderr
+    assert (
+        missing.returncode == ErrorCode.FileOperationFailure.value
+        and "none.yaml: cannot read" in missing.stderr
+    )
 
 
 def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
     """``kms serve`` standalone with a state file, reached through ``vsock-proxy --listen-unix``."""
     state = tmp_path / "state.json"
-    server = subprocess.Popen([sys.executable, "-m", "harness.cli", "kms", "serve", "--state", str(state),
-                               "--pki-dir", str(tmp_path / "pki")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "kms",
+            "serve",
+            "--state",
+            str(state),
+            "--pki-dir",
+            str(tmp_path / "pki"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proxy = None
     try:
         info = json.loads("".join(iter(server.stdout.readline, "}\n")) + "}")
@@ -280,13 +328,33 @@ def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
         config = tmp_path / "vsock-proxy.yaml"
         config.write_text(f"allowlist:\n- {{address: 127.0.0.1, port: {kms_port}}}\n")
         sock_path = str(tmp_path / "vsock_8000")
-        proxy = subprocess.Popen([sys.executable, "-m", "harness.cli", "vsock-proxy", "-4", "-w", "2", "--config", str(config),
-                                  "8000", "127.0.0.1", str(kms_port), "--listen-unix", sock_path],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "vsock-proxy",
+                "-4",
+                "-w",
+                "2",
+                "--config",
+                str(config),
+                "8000",
+                "127.0.0.1",
+                str(kms_port),
+                "--listen-unix",
+                sock_path,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proxy.stderr.readline().startswith(f"vsock-proxy: unix {sock_path} -> 127.0.0.1:{kms_port}")
         body = b"{}"
-        request = (b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nContent-Type: application/x-amz-json-1.1\r\n"
-                   b"X-Amz-Target: TrentService.CreateKey\r\nConnection: close\r\nContent-Length: 2\r\n\r\n" + body)
+        request = (
+            b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nContent-Type: application/x-amz-json-1.1\r\n"
+            b"X-Amz-Target: TrentService.CreateKey\r\nConnection: close\r\nContent-Length: 2\r\n\r\n" + body
+        )
         reply = exchange(sock_path, request)
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
         key_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["KeyMetadata"]["KeyId"]

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     serve = kms_sub.add_parser("serve", help="serve the KMS emulator (AWS JSON 1.1) until interrupted")
     serve.add_argument("--host", default="127.0.0.1", help="listening address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="listening port (default 0: ephemeral, printed)")
-    serve.add_argument("--tls-cert", help="PEM certificate (chain) for HTTPS, e.g. for kms.<region>.amazonaws.com")
+    serve.add_argument(
+        "--tls-cert", help="PEM certificate (chain) for HTTPS, e.g. for kms.<region>.amazonaws.com"
+    )
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve.add_argument("--state", help="JSON file that keeps keys, aliases and policies across restarts")
     serve.add_argument("--region", default="us-east-1", help="Region in key ARNs and the SigV4 scope")
@@ -37,28 +39,48 @@ def register(subparsers) -> None:
         "when given, every request must be SigV4-signed with one of them",
     )
     serve.add_argument("--default-principal", help="caller ARN for unsigned requests (no --credentials)")
-    serve.add_argument("--attestation-root", action="append", default=[], metavar="PEM",
-                       help="trust anchor for Recipient attestation documents (repeatable)")
+    serve.add_argument(
+        "--attestation-root",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="trust anchor for Recipient attestation documents (repeatable)",
+    )
     serve.add_argument("--aws-root", action="store_true", help="also trust the AWS Nitro Enclaves root G1")
-    serve.add_argument("--pki-dir", help="harness PKI directory whose root is trusted (default: the harness PKI)")
-    serve.add_argument("--bad-attestation-exception", default="ValidationException",
-                       choices=["ValidationException", "AccessDeniedException"],
-                       help="error for a bad, unsigned or expired attestation document (SPEC 8: AWS's is undocumented)")
+    serve.add_argument(
+        "--pki-dir", help="harness PKI directory whose root is trusted (default: the harness PKI)"
+    )
+    serve.add_argument(
+        "--bad-attestation-exception",
+        default="ValidationException",
+        choices=["ValidationException", "AccessDeniedException"],
+        help="error for a bad, unsigned or expired attestation document (SPEC 8: AWS's is undocumented)",
+    )
     serve.set_defaults(func=_serve)
     kms.set_defaults(func=lambda args: _missing_subcommand(kms))
 
-    proxy = subparsers.add_parser("vsock-proxy", help="forward vsock connections to an allowlisted TCP server")
+    proxy = subparsers.add_parser(
+        "vsock-proxy", help="forward vsock connections to an allowlisted TCP server"
+    )
     family = proxy.add_mutually_exclusive_group()
     family.add_argument("-4", "--ipv4", action="store_true", help="use IPv4 addresses only")
     family.add_argument("-6", "--ipv6", action="store_true", help="use IPv6 addresses only")
-    proxy.add_argument("-w", "--num_workers", type=int, default=4, help="simultaneous connections (default 4)")
-    proxy.add_argument("--config", default=None, help="allowlist YAML (default /etc/nitro_enclaves/vsock-proxy.yaml)")
+    proxy.add_argument(
+        "-w", "--num_workers", type=int, default=4, help="simultaneous connections (default 4)"
+    )
+    proxy.add_argument(
+        "--config", default=None, help="allowlist YAML (default /etc/nitro_enclaves/vsock-proxy.yaml)"
+    )
     proxy.add_argument("local_port", type=int, help="vsock port to listen on")
     proxy.add_argument("remote_addr", help="server to forward to (host name or IP)")
     proxy.add_argument("remote_port", type=int, help="TCP port of the server")
     listen = proxy.add_mutually_exclusive_group()
-    listen.add_argument("--listen-tcp", metavar="HOST:PORT", help="harness extension: listen on TCP instead of vsock")
-    listen.add_argument("--listen-unix", metavar="PATH", help="harness extension: listen on a Unix socket instead of vsock")
+    listen.add_argument(
+        "--listen-tcp", metavar="HOST:PORT", help="harness extension: listen on TCP instead of vsock"
+    )
+    listen.add_argument(
+        "--listen-unix", metavar="PATH", help="harness extension: listen on a Unix socket instead of vsock"
+    )
     proxy.set_defaults(func=_vsock_proxy)
 
 
@@ -72,15 +94,21 @@ def _load_credentials(path: str) -> list[Any]:
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except OSError as err:
-        raise NitroError(ErrorCode.FileOperationFailure, f"credentials file {path}: cannot read ({err.strerror})") from None
+        raise NitroError(
+            ErrorCode.FileOperationFailure, f"credentials file {path}: cannot read ({err.strerror})"
+        ) from None
     except yaml.YAMLError as err:
-        raise NitroError(ErrorCode.InvalidArgument, f"credentials file {path}: bad YAML/JSON ({err})".replace("\n", " ")) from None
+        raise NitroError(
+            ErrorCode.InvalidArgument, f"credentials file {path}: bad YAML/JSON ({err})".replace("\n", " ")
+        ) from None
     if not isinstance(doc, list) or not doc:
         raise NitroError(ErrorCode.InvalidArgument, f"credentials file {path}: must be a non-empty list")
     out = []
     for index, item in enumerate(doc):
         fields = ("access_key_id", "secret_access_key", "principal_arn")
-        if not isinstance(item, dict) or any(not isinstance(item.get(f), str) or not item.get(f) for f in fields):
+        if not isinstance(item, dict) or any(
+            not isinstance(item.get(f), str) or not item.get(f) for f in fields
+        ):
             raise NitroError(
                 ErrorCode.InvalidArgument,
                 f"credentials file {path}: entry [{index}] needs string access_key_id, secret_access_key and principal_arn",
@@ -118,12 +146,14 @@ def _serve(args: argparse.Namespace) -> int:
         default_principal=args.default_principal,
     )
     server.start()
-    print_json({
-        "EndpointUrl": server.endpoint_url,
-        "Region": server.region,
-        "AccountId": args.account_id,
-        "StateFile": str(Path(args.state).resolve()) if args.state else None,
-    })
+    print_json(
+        {
+            "EndpointUrl": server.endpoint_url,
+            "Region": server.region,
+            "AccountId": args.account_id,
+            "StateFile": str(Path(args.state).resolve()) if args.state else None,
+        }
+    )
     progress(f"kms: serving on {server.endpoint_url} (Ctrl-C to stop)")
     server.serve_forever()
     return 0
@@ -149,11 +179,17 @@ def _listener(args: argparse.Namespace) -> tuple[socket.socket, str]:
         return sock, f"vsock port {args.local_port}"
     except (OSError, ValueError) as err:
         where = args.listen_tcp or args.listen_unix or f"vsock port {args.local_port}"
-        hint = "" if (args.listen_tcp or args.listen_unix) else (
-            "; this host has no usable vsock: use --listen-tcp/--listen-unix, or run the proxy "
-            "inside the harness (harness.proxy.VsockProxy.on_vsock)"
+        hint = (
+            ""
+            if (args.listen_tcp or args.listen_unix)
+            else (
+                "; this host has no usable vsock: use --listen-tcp/--listen-unix, or run the proxy "
+                "inside the harness (harness.proxy.VsockProxy.on_vsock)"
+            )
         )
-        raise NitroError(ErrorCode.SocketError, f"vsock-proxy: cannot listen on {where} ({err}){hint}") from None
+        raise NitroError(
+            ErrorCode.SocketError, f"vsock-proxy: cannot listen on {where} ({err}){hint}"
+        ) from None
 
 
 def _vsock_proxy(args: argparse.Namespace) -> int:
@@ -162,7 +198,9 @@ def _vsock_proxy(args: argparse.Namespace) -> int:
     if not 0 < args.local_port < 2**32:
         raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: local port {args.local_port} is not valid")
     if not 0 < args.remote_port < 65536:
-        raise NitroError(ErrorCode.InvalidArgument, f"vsock-proxy: remote port {args.remote_port} is not valid")
+        raise NitroError(
+            ErrorCode.InvalidArgument, f"vsock-proxy: remote port {args.remote_port} is not valid"
+        )
     ip_version = 4 if args.ipv4 else 6 if args.ipv6 else None
     entries = load_allowlist(args.config or DEFAULT_CONFIG)
     # Check before listening: an off-list destination never opens a port (nitro-cli).
@@ -170,8 +208,15 @@ def _vsock_proxy(args: argparse.Namespace) -> int:
 
     check_allowlist(args.remote_addr, args.remote_port, entries, ip_version)
     sock, where = _listener(args)
-    proxy = VsockProxy(sock, args.remote_addr, args.remote_port, allowlist=entries, ip_version=ip_version,
-                       num_workers=args.num_workers, owns_listener=True)
+    proxy = VsockProxy(
+        sock,
+        args.remote_addr,
+        args.remote_port,
+        allowlist=entries,
+        ip_version=ip_version,
+        num_workers=args.num_workers,
+        owns_listener=True,
+    )
     progress(f"vsock-proxy: {where} -> {args.remote_addr}:{args.remote_port} ({args.num_workers} workers)")
     try:
         proxy.serve_forever()

@@ -75,7 +75,7 @@ def sign_request(headers, body, *, access_key, secret_key, session_token, region
     """Add ``X-Amz-Date``, optional ``X-Amz-Security-Token`` and ``Authorization`` to
     ``headers`` (a dict holding at least ``Host``, ``Content-Type`` and ``X-Amz-Target``)
     for ``POST /`` with ``body`` (bytes). Signs every header present, in lower case."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
     headers["X-Amz-Date"] = amz_date
@@ -344,7 +344,11 @@ def _secret(answer, private_key, field):
 def _check_algorithm(answer):
     # kmstool-enclave-cli accepts only these (SPEC 8).
     algorithm = answer.get("EncryptionAlgorithm")
-    if algorithm is not None and algorithm not in ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"):
+    if algorithm is not None and algorithm not in (
+        "SYMMETRIC_DEFAULT",
+        "RSAES_OAEP_SHA_1",
+        "RSAES_OAEP_SHA_256",
+    ):
         raise ClientError("ResponseError", f"unexpected EncryptionAlgorithm {algorithm!r}")
 
 
@@ -361,7 +365,9 @@ def run(args, out=sys.stdout):
         opener = _vsock_opener(args.proxy_cid, args.proxy_port)
     tls_context = None
     if not args.no_tls:
-        tls_context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else ssl.create_default_context()
+        tls_context = (
+            ssl.create_default_context(cafile=args.ca_file) if args.ca_file else ssl.create_default_context()
+        )
     client = KmsClient(args.region, credentials, opener, tls_context)
     try:
         private_key, recipient = _recipient(args)
@@ -408,7 +414,12 @@ def build_parser():
 
     def common(p):
         p.add_argument("--region", required=True, help="KMS Region, e.g. us-east-1")
-        p.add_argument("--proxy-port", type=int, default=DEFAULT_PROXY_PORT, help="vsock port of the parent's vsock-proxy (8000)")
+        p.add_argument(
+            "--proxy-port",
+            type=int,
+            default=DEFAULT_PROXY_PORT,
+            help="vsock port of the parent's vsock-proxy (8000)",
+        )
         p.add_argument("--proxy-cid", type=int, default=PARENT_CID, help="vsock CID of the parent (3)")
         p.add_argument("--aws-access-key-id")
         p.add_argument("--aws-secret-access-key")
