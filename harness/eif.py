@@ -956,11 +956,15 @@ class _AtomicOutput:
     def __exit__(self, et, ev, tb) -> None:
         try:
             self.f.close()
-        finally:
             if et is None:
                 os.replace(self.tmp, self.path)
-            else:
-                self.tmp.unlink(missing_ok=True)
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise NitroError(self.code, f"{self.path}: write: {e.strerror or e}") from None
+        if et is not None:
+            self.tmp.unlink(missing_ok=True)
+            if issubclass(et, OSError):  # e.g. disk full: one line naming the output
+                raise NitroError(self.code, f"{self.path}: write: {ev.strerror or ev}") from None
 
 
 @dataclass
@@ -970,9 +974,6 @@ class _FileRange:
     f: BinaryIO
     offset: int
     size: int
-
-
-SectionSource = "Path | str | bytes | _FileRange"
 
 
 def _source_size(src: Any, what: str, code: ErrorCode) -> int:
