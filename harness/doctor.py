@@ -358,6 +358,18 @@ def diagnose(
                    "sudo apt-get install qemu-system-data")
     )
 
+    if info is not None:
+        loader = info.kernel_loader
+        checks.append(
+            Check("kernel loader", OK, f"linuxboot_dma.bin at {loader}")
+            if loader
+            else Check("kernel loader", FAIL,
+                       "linuxboot_dma.bin is in none of QEMU's data dirs "
+                       f"({', '.join(map(str, info.data_dirs)) or 'none'}); -kernel boots fail",
+                       "sudo apt-get install qemu-system-data, then scripts/build-qemu.sh --force "
+                       "(copies it beside the build); or add -L /usr/share/qemu")
+        )
+
     accel, reason = "tcg", "no usable QEMU"
     if info is not None:
         try:

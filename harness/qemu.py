@@ -51,14 +51,10 @@ _PROBE_TIMEOUT_S = 30
 
 
 def cache_dir() -> Path:
-    """The harness's cache root: ``$NITRO_HARNESS_CACHE``, else
-    ``${XDG_CACHE_HOME:-~/.cache}/nitro-harness`` (the same rule as scripts/build-qemu.sh)."""
+    """The harness's cache root: ``$NITRO_HARNESS_CACHE``, else ``~/.cache/nitro-harness``
+    (the same rule as scripts/build-qemu.sh and the image cache)."""
     explicit = os.environ.get("NITRO_HARNESS_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "nitro-harness"
+    return Path(explicit) if explicit else Path.home() / ".cache" / "nitro-harness"
 
 
 def _cached_builds(root: Path) -> list[Path]:
@@ -130,6 +126,21 @@ class QemuInfo:
     vhost_user_device_creatable: bool
     vhost_user_device_detail: str
     build_info: dict[str, Any] | None = field(default=None, compare=False)
+    data_dirs: tuple[Path, ...] = ()
+
+    def data_file(self, name: str) -> Path | None:
+        """The first ``name`` (e.g. ``"linuxboot_dma.bin"``) in :attr:`data_dirs`, or None."""
+        for directory in self.data_dirs:
+            candidate = directory / name
+            if candidate.is_file():
+                return candidate
+        return None
+
+    @property
+    def kernel_loader(self) -> Path | None:
+        """``linuxboot_dma.bin``, the option ROM microvm's ``-kernel`` boot needs (QEMU
+        fails with "Failed to open file linuxboot_dma.bin" without it), if QEMU can find it."""
+        return self.data_file("linuxboot_dma.bin")
 
     @property
     def has_microvm(self) -> bool:
@@ -140,6 +151,11 @@ class QemuInfo:
     def has_nitro_enclave(self) -> bool:
         """QEMU's own ``nitro-enclave`` machine exists (QEMU >= 9.2 with libcbor+gnutls)."""
         return "nitro-enclave" in self.machines
+
+    @property
+    def vhost_user_device(self) -> bool:
+        """Alias of :attr:`vhost_user_device_creatable` (the harness NSM can be attached)."""
+        return self.vhost_user_device_creatable
 
     @property
     def has_vhost_user_device(self) -> bool:
@@ -189,6 +205,8 @@ class QemuInfo:
             },
             "accelerators": sorted(self.accelerators),
             "fit_for_enclaves": self.fit_for_enclaves,
+            "data_dirs": [str(d) for d in self.data_dirs],
+            "kernel_loader": str(self.kernel_loader) if self.kernel_loader else None,
             "build_info": self.build_info,
         }
 
@@ -313,7 +331,7 @@ _probe_lock = threading.Lock()
 def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
     """Probe one QEMU binary: version, machines, devices, accelerators, vhost-user-device.
 
-    Runs ``-version``, ``-machine help``, ``-device help``, ``-accel help`` and one short
+    Runs ``-version``, ``-machine help``, ``-device help``, ``-accel help``, ``-L help`` and one short
     ``-machine none -S`` run that tries to create ``vhost-user-device`` (about 0.2 s in all).
     Cached per process by (resolved path, mtime, size), so a rebuilt binary is re-probed.
     Raises ``NitroError(E19)`` when ``path`` is not an executable file and ``NitroError(E05)``
@@ -339,6 +357,11 @@ def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
     machines = _parse_machines(_run([str(binary), "-machine", "help"]).stdout)
     devices = _parse_devices(_run([str(binary), "-device", "help"]).stdout)
     accels = _parse_accelerators(_run([str(binary), "-accel", "help"]).stdout)
+    data_dirs = tuple(
+        Path(line.strip()).resolve()
+        for line in _run([str(binary), "-L", "help"]).stdout.splitlines()
+        if line.strip()
+    )
     if "vhost-user-device" in devices:
         creatable, detail = device_creatable(
             binary, "vhost-user-device", "chardev=probe0,virtio-id=33,num_vqs=1,vq_size=2"
@@ -355,6 +378,7 @@ def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
         vhost_user_device_creatable=creatable,
         vhost_user_device_detail=detail,
         build_info=_read_build_info(binary),
+        data_dirs=data_dirs,
     )
     with _probe_lock:
         _probe_cache[key] = info

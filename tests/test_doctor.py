@@ -177,7 +177,8 @@ def test_report_with_real_qemu_on_fake_host(built_qemu: Path, tmp_path: Path) ->
     assert report.ok, report.to_text()
     assert (report.accelerator, checks["accelerator"].status) == ("tcg", "warn")
     assert checks["accelerator"].fix and "nested virtualisation" in checks["accelerator"].fix
-    for name in ("vhost-user-device", "vhost-user-vsock-device", "microvm", "nitro-enclave"):
+    for name in ("vhost-user-device", "vhost-user-vsock-device", "microvm", "nitro-enclave",
+                 "firmware", "kernel loader"):
         assert checks[name].status == "ok", checks[name]
     assert checks["cpus"].status == "ok" and "enclave pool 1 " in checks["cpus"].detail
     assert checks["hugepages"].status == "ok" and "2M: 64 reserved, 64 free (128 MiB)" in \

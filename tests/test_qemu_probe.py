@@ -27,9 +27,7 @@ def expected_build_dir() -> Path:
     digest = hashlib.sha256()
     for patch in sorted(PATCHES.glob("*.patch")):
         digest.update(patch.name.encode() + b"\n" + patch.read_bytes())
-    cache = os.environ.get("NITRO_HARNESS_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nitro-harness"
-    )
+    cache = os.environ.get("NITRO_HARNESS_CACHE") or str(Path.home() / ".cache" / "nitro-harness")
     return Path(cache) / f"qemu-10.0.2-{digest.hexdigest()[:12]}"
 
 
@@ -70,6 +68,12 @@ def test_probe_real_build(built_qemu: Path) -> None:
     assert info.build_info is not None
     assert info.build_info["patch_hash"] == expected_build_dir().name.rsplit("-", 1)[1]
     assert "--enable-libcbor" in info.build_info["configure"]
+    # microvm's -kernel boot needs linuxboot_dma.bin where QEMU looks (-L help): the build
+    # carries Debian's copy beside itself.
+    assert info.kernel_loader == built_qemu.parent.parent / "share" / "qemu" / "linuxboot_dma.bin"
+    system = Path("/usr/share/qemu/linuxboot_dma.bin")
+    if system.is_file():
+        assert info.kernel_loader.read_bytes() == system.read_bytes()
 
 
 def test_probe_is_cached_per_binary(built_qemu: Path) -> None:
