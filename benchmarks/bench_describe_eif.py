@@ -45,8 +45,8 @@ def make_eif(path: Path, size_mib: int) -> None:
         p.unlink()
 
 
-def run(cmd: list[str]) -> tuple[float, int, str]:
-    """Run ``cmd``; return (wall seconds, child peak RSS in KiB, stdout)."""
+def run(cmd: list[str]) -> tuple[float, int, str, float]:
+    """Run ``cmd``; return (wall s, child peak RSS KiB, stdout, child CPU s = user + sys)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     out = proc.stdout.read() if proc.stdout else b""
@@ -55,7 +55,7 @@ def run(cmd: list[str]) -> tuple[float, int, str]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed with status {proc.returncode}")
-    return wall, usage.ru_maxrss, out.decode()
+    return wall, usage.ru_maxrss, out.decode(), usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -75,22 +75,35 @@ def main() -> int:
         size = eif.stat().st_size
         run(["openssl", "dgst", "-sha384", str(eif)])  # warm the page cache
         harness = [sys.executable, "-m", "harness.cli", "describe-eif", "--eif-path", str(eif)]
-        ours, ref, rss = [], [], []
+        # In-process: the measurement alone, without interpreter start-up and imports.
+        inproc = [sys.executable, "-c",
+                  "from harness.eif import measure_and_check as m; m(__import__('sys').argv[1])",
+                  str(eif)]
+        ours, ref, rss, bare = [], [], [], []
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
         for i in range(args.rounds):
-            w_ref, _, _ = run(["openssl", "dgst", "-sha384", str(eif)])
-            w_ours, maxrss, out = run(harness)
+            w_ref, _, _, c_ref = run(["openssl", "dgst", "-sha384", str(eif)])
+            w_ours, maxrss, out, c_ours = run(harness)
+            w_bare, _, _, _ = run(inproc)
             doc = json.loads(out)
             assert doc["CheckCRC"] is True
             ours.append(w_ours)
             ref.append(w_ref)
             rss.append(maxrss)
-            print(f"round {i + 1}: describe-eif {w_ours:.3f} s   openssl dgst -sha384 "
-                  f"{w_ref:.3f} s   ratio {w_ours / w_ref:.2f}   peak RSS {maxrss / 1024:.1f} MiB")
+            bare.append(w_bare)
+            print(f"round {i + 1}: describe-eif {w_ours:.3f} s (cpu {c_ours:.2f} s)   "
+                  f"openssl dgst -sha384 {w_ref:.3f} s (cpu {c_ref:.2f} s)   "
+                  f"ratio {w_ours / w_ref:.2f}   measure_and_check alone {w_bare:.3f} s   "
+                  f"peak RSS {maxrss / 1024:.1f} MiB")
         mo, mr = statistics.median(ours), statistics.median(ref)
         print(f"file: {size / (1 << 20):.0f} MiB, {os.cpu_count()} CPUs")
         print(f"median describe-eif: {mo:.3f} s ({size / mo / 1e6:.0f} MB/s)")
         print(f"median openssl dgst -sha384: {mr:.3f} s ({size / mr / 1e6:.0f} MB/s)")
         print(f"ratio describe-eif / openssl: {mo / mr:.2f} (target <= 1.00)")
+        print(f"ratio measure_and_check (same pass, no CLI start-up) / openssl: "
+              f"{statistics.median(bare) / mr:.2f}")
+        print(f"load average after: {os.getloadavg()[0]:.2f} (other work on the machine "
+              "skews both sides; compare rounds side by side)")
         print(f"describe-eif peak RSS: {max(rss) / 1024:.1f} MiB (target < 64 MiB)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

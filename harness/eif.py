@@ -589,7 +589,7 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
             if app and twin is None:
                 twin = _TwinHasher(h0, h2)
             try:
-                views = _chunk_views(f, s.data_offset, s.size, slots, use_mmap and app)
+                views = _chunk_views(f, s.data_offset, s.size, slots, use_mmap)
                 for slot, obj, start, n in views:
                     submitted = False
                     try:
