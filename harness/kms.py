@@ -58,6 +58,8 @@ __all__ = [
     "KmsCredential",
     "KmsServer",
     "KmsService",
+    "TlsIdentity",
+    "ensure_tls_identity",
     "service_model",
 ]
 
@@ -267,11 +269,12 @@ def _encode(value: Any, shape, path: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: temp file in the same folder, fsync, rename, fsync dir."""
     folder = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -487,7 +490,7 @@ class KmsService:
     def _save(self) -> None:
         if self.state_path is not None:
             data = json.dumps(self._state, indent=1, sort_keys=True).encode()
-            _write_atomically(self.state_path, data)
+            _write_atomically(self.state_path, data, 0o600)  # holds key material
 
     def _arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account_id}:key/{key_id}"
@@ -1234,6 +1237,132 @@ def _default_roots() -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# TLS identity: what an enclave's kms.<region>.amazonaws.com connection verifies
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """Files of the emulator's TLS identity: ``ca_certificate`` (PEM; install it in the enclave
+    image's trust store), ``certificate`` (PEM server certificate) and ``private_key`` (PEM,
+    mode 0600). ``names``: the DNS names the certificate covers."""
+
+    ca_certificate: Path
+    certificate: Path
+    private_key: Path
+    names: tuple[str, ...]
+
+
+def ensure_tls_identity(
+    directory: str | os.PathLike,
+    *,
+    region: str = "us-east-1",
+    extra_names: Sequence[str] = (),
+    min_remaining: _dt.timedelta = _dt.timedelta(days=1),
+) -> TlsIdentity:
+    """Return (creating or renewing as needed) a CA and a server certificate for
+    ``kms.<region>.amazonaws.com``, ``localhost`` and ``127.0.0.1`` plus ``extra_names``.
+
+    SPEC 8: enclave clients speak TLS to ``kms.<region>.amazonaws.com`` through the proxy and
+    check the name, so the emulator needs a certificate for it from a CA the image trusts.
+    Files in ``directory``: ``kms-ca.pem``, ``kms-ca.key``, ``kms-cert.pem``, ``kms-key.pem``.
+    Existing files are reused while the certificate covers the names and stays valid for
+    ``min_remaining``; the CA is kept across renewals so images built earlier still trust it.
+    Each file is written atomically. Raises NitroError E19 when the directory is unusable.
+    """
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(directory)
+    names = tuple(dict.fromkeys([f"kms.{region}.amazonaws.com", "localhost", *extra_names]))
+    ca_path, ca_key_path = folder / "kms-ca.pem", folder / "kms-ca.key"
+    cert_path, key_path = folder / "kms-cert.pem", folder / "kms-key.pem"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    identity = TlsIdentity(ca_path, cert_path, key_path, names)
+    pem = serialization.Encoding.PEM
+    pkcs8 = serialization.PrivateFormat.PKCS8
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = ca_key = None
+        if ca_path.exists() and ca_key_path.exists():
+            ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+            ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+            if ca.not_valid_after_utc < now + min_remaining:
+                ca = ca_key = None
+        if cert_path.exists() and key_path.exists() and ca is not None:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            covered = set(san.get_values_for_type(x509.DNSName))
+            if (
+                set(names) <= covered
+                and cert.issuer == ca.subject
+                and cert.not_valid_after_utc >= now + min_remaining
+            ):
+                return identity
+        if ca is None:
+            ca_key = ec.generate_private_key(ec.SECP256R1())
+            ca_name = x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "nitro-harness"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, "nitro-harness KMS emulator CA"),
+                ]
+            )
+            ca = (
+                x509.CertificateBuilder()
+                .subject_name(ca_name)
+                .issuer_name(ca_name)
+                .public_key(ca_key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - _dt.timedelta(hours=1))
+                .not_valid_after(now + _dt.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(
+                    x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+                )
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            _write_atomically(
+                ca_key_path, ca_key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600
+            )
+            _write_atomically(ca_path, ca.public_bytes(pem))
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(hours=1))
+            .not_valid_after(now + _dt.timedelta(days=365))
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_atomically(key_path, key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600)
+        _write_atomically(cert_path, cert.public_bytes(pem))
+    except OSError as err:
+        raise NitroError(
+            ErrorCode.FileOperationFailure, f"KMS TLS identity in {folder}: {err.strerror or err}"
+        ) from None
+    except (ValueError, TypeError, x509.ExtensionNotFound) as err:
+        raise NitroError(
+            ErrorCode.FileOperationFailure, f"KMS TLS identity in {folder}: unusable existing file ({err})"
+        ) from None
+    return identity
+
+
+# --------------------------------------------------------------------------------------------
 # SigV4 verification (botocore's signer computes the expected signature)
 # --------------------------------------------------------------------------------------------
 
@@ -1508,9 +1637,11 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def _ssl_context(tls: Any) -> ssl.SSLContext | None:
-    """``tls``: None, an ``ssl.SSLContext``, or (certificate PEM path, key PEM path)."""
+    """``tls``: None, an ``ssl.SSLContext``, a :class:`TlsIdentity`, or (cert path, key path)."""
     if tls is None or isinstance(tls, ssl.SSLContext):
         return tls
+    if isinstance(tls, TlsIdentity):
+        tls = (tls.certificate, tls.private_key)
     try:
         certfile, keyfile = tls
     except (TypeError, ValueError):
@@ -1534,7 +1665,8 @@ class KmsServer:
 
     ``state_path``: JSON state file (None = keys live only as long as the server).
     ``host``/``port``: listening address (port 0 = ephemeral; see :attr:`endpoint_url`).
-    ``tls``: None (HTTP), an ``ssl.SSLContext``, or (cert PEM path, key PEM path).
+    ``tls``: None (HTTP), an ``ssl.SSLContext``, a :class:`TlsIdentity` (see
+    :func:`ensure_tls_identity`), or (cert PEM path, key PEM path).
     ``attestation_roots``: trust anchors for Recipient documents (None = harness PKI root).
     ``attestation_at``: verification time for documents (None = now).
     ``bad_attestation_exception``: ``"ValidationException"`` or ``"AccessDeniedException"``.

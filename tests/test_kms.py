@@ -16,13 +16,12 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from harness import attestation, cms
 from harness.errors import NitroError
-from harness.kms import KmsCredential, KmsServer
+from harness.kms import KmsCredential, KmsServer, ensure_tls_identity
 from harness.pki import Pki
 
 ACCOUNT = "111122223333"
@@ -577,6 +576,7 @@ def test_state_survives_restart(tmp_path):
         client.create_alias(AliasName="alias/persisted", TargetKeyId=key)
         blob = client.encrypt(KeyId="alias/persisted", Plaintext=b"kept")["CiphertextBlob"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kms-state.json"]  # no temp files left
+    assert oct(state.stat().st_mode & 0o777) == "0o600"  # it holds key material
     with KmsServer(state) as second:
         client = client_for(second, None)
         assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
@@ -614,55 +614,29 @@ def test_corrupt_state_file_is_reported_and_left_alone(tmp_path):
 
 
 def make_tls(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for kms.<region>.amazonaws.com (as the image trusts)."""
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nitro-harness test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kms.{REGION}.amazonaws.com")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(f"kms.{REGION}.amazonaws.com"), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
+    """CA, server certificate and key for kms.<region>.amazonaws.com (what the image trusts)."""
+    identity = ensure_tls_identity(tmp_path, region=REGION)
+    return identity.ca_certificate, identity.certificate, identity.private_key
+
+
+def test_tls_identity_is_reused_and_renewed_under_the_same_ca(tmp_path):
+    first = ensure_tls_identity(tmp_path, region=REGION)
+    cert = x509.load_pem_x509_certificate(first.certificate.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [f"kms.{REGION}.amazonaws.com", "localhost"]
+    assert oct(first.private_key.stat().st_mode & 0o777) == "0o600"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert ensure_tls_identity(tmp_path, region=REGION) == first
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # reused as is
+    wider = ensure_tls_identity(tmp_path, region="eu-west-1")
+    assert wider.ca_certificate.read_bytes() == before["kms-ca.pem"]  # images keep trusting it
+    assert wider.certificate.read_bytes() != before["kms-cert.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kms-ca.key",
+        "kms-ca.pem",
+        "kms-cert.pem",
+        "kms-key.pem",
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -13,13 +14,24 @@ from pathlib import Path
 
 import boto3
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.errors import ErrorCode, NitroError
 from harness.kms import KmsServer
+from harness.pki import Pki
 from harness.proxy import AllowlistEntry, VsockProxy, check_allowlist, load_allowlist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_kms import ALICE, REGION, make_tls  # noqa: E402  (shared TLS helper)
+from test_kms import (  # noqa: E402  (shared helpers)
+    ALICE,
+    GUEST_CLIENT,
+    IMAGE_PCR0,
+    REGION,
+    document,
+    enclave_policy,
+    make_tls,
+)
 
 
 class EchoServer:
@@ -178,7 +190,8 @@ def test_unix_listener_source(echo, tmp_path):
 
 
 class TimeoutListener:
-    """The vsock device's listener contract: ``accept(timeout)`` -> socket or None."""
+    """The vsock device's listener contract (harness.vsock.VsockListener): ``accept(timeout)``
+    returns a connected socket or raises TimeoutError; after ``close()`` it raises OSError."""
 
     def __init__(self):
         self.inner = tcp_listener()
@@ -188,10 +201,7 @@ class TimeoutListener:
     def accept(self, timeout):
         self.calls += 1
         self.inner.settimeout(timeout)
-        try:
-            conn, _ = self.inner.accept()
-        except TimeoutError:
-            return None
+        conn, _ = self.inner.accept()  # raises TimeoutError, like the vsock device
         conn.settimeout(None)
         return conn
 
@@ -301,33 +311,42 @@ def test_cli_refuses_off_list_destination(tmp_path):
     )
 
 
-def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
-    """``kms serve`` standalone with a state file, reached through ``vsock-proxy --listen-unix``."""
+def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
+    """The whole parent side as commands: ``kms serve --tls-dir --credentials --state`` behind
+    ``vsock-proxy``; the guest kms_client (TLS to kms.us-east-1.amazonaws.com, SigV4, Recipient
+    with a document from the harness PKI) decrypts through them."""
     state = tmp_path / "state.json"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harness.cli",
-            "kms",
-            "serve",
-            "--state",
-            str(state),
-            "--pki-dir",
-            str(tmp_path / "pki"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    creds = tmp_path / "credentials.yaml"
+    creds.write_text(
+        f"- {{access_key_id: {ALICE.access_key_id}, secret_access_key: {ALICE.secret_access_key}, "
+        f"principal_arn: '{ALICE.principal_arn}'}}\n"
     )
+    pki = Pki.load_or_create(tmp_path / "pki")
+    serve = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "kms",
+        "serve",
+        "--state",
+        str(state),
+        "--tls-dir",
+        str(tmp_path / "tls"),
+        "--credentials",
+        str(creds),
+        "--pki-dir",
+        str(tmp_path / "pki"),
+    ]
+    server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proxy = None
     try:
         info = json.loads("".join(iter(server.stdout.readline, "}\n")) + "}")
-        assert info["StateFile"] == str(state.resolve()) and info["Region"] == "us-east-1"
+        assert info["StateFile"] == str(state.resolve()) and info["Region"] == REGION
+        assert info["EndpointUrl"].startswith("https://127.0.0.1:")
+        ca = info["TlsCaFile"]
         kms_port = int(info["EndpointUrl"].rsplit(":", 1)[1])
         config = tmp_path / "vsock-proxy.yaml"
         config.write_text(f"allowlist:\n- {{address: 127.0.0.1, port: {kms_port}}}\n")
-        sock_path = str(tmp_path / "vsock_8000")
         proxy = subprocess.Popen(
             [
                 sys.executable,
@@ -342,22 +361,66 @@ def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
                 "8000",
                 "127.0.0.1",
                 str(kms_port),
-                "--listen-unix",
-                sock_path,
+                "--listen-tcp",
+                "127.0.0.1:0",
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert proxy.stderr.readline().startswith(f"vsock-proxy: unix {sock_path} -> 127.0.0.1:{kms_port}")
-        body = b"{}"
-        request = (
-            b"POST / HTTP/1.1\r\nHost: kms.us-east-1.amazonaws.com\r\nContent-Type: application/x-amz-json-1.1\r\n"
-            b"X-Amz-Target: TrentService.CreateKey\r\nConnection: close\r\nContent-Length: 2\r\n\r\n" + body
+        line = proxy.stderr.readline()
+        assert line.startswith("vsock-proxy: tcp 127.0.0.1:") and f"-> 127.0.0.1:{kms_port}" in line
+        proxy_port = int(line.split()[2].rsplit(":", 1)[1])
+
+        admin = boto3.client(
+            "kms",
+            endpoint_url=f"https://localhost:{kms_port}",
+            region_name=REGION,
+            verify=ca,
+            aws_access_key_id=ALICE.access_key_id,
+            aws_secret_access_key=ALICE.secret_access_key,
         )
-        reply = exchange(sock_path, request)
-        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
-        key_id = json.loads(reply.split(b"\r\n\r\n", 1)[1])["KeyMetadata"]["KeyId"]
+        key_id = admin.create_key(Policy=enclave_policy(IMAGE_PCR0.hex()))["KeyMetadata"]["KeyId"]
+        blob = base64.b64encode(
+            admin.encrypt(KeyId=key_id, Plaintext=b"via the proxy")["CiphertextBlob"]
+        ).decode()
+        recipient_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (tmp_path / "doc.bin").write_bytes(document(pki, recipient_key))
+        (tmp_path / "key.pem").write_bytes(
+            recipient_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        guest = subprocess.run(
+            [
+                sys.executable,
+                str(GUEST_CLIENT),
+                "decrypt",
+                "--region",
+                REGION,
+                "--endpoint",
+                f"127.0.0.1:{proxy_port}",
+                "--ca-file",
+                ca,
+                "--aws-access-key-id",
+                ALICE.access_key_id,
+                "--aws-secret-access-key",
+                ALICE.secret_access_key,
+                "--ciphertext",
+                blob,
+                "--attestation-doc",
+                str(tmp_path / "doc.bin"),
+                "--private-key",
+                str(tmp_path / "key.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (guest.returncode, guest.stdout) == (
+            0,
+            f"PLAINTEXT: {base64.b64encode(b'via the proxy').decode()}\n",
+        ), guest.stderr
         assert key_id in json.loads(state.read_text())["keys"]
     finally:
         for process in (proxy, server):
@@ -369,4 +432,3 @@ def test_cli_proxy_and_kms_serve_end_to_end(tmp_path, echo):
                     process.kill()
                     process.wait()
     assert server.returncode == 130 and proxy.returncode == 130
-    assert not Path(sock_path).exists()

@@ -30,6 +30,11 @@ def register(subparsers) -> None:
         "--tls-cert", help="PEM certificate (chain) for HTTPS, e.g. for kms.<region>.amazonaws.com"
     )
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-dir",
+        help="use (creating if needed) a CA and a certificate for kms.<region>.amazonaws.com in this "
+        "directory; the CA's path is printed as TlsCaFile",
+    )
     serve.add_argument("--state", help="JSON file that keeps keys, aliases and policies across restarts")
     serve.add_argument("--region", default="us-east-1", help="Region in key ARNs and the SigV4 scope")
     serve.add_argument("--account-id", default="111122223333", help="12-digit account in ARNs")
@@ -118,10 +123,19 @@ def _load_credentials(path: str) -> list[Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from harness.kms import KmsServer
+    from harness.kms import KmsServer, ensure_tls_identity
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise NitroError(ErrorCode.MissingArgument, "kms serve: --tls-cert and --tls-key go together")
+    if args.tls_cert and args.tls_dir:
+        raise NitroError(
+            ErrorCode.ConflictingArgument, "kms serve: --tls-dir conflicts with --tls-cert/--tls-key"
+        )
+    tls: Any = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    ca_file = None
+    if args.tls_dir:
+        identity = ensure_tls_identity(args.tls_dir, region=args.region)
+        tls, ca_file = identity, str(identity.ca_certificate.resolve())
     if not 0 <= args.port < 65536:
         raise NitroError(ErrorCode.InvalidArgument, f"kms serve: --port must be 0..65535, got {args.port}")
     roots: list[Any] = list(args.attestation_root)
@@ -137,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         args.state,
         host=args.host,
         port=args.port,
-        tls=(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        tls=tls,
         attestation_roots=roots,
         bad_attestation_exception=args.bad_attestation_exception,
         credentials=_load_credentials(args.credentials) if args.credentials else None,
@@ -152,6 +166,7 @@ def _serve(args: argparse.Namespace) -> int:
             "Region": server.region,
             "AccountId": args.account_id,
             "StateFile": str(Path(args.state).resolve()) if args.state else None,
+            "TlsCaFile": ca_file,
         }
     )
     progress(f"kms: serving on {server.endpoint_url} (Ctrl-C to stop)")
