@@ -222,6 +222,12 @@ def test_bad_inputs(tmp_path, blobs, rootfs, capsys, monkeypatch):
                        "--blobs", blobs)
     assert rc == 50 and "no Docker engine reachable" in err and "--docker-archive" in err
 
+    (tmp_path / "ctx").mkdir()
+    rc, _, err = build(capsys, "--docker-uri", "hello:latest", "--docker-dir", tmp_path / "ctx",
+                       "--output-file", out, "--blobs", blobs)
+    assert rc == 49 and "no Docker engine reachable" in err
+    (tmp_path / "ctx").rmdir()
+
     rc, _, err = build(capsys, "--output-file", out, "--blobs", blobs)
     assert rc == 1
 

@@ -34,6 +34,8 @@ def register(subparsers) -> None:
                                                     "root filesystem directory")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--docker-uri", help="image in a local Docker engine (needs one reachable)")
+    b.add_argument("--docker-dir", type=Path,
+                   help="directory with a Dockerfile to build as --docker-uri (needs Docker)")
     src.add_argument("--docker-archive", type=Path,
                      help="`docker save` or OCI image-layout tarball")
     src.add_argument("--rootfs", type=Path, help="root filesystem directory (with --cmd/--env)")
@@ -241,19 +243,30 @@ def _docker_engine_socket() -> str | None:
         s.close()
 
 
-def _save_docker_uri(uri: str, dest: Path) -> Path:
-    """``docker save`` ``uri`` into ``dest``; E50 when no engine or no docker CLI is usable."""
+def _save_docker_uri(uri: str, dest: Path, docker_dir: Path | None = None) -> Path:
+    """``docker save`` ``uri`` (built first from ``docker_dir`` when given) into ``dest``.
+
+    E50 DockerImagePullError (E49 DockerImageBuildError with ``docker_dir``) when no engine or
+    no docker client is usable, naming the alternative (--docker-archive).
+    """
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    code = ErrorCode.DockerImageBuildError if docker_dir else ErrorCode.DockerImagePullError
     if _docker_engine_socket() is None:
-        raise NitroError(ErrorCode.DockerImagePullError,
+        raise NitroError(code,
                          f"--docker-uri {uri}: no Docker engine reachable at {host}; save the "
                          "image elsewhere (`docker save IMAGE -o img.tar`) and pass "
                          "--docker-archive img.tar")
     docker = shutil.which("docker")
     if docker is None:
-        raise NitroError(ErrorCode.DockerImagePullError,
+        raise NitroError(code,
                          f"--docker-uri {uri}: a Docker engine answers at {host} but no `docker` "
                          "client is on PATH; use --docker-archive")
+    if docker_dir is not None:
+        r = subprocess.run([docker, "build", "-t", uri, str(docker_dir)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+            raise NitroError(code, f"--docker-dir {docker_dir}: docker build: {last}")
     out = dest / "image.tar"
     r = subprocess.run([docker, "save", "-o", str(out), uri], capture_output=True, text=True)
     if r.returncode != 0:
@@ -287,6 +300,9 @@ def build_enclave(args) -> int:
         raise NitroError(ErrorCode.MissingArgument,
                          "build-enclave: one of --docker-uri, --docker-archive or --rootfs is "
                          "required")
+    if args.docker_dir and not args.docker_uri:
+        raise NitroError(ErrorCode.MissingArgument,
+                         "build-enclave: --docker-dir needs --docker-uri (the tag to build)")
     if (args.cmd or args.env) and not args.rootfs:
         raise NitroError(ErrorCode.ConflictingArgument,
                          "build-enclave: --cmd/--env go with --rootfs (images carry their own)")
@@ -316,7 +332,7 @@ def build_enclave(args) -> int:
 
             archive_path = args.docker_archive
             if args.docker_uri:
-                archive_path = _save_docker_uri(args.docker_uri, tmp)
+                archive_path = _save_docker_uri(args.docker_uri, tmp, args.docker_dir)
             progress(f"Using the image archive {archive_path}...")
             archive, rootfs = load_docker_archive(archive_path, tmp / "files")
             cmd, env = archive.cmd, archive.env
