@@ -402,7 +402,7 @@ def _subject_key_id(cert: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest  # type: ignore[arg-type]
 
 
-def _check_signed_by(child: x509.Certificate, issuer: x509.Certificate, what: str) -> bool:
+def _check_signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when ``issuer`` signed ``child`` (names link and the ECDSA signature verifies)."""
     if child.issuer != issuer.subject:
         return False
@@ -441,10 +441,10 @@ def verify_document(
     # Chain: leaf <- instance <- zonal <- regional (cabundle reversed, its root left out).
     chain = [doc.certificate] + list(reversed(doc.cabundle[1:]))
     for child, issuer in zip(chain, chain[1:]):
-        if not _check_signed_by(child, issuer, "chain"):
+        if not _check_signed_by(child, issuer):
             raise _fail("chain", f"'{_label(child)}' is not signed by '{_label(issuer)}'")
     top = chain[-1]
-    root = next((r for r in pinned if _check_signed_by(top, r, "root")), None)
+    root = next((r for r in pinned if _check_signed_by(top, r)), None)
     if root is None:
         claimed = _authority_key_id(top)
         for candidate in pinned:
