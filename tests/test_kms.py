@@ -31,6 +31,9 @@ IMAGE_PCR0 = bytes(range(48))
 OTHER_PCR0 = bytes([7]) * 48
 VECTORS = Path(__file__).parent / "vectors"
 GUEST_CLIENT = Path(__file__).parents[1] / "images" / "guest" / "kms_client.py"
+# The guest client runs under this interpreter; point it at a venv with the image's versions
+# (cryptography 38.0.4, asn1crypto 1.5.1) to check the guest's APIs on the host.
+GUEST_PYTHON = os.environ.get("NITRO_HARNESS_GUEST_PYTHON", sys.executable)
 ALICE = KmsCredential("AKIDALICE", "alice-secret", f"arn:aws:iam::{ACCOUNT}:user/alice")
 BOB = KmsCredential("AKIDBOB", "bob-secret", f"arn:aws:iam::{ACCOUNT}:user/bob")
 

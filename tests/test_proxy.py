@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_kms import (  # noqa: E402  (shared helpers)
     ALICE,
     GUEST_CLIENT,
+    GUEST_PYTHON,
     IMAGE_PCR0,
     REGION,
     document,
