@@ -481,3 +481,17 @@ def test_qemu_nitro_enclave_loader_accepts_our_eifs(tmp_path, parts):
     err = load(write(tmp_path, bytes(bad), "bad.eif"))
     assert "CRC mismatch" in err
     assert eif.read_eif(tmp_path / "bad.eif").crc_ok is False  # we agree with QEMU
+
+
+def test_writer_refuses_more_than_32_sections(tmp_path, parts):
+    out = tmp_path / "many.eif"
+    with pytest.raises(NitroError, match="more than 32 sections") as ei:
+        eif.write_eif(out, parts["kernel"], "c", [b"r"] * 31, None)  # 33 sections
+    assert ei.value.code == ErrorCode.EifBuildingError and not out.exists()
+    m = eif.write_eif(out, parts["kernel"], "c", [b"r"] * 30, None)  # exactly 32
+    assert eif.read_eif(out).header.num_sections == 32
+    assert m.pcr2 == ext(sha(b"r" * 29))
+    pem, kpem, _ = make_signer()
+    with pytest.raises(NitroError, match="more than 32 sections") as ei:
+        eif.sign_eif(out, tmp_path / "s.eif", pem, kpem)  # no slot left for the signature
+    assert ei.value.code == ErrorCode.EIFSigningError and not (tmp_path / "s.eif").exists()
