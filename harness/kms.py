@@ -46,6 +46,10 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.compat import HTTPHeaders
+from botocore.credentials import Credentials
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -1391,6 +1395,21 @@ def _normalize_credentials(credentials: Any, default_principal: str) -> dict[str
     return out
 
 
+class _ListedHeadersSigV4(SigV4Auth):
+    """botocore's SigV4 signer over exactly the headers the client listed in SignedHeaders
+    (botocore would choose its own set, dropping e.g. User-Agent)."""
+
+    def __init__(self, credentials: Credentials, service: str, region: str, listed: Mapping[str, str]):
+        super().__init__(credentials, service, region)
+        self._listed = listed
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+        mapped = HTTPHeaders()
+        for name, value in self._listed.items():
+            mapped[name] = value
+        return mapped
+
+
 class _SigV4:
     """Checks AWS Signature Version 4 on KMS requests against configured credentials."""
 
@@ -1406,10 +1425,6 @@ class _SigV4:
         (unknown access key), InvalidSignatureException (scope, time, signature),
         IncompleteSignatureException (malformed header).
         """
-        from botocore.auth import SigV4Auth
-        from botocore.awsrequest import AWSRequest
-        from botocore.compat import HTTPHeaders
-        from botocore.credentials import Credentials
 
         auth = headers.get("Authorization")
         if not auth:
@@ -1484,19 +1499,13 @@ class _SigV4:
 
         signed_headers = {name: ",".join(headers.get_all(name) or [""]) for name in signed_names}
 
-        class _Verifier(SigV4Auth):
-            # Sign exactly the headers the client listed (botocore would pick its own set).
-            def headers_to_sign(self, request):
-                mapped = HTTPHeaders()
-                for name in signed_names:
-                    mapped[name] = signed_headers[name]
-                return mapped
-
         request = AWSRequest(
             method=method, url=f"http://{signed_headers['host']}{path}", data=body, headers=signed_headers
         )
         request.context["timestamp"] = amz_date
-        verifier = _Verifier(Credentials(cred.access_key_id, cred.secret_access_key), "kms", region)
+        verifier = _ListedHeadersSigV4(
+            Credentials(cred.access_key_id, cred.secret_access_key), "kms", region, signed_headers
+        )
         canonical = verifier.canonical_request(request)
         expected = verifier.signature(verifier.string_to_sign(request, canonical), request)
         if not hmac.compare_digest(expected, match.group("sig")):
