@@ -345,7 +345,7 @@ class ScenarioItem(pytest.Item):
                                      accel=config.getoption("--accel"), cids=_cids(config))
         self.result = scn.ScenarioRunner(self.scenario, factory, artifacts_dir=artifacts).run()
         for step in self.result.steps:
-            self.user_properties.append((f"step {step.index + 1}",
+            self.user_properties.append((f"step {step.number}",
                                          f"{step.status} {step.elapsed:.1f}s {step.label}"))
         if self.result.status == "skipped":
             pytest.skip(self.result.message)

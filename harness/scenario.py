@@ -306,8 +306,19 @@ def validate_document(doc: Any, path: Path | str) -> None:
     _check_placeholders(doc, path)
 
 
+def _saved_names(steps: Any) -> Iterator[str]:
+    """Names ``cli`` steps' ``save:`` define (placeholders for later steps), nested ones too."""
+    for step in steps if isinstance(steps, list) else []:
+        for kind, body in (step.items() if isinstance(step, dict) else []):
+            if isinstance(body, dict):
+                if kind == "cli" and isinstance(body.get("save"), dict):
+                    yield from body["save"]
+                yield from _saved_names(body.get("steps"))
+
+
 def _check_placeholders(doc: dict, path: Path | str) -> None:
     allowed = set(PLACEHOLDERS) | {k.split(".")[-1] for k in _matrix_keys(doc.get("matrix"))}
+    allowed |= set(_saved_names(doc.get("steps")))
 
     def walk(node: Any, at: list[Any]) -> None:
         if isinstance(node, dict):
@@ -554,10 +565,8 @@ def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
     doctor's probe) must be KVM. ``nsm``: the QEMU must accept ``vhost-user-device`` (the
     harness NSM, issue 5). Reasons come from ``harness.doctor`` and name the fix.
     """
-    try:
-        from harness import doctor, qemu as qemu_mod
-    except ImportError as exc:  # the doctor is another area's work; say so instead of guessing
-        return f"cannot check '{requirement}': harness.doctor is not available ({exc})"
+    from harness import doctor, host, qemu as qemu_mod
+
     try:
         path = Path(qemu) if qemu else qemu_mod.find_qemu()
         info = qemu_mod.probe_qemu(path)
@@ -567,7 +576,7 @@ def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
         chosen = accel or os.environ.get("NITRO_HARNESS_ACCEL")
         reason = "chosen by --accel/NITRO_HARNESS_ACCEL"
         if not chosen:
-            chosen, reason = doctor.choose_accelerator(info)
+            chosen, reason = doctor.choose_accelerator(info, host.host_facts())
         return None if chosen == "kvm" else f"needs KVM; this host uses {chosen}: {reason}"
     if requirement == "nsm":
         if getattr(info, "vhost_user_device", False):
@@ -672,6 +681,16 @@ class EnclaveFactory:
         return problems
 
 
+def _wait_dead(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``pid`` to end; True if it is still alive afterwards."""
+    end = time.monotonic() + timeout
+    while _process_alive(pid):
+        if time.monotonic() >= end:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _process_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie."""
     try:
@@ -688,12 +707,14 @@ def _process_alive(pid: int) -> bool:
 
 @dataclass
 class StepResult:
-    """Outcome of one step: ``status`` is passed/failed/skipped; ``elapsed`` in seconds."""
+    """Outcome of one step: ``status`` is passed/failed/skipped, or xfailed for a step nested in
+    ``expect_failure`` that failed as expected; ``elapsed`` in seconds."""
 
     index: int
     kind: str
     label: str
     line: int | None
+    number: str = ""  # "2" for the second step, "2.1" for the first step nested in it
     status: str = "running"
     elapsed: float = 0.0
     message: str = ""
@@ -732,7 +753,7 @@ class ScenarioResult:
             "message": self.message,
             "artifacts": str(self.artifacts) if self.artifacts else None,
             "steps": [
-                {"index": s.index + 1, "kind": s.kind, "label": s.label, "line": s.line,
+                {"step": s.number, "kind": s.kind, "label": s.label, "line": s.line,
                  "status": s.status, "elapsed_s": round(s.elapsed, 3), "message": s.message}
                 for s in self.steps
             ],
@@ -764,6 +785,10 @@ class ScenarioRunner:
         self.eif_path: Path | None = None
         self.cursor = 0  # console position after the last matched expectation
         self.deadline = 0.0
+        self.saved: dict[str, Any] = {}  # ${name} values stored by cli steps' save:
+        self._expecting = 0  # depth of expect_failure steps being run
+        self._current_number = ""
+        self.cli_runtime: Path | None = None  # private runtime directory of cli steps
         self._documents = 0
 
     # -- public
@@ -788,8 +813,16 @@ class ScenarioRunner:
             result.status = "failed"
             result.message = str(err)
             result.excerpt = err.details or self._console_tail()
+        except Exception as exc:  # a bug (ours or the engine's): report it, keep the traceback
+            import traceback
+
+            (self.artifacts_dir / "traceback.txt").write_text(traceback.format_exc())
+            result.status = "failed"
+            result.message = (f"internal error: {type(exc).__name__}: {exc} "
+                              f"(traceback in {self.artifacts_dir / 'traceback.txt'})")
+            result.excerpt = self._console_tail()
         finally:
-            problems = self.factory.close()
+            problems = self.factory.close() + self._close_cli_runtime()
             result.elapsed = time.monotonic() - started
             if problems and result.status != "failed":
                 result.status, result.message = "failed", "; ".join(problems)
@@ -797,11 +830,13 @@ class ScenarioRunner:
 
     # -- step loop
 
-    def _run_steps(self, steps: list[dict], result: ScenarioResult, at: list[Any]) -> None:
+    def _run_steps(self, steps: list[dict], result: ScenarioResult, at: list[Any], prefix: str = "") -> None:
         for index, step in enumerate(steps):
             kind, body = step_kind(step)
             line = _line_of(self.scenario.data, at + [index])
-            record = StepResult(index=len(result.steps), kind=kind, label=step_label(step), line=line)
+            record = StepResult(index=len(result.steps), kind=kind, label=step_label(step), line=line,
+                                number=f"{prefix}{index + 1}")
+            self._current_number = record.number
             result.steps.append(record)
             self.on_step("start", record)
             t0 = time.monotonic()
@@ -812,18 +847,34 @@ class ScenarioRunner:
                 record.status, record.message = "skipped", str(skip)
                 raise
             except StepFailed as failure:
-                record.status, record.message = "failed", failure.message
-                failure.message = (f"{display_path(self.scenario.path)}:{line}: step {index + 1} ({record.label}) "
-                                   f"failed: {failure.message}")
+                record.status, record.message = self._failed_status(), failure.message
+                failure.message = (f"{display_path(self.scenario.path)}:{line}: step {record.number} "
+                                   f"({record.label}) failed: {failure.message}")
                 raise
             except NitroError as err:
-                record.status, record.message = "failed", str(err)
+                record.status, record.message = self._failed_status(), str(err)
                 raise StepFailed(
-                    f"{display_path(self.scenario.path)}:{line}: step {index + 1} ({record.label}) failed: {err}",
-                    err.details or self._console_tail(), err) from None
+                    f"{display_path(self.scenario.path)}:{line}: step {record.number} ({record.label}) "
+                    f"failed: {err}", err.details or self._console_tail(), err) from None
+            except Exception as exc:  # a bug (ours or the engine's): keep the traceback as an artifact
+                import traceback
+
+                trace = self.artifacts_dir / "traceback.txt"
+                trace.write_text(traceback.format_exc())
+                record.status = "failed"
+                record.message = f"internal error: {type(exc).__name__}: {exc}"
+                raise StepFailed(
+                    f"{display_path(self.scenario.path)}:{line}: step {record.number} ({record.label}) failed: "
+                    f"internal error: {type(exc).__name__}: {exc} (traceback in {trace})",
+                    self._console_tail(), exc) from None
             finally:
                 record.elapsed = time.monotonic() - t0
                 self.on_step("end", record)
+
+    def _failed_status(self) -> str:
+        # Inside expect_failure a failure is what the step is for; the outer step turns it back
+        # into "failed" if it was the wrong failure.
+        return "xfailed" if self._expecting else "failed"
 
     def _run_step(self, kind: str, body: dict, result: ScenarioResult, at: list[Any]) -> None:
         remaining = self.deadline - time.monotonic()
@@ -835,7 +886,7 @@ class ScenarioRunner:
             self._ensure_enclave()
         handler = getattr(self, f"_step_{kind}")
         if kind == "expect_failure":
-            handler(body, limit, result, at)
+            handler(body, limit, result, at, self._current_number)
         else:
             handler(body, limit)
 
@@ -888,6 +939,7 @@ class ScenarioRunner:
             values.update(enclave_id=self.enclave.enclave_id, enclave_name=self.enclave.name,
                           cid=self.enclave.cid, qemu_pid=self.enclave.qemu_pid)
         values.update({k.split(".")[-1]: v for k, v in self.scenario.matrix_values.items()})
+        values.update(self.saved)
         return values
 
     def _substitute(self, node: Any) -> Any:
@@ -930,6 +982,11 @@ class ScenarioRunner:
         enclave = self.enclave
         within = min(float(body.get("within", limit)), limit)
         fail_pattern = body.get("fail_pattern", self.scenario.fail_pattern)
+        if "send" in body:
+            if not enclave.debug_mode:
+                raise StepFailed("console send needs a debug-mode enclave (no console otherwise)")
+            self.cursor = max(self.cursor, len(enclave.console.text()))
+            enclave.console.write(body["send"].encode())
         if "expect" in body:
             try:
                 match = enclave.console.expect(body["expect"], timeout=within, fail_pattern=fail_pattern,
@@ -1090,7 +1147,10 @@ class ScenarioRunner:
             want = int(body["expect_bytes"])
         elif body.get("expect_echo"):
             want = len(payload or b"")
-        reading = expect_re is not None or want is not None
+        digest_reply = bool(body.get("reply_digest"))
+        digest_expect = bool(body.get("expect_digest"))
+        # reply_digest reads to EOF before answering; expect_digest reads the one-line answer.
+        reading = expect_re is not None or want is not None or digest_reply or digest_expect
         received = bytearray()
         while reading:
             remaining = deadline - time.monotonic()
@@ -1107,6 +1167,8 @@ class ScenarioRunner:
             if not chunk:
                 break
             received += chunk
+            if digest_expect and b"\n" in received:
+                break
             if expect_re is not None and expect_re.search(received):
                 break
             if want is not None and expect_re is None and len(received) >= want:
@@ -1117,6 +1179,19 @@ class ScenarioRunner:
                 raise StepFailed(f"{what}: sending {len(payload or b'')} bytes did not finish in time")
             if send_error:
                 raise StepFailed(f"{what}: send failed: {send_error[0]}")
+        if digest_reply:
+            try:
+                sock.sendall(f"{len(received)} {hashlib.sha256(received).hexdigest()}\n".encode())
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                raise StepFailed(f"{what}: sending the digest failed: {exc}") from None
+        if digest_expect:
+            sent = payload or b""
+            want_line = f"{len(sent)} {hashlib.sha256(sent).hexdigest()}"
+            got_line = bytes(received).decode("utf-8", "replace").strip()
+            if got_line != want_line:
+                raise StepFailed(f"{what}: the peer's digest {got_line!r} differs from what was sent "
+                                 f"{want_line!r}")
         if expect_re is not None and not expect_re.search(received):
             raise StepFailed(f"{what}: reply does not match {body['expect']!r}" + _received_excerpt(received))
         if "expect_hex" in body and bytes(received[:want]) != bytes.fromhex(body["expect_hex"]):
@@ -1142,11 +1217,45 @@ class ScenarioRunner:
             if actual["Measurements"] != want:
                 raise StepFailed(f"describe Measurements {actual['Measurements']} differ from the EIF's {want}")
 
+    def _cli_env(self) -> dict[str, str]:
+        # cli steps get a runtime directory of their own: they see the enclaves they start, and
+        # `terminate-enclave --all` never reaches enclaves of other tests or users. A short path
+        # under /tmp keeps the Unix sockets inside it below the 108-byte limit.
+        if self.cli_runtime is None:
+            import tempfile
+
+            self.cli_runtime = Path(tempfile.mkdtemp(prefix="nh-rt-"))
+        return dict(os.environ, NITRO_HARNESS_RUNTIME_DIR=str(self.cli_runtime))
+
+    def _close_cli_runtime(self) -> list[str]:
+        """Terminate what cli steps left running, check their processes ended, remove the folder."""
+        if self.cli_runtime is None:
+            return []
+        problems = []
+        from harness.registry import Registry
+
+        records = Registry(self.cli_runtime).records()
+        if records:
+            proc = subprocess.run([sys.executable, "-m", "harness.cli", "terminate-enclave", "--all"],
+                                  capture_output=True, text=True, env=self._cli_env(), timeout=120)
+            if proc.returncode != 0:
+                problems.append(f"terminate-enclave --all after the scenario exited {proc.returncode}: "
+                                f"{proc.stderr.strip()}")
+        for record in records:
+            for pid in (record.pid, record.qemu_pid):
+                if pid and _wait_dead(pid, 30):
+                    problems.append(f"process {pid} of enclave {record.enclave_id} survived")
+        import shutil
+
+        shutil.rmtree(self.cli_runtime, ignore_errors=True)
+        self.cli_runtime = None
+        return problems
+
     def _step_cli(self, body: dict, limit: float) -> None:
         argv = [sys.executable, "-m", "harness.cli", *[str(a) for a in body["args"]]]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit,
-                                  stdin=subprocess.DEVNULL)
+                                  stdin=subprocess.DEVNULL, env=self._cli_env())
         except subprocess.TimeoutExpired as exc:
             raise StepFailed(f"`nitro-harness {' '.join(argv[3:])}` did not finish within {limit:g} s; "
                              f"stderr: {exc.stderr!r}") from None
@@ -1158,16 +1267,22 @@ class ScenarioRunner:
                              f"expected {expected}{shown}")
         if "stdout" in body and not re.search(body["stdout"], proc.stdout, re.MULTILINE):
             raise StepFailed(f"stdout does not match {body['stdout']!r}{shown}")
+        if "stdout_not" in body and (bad := re.search(body["stdout_not"], proc.stdout, re.MULTILINE)):
+            raise StepFailed(f"stdout contains {bad.group(0)!r} (stdout_not){shown}")
         if "stderr" in body and not re.search(body["stderr"], proc.stderr, re.MULTILINE):
             raise StepFailed(f"stderr does not match {body['stderr']!r}{shown}")
-        if "json" in body:
+        if "json" in body or "save" in body:
             try:
                 actual = json.loads(proc.stdout)
             except ValueError as exc:
                 raise StepFailed(f"stdout is not JSON ({exc}){shown}") from None
-            mismatch = _subset_mismatch(body["json"], actual, "stdout")
+            mismatch = _subset_mismatch(body.get("json", {}), actual, "stdout")
             if mismatch:
                 raise StepFailed(f"{mismatch}{shown}")
+            for name, key in (body.get("save") or {}).items():
+                if not isinstance(actual, dict) or key not in actual:
+                    raise StepFailed(f"save.{name}: the JSON output has no key {key!r}{shown}")
+                self.saved[name] = actual[key]
 
     def _save_cli(self, argv: list[str], proc: subprocess.CompletedProcess) -> None:
         with open(self.artifacts_dir / "cli.log", "a", encoding="utf-8") as log:
@@ -1198,32 +1313,41 @@ class ScenarioRunner:
     def _step_kms(self, body: dict, limit: float) -> None:
         raise StepSkipped("kms steps need the KMS emulator's scenario support (issue 7), not yet wired")
 
-    def _step_expect_failure(self, body: dict, limit: float, result: ScenarioResult, at: list[Any]) -> None:
+    def _step_expect_failure(self, body: dict, limit: float, result: ScenarioResult, at: list[Any],
+                             number: str) -> None:
         steps = body.get("steps") or [{"boot": None}]
         want_code = body.get("code")
         want_message = body.get("message")
         saved_deadline = self.deadline
         self.deadline = min(self.deadline, time.monotonic() + limit)
+        self._expecting += 1
         try:
-            self._run_steps(steps, result, at + ["steps"] if body.get("steps") else at + ["__boot__"])
+            self._run_steps(steps, result, at + ["steps"] if body.get("steps") else at + ["__boot__"],
+                            prefix=f"{number}.")
         except StepFailed as failure:
-            for record in reversed(result.steps):  # the nested step failed as it had to
-                if record.status == "failed":
-                    record.status = "xfailed"
-                    break
+            self._expecting -= 1
+            nested = next((r for r in reversed(result.steps) if r.status == "xfailed"), None)
             error = failure.error
             code = error.code.tag if isinstance(error, NitroError) else None
             text = f"{failure.message}\n{failure.excerpt}"
             if want_code and code != want_code:
+                if nested is not None:
+                    nested.status = "failed"
                 got = f"{code} ({error})" if code else f"a failure without an error code: {failure.message}"
                 raise StepFailed(f"expected failure {want_code}, got {got}", failure.excerpt) from None
             if want_message and not re.search(want_message, text, re.MULTILINE):
+                if nested is not None:
+                    nested.status = "failed"
                 raise StepFailed(f"failure message does not match {want_message!r}: {failure.message}",
                                  failure.excerpt) from None
             (self.artifacts_dir / "expected-failure.txt").write_text(text)
             return
+        except BaseException:
+            self._expecting -= 1
+            raise
         finally:
             self.deadline = saved_deadline
+        self._expecting -= 1
         raise StepFailed(f"expected a failure ({want_code or want_message}) but the steps succeeded")
 
     # attest and isolation follow

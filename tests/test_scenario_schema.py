@@ -73,7 +73,7 @@ def test_unknown_key_names_file_line_and_key(tmp_path):
     assert err.line == 5
     assert err.message.endswith(
         "case.yaml:5: steps[0].console.cuont: unknown key 'cuont' "
-        "(allowed: name, timeout, expect, expect_not, count, within, fail_pattern)")
+        "(allowed: name, timeout, send, expect, expect_not, count, within, fail_pattern)")
     assert str(err).startswith("[ E03 ] InvalidArgument: ")
 
 
