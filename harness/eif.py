@@ -67,7 +67,7 @@ assert _HEADER.size == HEADER_SIZE and _SECTION.size == SECTION_HEADER_SIZE
 
 #: Streaming chunk: large enough that hashlib/zlib release the GIL and per-call overhead
 #: vanishes, small enough that memory stays flat (a few buffers of this size are alive).
-CHUNK_SIZE = 4 << 20
+CHUNK_SIZE = 2 << 20
 
 #: mtime-independent build tool identity written into metadata.
 BUILD_TOOL = "nitro-harness"
@@ -650,7 +650,7 @@ def measure_eif(path: Path | str) -> Measurements:
     cmdline || ramdisk 0)), PCR2 = ext(SHA384(ramdisks after the first)), PCR8 =
     ext(SHA384(DER of the signing certificate)). The PCR1 state is a copy of PCR0's after
     ramdisk 0; PCR0's and PCR2's chains over the application ramdisks run on two threads fed
-    the same 4 MiB windows, so memory stays flat (three windows) whatever the file size.
+    the same 2 MiB windows, so memory stays flat (three windows) whatever the file size.
     Raises ``NitroError(E35)`` for an invalid EIF.
     """
     m, _ = measure_and_check(path, with_crc=False)
