@@ -64,31 +64,6 @@ class CpuAllocation:
         return sorted(set(self.vcpu_cpus))
 
 
-def parse_cpu_list(text: str, *, source: str, field: str) -> list[int]:
-    """Parse ``"1,3-5"`` (Linux cpulist syntax) into ``[1, 3, 4, 5]``.
-
-    Raises NitroError E24 (CpuError) naming ``source`` and ``field`` for a bad interval.
-    """
-    cpus: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                first, last = int(lo), int(hi)
-                if first > last:
-                    raise ValueError
-                cpus.extend(range(first, last + 1))
-            else:
-                cpus.append(int(part))
-        except ValueError:
-            raise NitroError(
-                ErrorCode.CpuError, f"{source}: {field}: {part!r} is not a CPU number or a-b range"
-            ) from None
-    return cpus
-
-
 def load_config(path: Path | None = None, *, sysroot: str = "/") -> AllocatorConfig:
     """Read the allocator file (see module doc) and resolve its CPU pool.
 
@@ -122,7 +97,7 @@ def load_config(path: Path | None = None, *, sysroot: str = "/") -> AllocatorCon
             ErrorCode.InvalidArgument, f"{src}: exactly one of cpu_count or cpu_pool must be set"
         )
     if has_pool:
-        pool = parse_cpu_list(str(data["cpu_pool"]), source=src, field="cpu_pool")
+        pool = host.parse_cpu_list(str(data["cpu_pool"]), source=f"{src}: cpu_pool")
         forbidden = sorted(set(pool) - set(default_pool))
         if forbidden:
             raise NitroError(

@@ -287,9 +287,9 @@ class Enclave:
         env = os.environ.get("NITRO_HARNESS_ACCEL")
         if env:
             return env, "NITRO_HARNESS_ACCEL"
-        from harness import doctor
+        from harness import doctor, host
 
-        return doctor.choose_accelerator(qemu_info)
+        return doctor.choose_accelerator(qemu_info, host.kvm_status())
 
     def _hugepage_size(self, alloc_cfg) -> int | None:
         if self.config.hugepages is False or not alloc_cfg.hugepage_size:
@@ -297,9 +297,8 @@ class Enclave:
         from harness import host
 
         size_kib = allocator.HUGEPAGE_SIZES_KIB[alloc_cfg.hugepage_size]
-        pages = host.hugepages().get(size_kib)
         needed = math.ceil(self.config.memory_mib * 1024 / size_kib)
-        free = getattr(pages, "free", 0) if pages is not None else 0
+        free = sum(p.available for p in host.hugepages() if p.size_kib == size_kib)
         if free < needed:
             raise NitroError(
                 ErrorCode.InsufficientMemoryAvailable,
@@ -326,7 +325,7 @@ class Enclave:
         if mode == "none":
             self.nsm_status = "disabled by configuration"
             return None, None
-        can_host = bool(getattr(qemu_info, "vhost_user_device", False))
+        can_host = qemu_info.vhost_user_device_creatable
         if mode in ("auto", "harness") and can_host:
             from harness.nsm import Nsm, NsmState
             from harness.nsm_device import NsmDevice
@@ -354,7 +353,7 @@ class Enclave:
                 "this QEMU cannot create vhost-user-device, so it cannot host the harness NSM "
                 "(run scripts/setup.sh to build the patched QEMU, or use nsm: auto)",
             )
-        if mode == "qemu" and getattr(qemu_info, "virtio_nsm_device", False):
+        if mode == "qemu" and qemu_info.has_virtio_nsm_device:
             self.nsm_status = "QEMU's own virtio-nsm: documents are unsigned and fail verification"
             return "qemu", None
         self.nsm_status = (

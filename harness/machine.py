@@ -16,9 +16,7 @@ Finding and probing the QEMU binary lives in :mod:`harness.qemu`; the accelerato
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -28,9 +26,6 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from harness.console import Console
-
-_PR_SET_PDEATHSIG = 1
-
 
 @dataclass
 class MachineSpec:
@@ -90,6 +85,9 @@ def build_command(spec: MachineSpec) -> list[str]:
         "-m", f"{spec.memory_mib}M",
         "-object", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
+        # SPEC 3: AWS's command line reboots through the keyboard controller (reboot=k,
+        # i8042.*); microvm has none, and without it init's reboot would never end the VM.
+        "-device", "i8042",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
@@ -117,16 +115,18 @@ def build_command(spec: MachineSpec) -> list[str]:
     return cmd + list(spec.extra_args)
 
 
-def _preexec(cpus: tuple[int, ...]):
-    def run() -> None:
-        # The VM must not outlive the harness process that started it (Ctrl-C, crash, kill -9).
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if cpus:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(0, set(cpus))
+def launcher(other_cpus: tuple[int, ...]) -> list[str]:
+    """argv prefix that starts QEMU bound to the harness's lifetime and off the enclave CPUs.
 
-    return run
+    ``setpriv --pdeathsig KILL``: the VM must not outlive the process that started it (Ctrl-C,
+    crash, kill -9); ``taskset``: every QEMU thread starts on ``other_cpus``, and only the vCPU
+    threads are moved to enclave CPUs afterwards. Both are util-linux programs, exec'd in turn,
+    so no Python runs between fork and exec (unsafe in a threaded process).
+    """
+    prefix = ["setpriv", "--pdeathsig", "KILL", "--"]
+    if other_cpus:
+        prefix += ["taskset", "--cpu-list", ",".join(map(str, other_cpus))]
+    return prefix
 
 
 class MachineError(Exception):
@@ -169,11 +169,10 @@ class QemuMachine:
         self._stderr = open(self.stderr_path, "wb")
         try:
             self.process = subprocess.Popen(
-                self.command,
+                launcher(self.spec.other_cpus) + self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=self._stderr,
                 stderr=self._stderr,
-                preexec_fn=_preexec(self.spec.other_cpus),
                 close_fds=True,
             )
         except OSError as err:

@@ -90,12 +90,14 @@ def test_parse_memory_rejects_garbage():
     assert err.value.code == ErrorCode.InvalidArgument
 
 
-def test_cpu_list_syntax():
-    assert allocator.parse_cpu_list("1,3-5", source="f", field="cpu_pool") == [1, 3, 4, 5]
+def test_malformed_cpu_pool_names_the_file(tmp_path, monkeypatch):
+    cfg = tmp_path / "allocator.yaml"
+    monkeypatch.setenv("NITRO_HARNESS_ALLOCATOR_CONFIG", str(cfg))
+    cfg.write_text("memory_mib: 512\ncpu_pool: '0-3-7'\n")
     with pytest.raises(NitroError) as err:
-        allocator.parse_cpu_list("0-3-7", source="f.yaml", field="cpu_pool")
-    assert err.value.code == ErrorCode.CpuError
-    assert "f.yaml" in err.value.message
+        allocator.load_config()
+    assert err.value.code == ErrorCode.MalformedCpuId
+    assert f"{cfg}: cpu_pool" in err.value.message
 
 
 def test_allocator_file_rules(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ def test_devices_vsock_and_nsm_over_vhost_user(tmp_path):
     cmd = build_command(spec(tmp_path))
     devices = option_values(cmd, "-device")
     assert devices == [
+        "i8042",
         "vhost-user-vsock-device,chardev=vsock",
         "vhost-user-device,virtio-id=33,chardev=nsm,num_vqs=1,vq_size=2",
     ]
@@ -49,7 +50,7 @@ def test_devices_vsock_and_nsm_over_vhost_user(tmp_path):
     qemu_nsm = build_command(spec(tmp_path, nsm="qemu", nsm_socket=None))
     assert "virtio-nsm-device" in option_values(qemu_nsm, "-device")
     no_nsm = build_command(spec(tmp_path, nsm=None, nsm_socket=None))
-    assert option_values(no_nsm, "-device") == ["vhost-user-vsock-device,chardev=vsock"]
+    assert option_values(no_nsm, "-device") == ["i8042", "vhost-user-vsock-device,chardev=vsock"]
 
 
 def test_kvm_uses_host_cpu_and_acpi_off_for_nitro_kernels(tmp_path):
@@ -57,3 +58,9 @@ def test_kvm_uses_host_cpu_and_acpi_off_for_nitro_kernels(tmp_path):
     assert option_values(cmd, "-accel") == ["kvm"]
     assert option_values(cmd, "-cpu") == ["host"]
     assert option_values(cmd, "-machine") == ["microvm,memory-backend=mem,acpi=off"]
+
+
+def test_launcher_binds_qemu_to_the_harness_and_other_cpus():
+    from harness.machine import launcher
+
+    assert launcher((0,)) == ["setpriv", "--pdeathsig", "KILL", "--", "taskset", "--cpu-list", "0"]
