@@ -559,63 +559,123 @@ def _chunk_views(f: BinaryIO, offset: int, size: int, slots: list[_Slot], use_mm
 _MMAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
+_MEASURED = (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
+
+
+class _Pcrs:
+    """SPEC 2 hash chains fed in reading order, as QEMU's loader and nitro-cli's reader do.
+
+    Readers walk sections in their order (the hypervisor and QEMU: table order) and feed
+    kernel, cmdline and every ramdisk to the PCR0 chain, kernel, cmdline and the first ramdisk
+    to the PCR1 chain, and every later ramdisk to the PCR2 chain. When kernel, cmdline and the
+    first ramdisk all come before any later ramdisk (always so in nitro-cli's layout), PCR1's
+    input is a prefix of PCR0's and its state is a copy of PCR0's taken once (SPEC 2: "one
+    pass with a copied hasher state"); otherwise a separate PCR1 chain is kept.
+    ``roles`` gives, per measured section in reading order, ``"boot"`` or ``"app"``.
+    """
+
+    def __init__(self, types: Sequence[SectionType]):
+        measured = [t for t in types if t in _MEASURED]
+        self.roles: list[str] = []
+        seen_ramdisk = False
+        for t in measured:
+            if t == SectionType.RAMDISK and seen_ramdisk:
+                self.roles.append("app")
+            else:
+                self.roles.append("boot")
+                seen_ramdisk = seen_ramdisk or t == SectionType.RAMDISK
+        boot_at = [i for i, r in enumerate(self.roles) if r == "boot"]
+        first_app = self.roles.index("app") if "app" in self.roles else len(self.roles)
+        self.prefix = bool(boot_at) and max(boot_at) < first_app
+        self._last_boot = max(boot_at) if boot_at else -1
+        self.h0 = hashlib.sha384()
+        self.h2 = hashlib.sha384()
+        self.h1 = None if self.prefix else hashlib.sha384()
+        self._h1_digest: bytes | None = None
+        self._pos = 0
+
+    def role(self) -> str:
+        """Role of the next measured section ("boot" or "app")."""
+        return self.roles[self._pos]
+
+    def feed_boot(self, data: Any) -> None:
+        """Feed a chunk of a boot section (kernel, cmdline, first ramdisk)."""
+        self.h0.update(data)
+        if self.h1 is not None:
+            self.h1.update(data)
+
+    def feed_app(self, data: Any) -> None:
+        """Feed a chunk of a later ramdisk on this thread (the writer's path)."""
+        self.h0.update(data)
+        self.h2.update(data)
+
+    def end_section(self) -> None:
+        """Mark the current measured section complete."""
+        if self.prefix and self._pos == self._last_boot:
+            self._h1_digest = self.h0.copy().digest()
+        self._pos += 1
+
+    def result(self, pcr8: bytes | None = None) -> Measurements:
+        """The measurements, once every measured section was fed."""
+        h1 = self._h1_digest if self.prefix else self.h1.digest()  # type: ignore[union-attr]
+        assert h1 is not None
+        return Measurements(ext(self.h0.digest()), ext(h1), ext(self.h2.digest()), pcr8)
+
+
 def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
                   with_crc: bool) -> tuple[Measurements, int | None]:
-    """One streaming read: PCR0/1/2 (and PCR8) plus, optionally, the table-order CRC.
+    """One streaming read in table order: PCR0/1/2 (and PCR8) plus, optionally, the CRC.
 
-    When the table lists kernel and cmdline before the ramdisks (nitro-cli's layout) one pass
-    in table order serves both the PCRs and the CRC; other layouts are measured in
-    measurement order and take a second pass for the CRC.
+    Chunks of later ramdisks go to two worker threads (PCR0's and PCR2's chains) while this
+    thread maps the next chunk and runs the CRC; everything else is hashed here.
     """
     sections = eif.sections
-    measured_order = [s for s in sections if s.type in _MEASURED]
-    canonical = [s.type for s in measured_order[:2]] == [SectionType.KERNEL, SectionType.CMDLINE]
-    order = sections if canonical else (
-        eif.of_type(SectionType.KERNEL) + eif.of_type(SectionType.CMDLINE) + eif.ramdisks)
-    h0 = hashlib.sha384()  # kernel || cmdline || every ramdisk  (PCR0)
-    h2 = hashlib.sha384()  # every ramdisk after the first       (PCR2)
-    h1_digest: bytes | None = None
-    crc = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if (with_crc and canonical) else None
+    pcrs = _Pcrs([s.type for s in sections])
+    crc = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
     slots = [_Slot() for _ in range(3)]
     twin: _TwinHasher | None = None
-    ramdisk_no = 0
     use_mmap = _MMAP_FLAGS != 0 and os.environ.get("NITRO_HARNESS_EIF_NO_MMAP") != "1"
     try:
-        for s in order:
+        for s in sections:
             if crc is not None:
                 crc = _crc32(s.header_bytes(), crc)
             measured = s.type in _MEASURED
-            app = s.type == SectionType.RAMDISK and ramdisk_no >= 1
+            app = measured and pcrs.role() == "app"
+            if measured and not app and twin is not None:
+                # Unusual layout (a boot section after a later ramdisk): the PCR0 chain is
+                # fed on this thread again, so let the workers finish first.
+                t, twin = twin, None
+                t.close()
             if app and twin is None:
-                twin = _TwinHasher(h0, h2)
+                twin = _TwinHasher(pcrs.h0, pcrs.h2)
+            if not measured and crc is None:
+                continue
             try:
-                views = _chunk_views(f, s.data_offset, s.size, slots, use_mmap)
-                for slot, obj, start, n in views:
+                for slot, obj, start, n in _chunk_views(f, s.data_offset, s.size, slots,
+                                                        use_mmap):
                     submitted = False
                     try:
                         if app:
                             assert twin is not None
                             twin.submit(obj, start, n, slot.sem)
                             submitted = True
-                        if crc is not None or (measured and not app):
-                            with memoryview(obj) as whole:
-                                mv = whole[start:start + n]
-                                if crc is not None:
-                                    crc = _crc32(mv, crc)
-                                if measured and not app:
-                                    h0.update(mv)
-                                mv.release()
+                        with memoryview(obj) as whole:
+                            mv = whole[start:start + n]
+                            if crc is not None:
+                                crc = _crc32(mv, crc)
+                            if measured and not app:
+                                pcrs.feed_boot(mv)
+                            mv.release()
                     finally:
                         if not submitted:  # nobody else will release this slot
                             slot.sem.release()
                             slot.sem.release()
             except OSError as e:
                 raise _fail(path, f"section {s.index}", f"read failed: {e}") from None
-            if s.type == SectionType.RAMDISK:
-                if ramdisk_no == 0:
-                    # SPEC 2: PCR1's input is a prefix of PCR0's; copy the state, hash once.
-                    h1_digest = h0.copy().digest()
-                ramdisk_no += 1
+            if measured:
+                # Safe while workers still hash: the PCR1 copy, when due, is taken at a boot
+                # section, and boot sections never run with the workers active.
+                pcrs.end_section()
         if twin is not None:
             t, twin = twin, None
             t.close()
@@ -627,20 +687,11 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
                 pass
         for slot in slots:
             slot.reclaim()
-    assert h1_digest is not None
     pcr8 = None
     if eif.signature_raw is not None:
         cert_pem, _cose = _decode_signature_section(path, eif.signature_raw)
         pcr8 = pcr_for_certificate_der(_first_cert_der(path, cert_pem))
-    m = Measurements(ext(h0.digest()), ext(h1_digest), ext(h2.digest()), pcr8)
-    if not with_crc:
-        return m, None
-    if crc is None:
-        crc = _crc_table_order(f, eif.header, sections)
-    return m, crc
-
-
-_MEASURED = (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
+    return pcrs.result(pcr8), crc
 
 
 def measure_eif(path: Path | str) -> Measurements:
@@ -648,9 +699,11 @@ def measure_eif(path: Path | str) -> Measurements:
 
     SPEC 2: PCR0 = ext(SHA384(kernel || cmdline || ramdisks)), PCR1 = ext(SHA384(kernel ||
     cmdline || ramdisk 0)), PCR2 = ext(SHA384(ramdisks after the first)), PCR8 =
-    ext(SHA384(DER of the signing certificate)). The PCR1 state is a copy of PCR0's after
-    ramdisk 0; PCR0's and PCR2's chains over the application ramdisks run on two threads fed
-    the same 2 MiB windows, so memory stays flat (three windows) whatever the file size.
+    ext(SHA384(DER of the signing certificate)); sections are hashed in table order, as
+    QEMU's loader does (which is the order above for every EIF nitro-cli writes). The PCR1
+    state is a copy of PCR0's after ramdisk 0; PCR0's and PCR2's chains over the application
+    ramdisks run on two threads fed the same 2 MiB windows, so memory stays flat (three
+    windows) whatever the file size.
     Raises ``NitroError(E35)`` for an invalid EIF.
     """
     m, _ = measure_and_check(path, with_crc=False)
@@ -1018,17 +1071,17 @@ def _write_sections(out: BinaryIO, items: list[tuple[SectionType, Any]], code: E
                     ) -> tuple[Measurements, EifHeader]:
     """Write a complete EIF to ``out``: sections of ``items`` back to back, then the signature.
 
-    Measures while writing (PCR0/1/2; kernel and cmdline must come before the ramdisks, as in
-    nitro-cli's order) so signing needs no second read of the inputs. The header (version,
+    Measures while writing (PCR0/1/2 in section order, as a table reader measures) so signing
+    needs no second read of the inputs. The header (version,
     flags, default memory/CPUs taken from ``base``) is written last with the CRC, which is
     computed over the written bytes (page-cache hot). Raises ``NitroError(code)``.
     """
     base = base or EifHeader()
     if len(items) + (1 if signer else 0) > MAX_SECTIONS:
         raise NitroError(code, f"{out.name}: sections: more than {MAX_SECTIONS} sections")
-    h0, h2 = hashlib.sha384(), hashlib.sha384()
-    h1_digest = None
-    ramdisks = 0
+    if not any(t == SectionType.RAMDISK for t, _ in items):
+        raise NitroError(code, f"{out.name}: ramdisks: at least one ramdisk is required")
+    pcrs = _Pcrs([t for t, _ in items])
     out.write(b"\0" * HEADER_SIZE)
     offsets: list[int] = []
     sizes: list[int] = []
@@ -1039,22 +1092,17 @@ def _write_sections(out: BinaryIO, items: list[tuple[SectionType, Any]], code: E
         offsets.append(pos)
         sizes.append(size)
         out.write(_SECTION.pack(int(t), 0, size))
-        measured = t in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
-        app = t == SectionType.RAMDISK and ramdisks >= 1
+        measured = t in _MEASURED
+        feed = (pcrs.feed_app if pcrs.role() == "app" else pcrs.feed_boot) if measured else None
         for b in _chunks(src, size, code, what):
             out.write(b)
-            if measured:
-                h0.update(b)
-            if app:
-                h2.update(b)
-        if t == SectionType.RAMDISK:
-            if ramdisks == 0:
-                h1_digest = h0.copy().digest()  # SPEC 2: PCR1's input is a prefix of PCR0's
-            ramdisks += 1
+            if feed is not None:
+                feed(b)
+        if measured:
+            pcrs.end_section()
         pos += SECTION_HEADER_SIZE + size
-    if h1_digest is None:
-        raise NitroError(code, f"{out.name}: ramdisks: at least one ramdisk is required")
-    pcr0 = ext(h0.digest())
+    unsigned = pcrs.result()
+    pcr0 = unsigned.pcr0
     pcr8 = None
     version = base.version
     if signer is not None:
@@ -1080,7 +1128,7 @@ def _write_sections(out: BinaryIO, items: list[tuple[SectionType, Any]], code: E
     out.seek(0)
     out.write(hdr.pack())
     out.flush()
-    return Measurements(pcr0, ext(h1_digest), ext(h2.digest()), pcr8), hdr
+    return Measurements(pcr0, unsigned.pcr1, unsigned.pcr2, pcr8), hdr
 
 
 def write_eif(out_path: Path | str, kernel: Path | str | bytes, cmdline: str,
@@ -1141,9 +1189,6 @@ def sign_eif(in_path: Path | str, out_path: Path | str, cert_pem: bytes | Path |
         raise _fail(in_path, "crc32", f"stored 0x{eif.header.crc32:08x} != computed "
                                       f"0x{eif.crc_computed:08x}; refusing to sign a corrupt EIF")
     keep = [s for s in eif.sections if s.type != SectionType.SIGNATURE]
-    measured = [s for s in keep if s.type != SectionType.METADATA]
-    if [s.type for s in measured[:2]] != [SectionType.KERNEL, SectionType.CMDLINE]:
-        raise _fail(in_path, "sections", "kernel and cmdline must precede the ramdisks to sign")
     with open(in_path, "rb") as src, _AtomicOutput(out_path, ErrorCode.EIFSigningError) as out:
         items = [(s.type, _FileRange(src, s.data_offset, s.size)) for s in keep]
         m, _ = _write_sections(out, items, ErrorCode.EIFSigningError, signer=signer,
@@ -1181,16 +1226,10 @@ def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
     if eif.header.flags != 0:
         raise _fail(eif_path, "flags", f"0x{eif.header.flags:04x}: an aarch64 image cannot boot "
                                        "on x86_64")
-    measured = [s for s in eif.sections if s.type in (SectionType.KERNEL, SectionType.CMDLINE,
-                                                      SectionType.RAMDISK)]
-    # PCRs hash kernel, cmdline, ramdisks in that order; inline only when the table agrees.
-    inline = [s.type for s in measured[:2]] == [SectionType.KERNEL, SectionType.CMDLINE]
     dest.mkdir(parents=True, exist_ok=True)
     kpath, ipath = dest / "kernel", dest / "initrd"
-    h0, h2 = hashlib.sha384(), hashlib.sha384()
-    h1: bytes | None = None
+    pcrs = _Pcrs([s.type for s in eif.sections])  # measured in table order, as QEMU does
     cmd_raw = b""
-    ramdisk_no = 0
     with open(eif_path, "rb") as f, \
             _AtomicOutput(kpath, ErrorCode.EifParsingError) as kf, \
             _AtomicOutput(ipath, ErrorCode.EifParsingError) as rf:
@@ -1198,8 +1237,9 @@ def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
         for s in eif.sections:
             crc = _crc32(s.header_bytes(), crc)
             sink = {SectionType.KERNEL: kf.write, SectionType.RAMDISK: rf.write}.get(s.type)
-            is_measured = s.type in (SectionType.KERNEL, SectionType.CMDLINE,
-                                     SectionType.RAMDISK)
+            measured = s.type in _MEASURED
+            feed = (pcrs.feed_app if pcrs.role() == "app" else pcrs.feed_boot) if measured \
+                else None
             for b in _chunks(_FileRange(f, s.data_offset, s.size), s.size,
                              ErrorCode.EifParsingError, f"section {s.index}"):
                 crc = _crc32(b, crc)
@@ -1207,54 +1247,22 @@ def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
                     sink(b)
                 if s.type == SectionType.CMDLINE:
                     cmd_raw += b
-                if inline and is_measured:
-                    h0.update(b)
-                    if s.type == SectionType.RAMDISK and ramdisk_no >= 1:
-                        h2.update(b)
-            if s.type == SectionType.RAMDISK:
-                if ramdisk_no == 0 and inline:
-                    h1 = h0.copy().digest()
-                ramdisk_no += 1
+                if feed is not None:
+                    feed(b)
+            if measured:
+                pcrs.end_section()
         if crc != eif.header.crc32:
             raise _fail(eif_path, "crc32", f"stored 0x{eif.header.crc32:08x} != computed "
                                            f"0x{crc:08x}: the image is corrupt")
-    if inline:
-        assert h1 is not None
-        m = Measurements(ext(h0.digest()), ext(h1), ext(h2.digest()))
-    else:
-        m = _measure_files(kpath, cmd_raw, ipath, [r.size for r in eif.ramdisks])
+        try:
+            cmdline = cmd_raw.decode("utf-8").rstrip("\0").strip()
+        except UnicodeDecodeError:
+            raise _fail(eif_path, "cmdline", "is not valid UTF-8") from None
+    pcr8 = None
     if eif.signature_raw is not None:
         pem, _ = _decode_signature_section(eif_path, eif.signature_raw)
-        m = Measurements(m.pcr0, m.pcr1, m.pcr2,
-                         pcr_for_certificate_der(_first_cert_der(eif_path, pem)))
-    try:
-        cmdline = cmd_raw.decode("utf-8").rstrip("\0").strip()
-    except UnicodeDecodeError:
-        kpath.unlink(missing_ok=True)
-        ipath.unlink(missing_ok=True)
-        raise _fail(eif_path, "cmdline", "is not valid UTF-8") from None
-    return BootFiles(kpath, cmdline, ipath, m)
-
-
-def _measure_files(kernel: Path, cmdline: bytes, initrd: Path,
-                   ramdisk_sizes: list[int]) -> Measurements:
-    """PCRs from extracted boot files (page-cache hot), for tables in an unusual order."""
-    h0, h2 = hashlib.sha384(), hashlib.sha384()
-    with open(kernel, "rb") as f:
-        while b := f.read(CHUNK_SIZE):
-            h0.update(b)
-    h0.update(cmdline)
-    with open(initrd, "rb") as f:
-        left = ramdisk_sizes[0]
-        while left:
-            b = f.read(min(CHUNK_SIZE, left))
-            h0.update(b)
-            left -= len(b)
-        h1 = h0.copy().digest()
-        while b := f.read(CHUNK_SIZE):
-            h0.update(b)
-            h2.update(b)
-    return Measurements(ext(h0.digest()), ext(h1), ext(h2.digest()))
+        pcr8 = pcr_for_certificate_der(_first_cert_der(eif_path, pem))
+    return BootFiles(kpath, cmdline, ipath, pcrs.result(pcr8))
 
 
 def kernel_version_of(kernel: Path | str) -> str | None:

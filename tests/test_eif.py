@@ -495,3 +495,27 @@ def test_writer_refuses_more_than_32_sections(tmp_path, parts):
     with pytest.raises(NitroError, match="more than 32 sections") as ei:
         eif.sign_eif(out, tmp_path / "s.eif", pem, kpem)  # no slot left for the signature
     assert ei.value.code == ErrorCode.EIFSigningError and not (tmp_path / "s.eif").exists()
+
+
+@pytest.mark.parametrize("order", [
+    ("boot", "kernel", "cmdline", "app"),   # PCR1 still a prefix of PCR0
+    ("kernel", "boot", "app", "cmdline"),   # cmdline after an app ramdisk: separate PCR1 chain
+])
+def test_unusual_table_order_measured_like_qemu(tmp_path, parts, order):
+    # QEMU's loader (hw/core/eif.c) hashes in table order: PCR0 gets every measured section,
+    # PCR1 kernel, cmdline and the first ramdisk, PCR2 the later ramdisks.
+    kinds = {"kernel": KERNEL, "cmdline": CMDLINE, "boot": RAMDISK, "app": RAMDISK}
+    data, _ = assemble([(kinds[n], parts[n]) for n in order])
+    p = write(tmp_path, data)
+    m, e = eif.measure_and_check(p)
+    assert e.crc_ok
+    assert m.pcr0 == ext(sha(*(parts[n] for n in order)))
+    assert m.pcr1 == ext(sha(*(parts[n] for n in order if n != "app")))
+    assert m.pcr2 == ext(sha(parts["app"]))
+    bf = eif.extract_boot_files(p, tmp_path / "boot")
+    assert bf.measurements == m
+    assert bf.initrd.read_bytes() == parts["boot"] + parts["app"]
+    pem, kpem, _ = make_signer()
+    ms = eif.sign_eif(p, tmp_path / "s.eif", pem, kpem)  # re-packed in the same order
+    assert (ms.pcr0, ms.pcr1, ms.pcr2) == (m.pcr0, m.pcr1, m.pcr2)
+    assert eif.verify_eif_signature(tmp_path / "s.eif").ok
