@@ -1,5 +1,64 @@
-"""Commands of the image area (placeholder until that area lands)."""
+"""``nitro-harness images``: build the enclave images the harness ships, and list them.
+
+``images build NAME [--output-file F]`` builds (or takes from the cache) the EIF of a recipe
+(``images/recipes/NAME.yaml`` or a recipe path) and prints its description: path, whether it
+came from the cache, measurements (nitro-cli's Measurements object), kernel, packages, sizes.
+``images list`` prints the recipes and the images in the cache. Errors are E48
+(EifBuildingError) naming the recipe file and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harness.cli import print_json, progress
+
+
+def _build(args: argparse.Namespace) -> int:
+    from harness.images.recipes import build
+
+    result = build(args.name, args.output_file, cmd=args.cmd, env=args.env, log=progress)
+    info = dict(result.info)
+    out = {"EifPath": str(result.path), "Cached": result.cached}
+    if args.output_file:
+        out["CachePath"] = info.get("EifPath")
+    info.pop("EifPath", None)
+    out.update(info)
+    print_json(out)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from harness.images.recipes import cached_images, list_recipes
+
+    recipes = [{"Name": r.name, "Description": r.raw.get("description", ""),
+                "Recipe": str(r.path)} for r in list_recipes()]
+    cached = [{"ImageName": i.get("ImageName"), "EifPath": i.get("EifPath"),
+               "PCR0": i.get("Measurements", {}).get("PCR0"),
+               "Kernel": i.get("Kernel", {}).get("release")} for i in cached_images()]
+    print_json({"Recipes": recipes, "Cached": cached})
+    return 0
 
 
 def register(subparsers) -> None:
-    """Add this area's sub-commands to subparsers (none yet)."""
+    """Add ``images build`` and ``images list`` to the top-level sub-command parser."""
+    images = subparsers.add_parser("images", help="build and list the harness's enclave images")
+    sub = images.add_subparsers(dest="images_command", metavar="COMMAND",
+                                parser_class=type(images))
+    b = sub.add_parser("build", help="build (or reuse from the cache) the EIF of a recipe")
+    b.add_argument("name", metavar="NAME", help="recipe name (images/recipes/NAME.yaml) or path")
+    b.add_argument("--output-file", metavar="F", help="also copy the EIF to F")
+    b.add_argument("--cmd", nargs="+", metavar="ARG", default=None,
+                   help="override the recipe's application command (argv)")
+    b.add_argument("--env", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="override the recipe's environment")
+    b.set_defaults(func=_build)
+    ls = sub.add_parser("list", help="list recipes and cached images")
+    ls.set_defaults(func=_list)
+
+    def _usage(_args: argparse.Namespace) -> int:
+        images.print_help(sys.stderr)
+        return 1  # E01 MissingArgument, as for any command given without its sub-command
+
+    images.set_defaults(func=_usage)
