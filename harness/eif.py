@@ -540,8 +540,13 @@ def _chunk_views(f: BinaryIO, offset: int, size: int, slots: list[_Slot], use_mm
         n = min(CHUNK_SIZE, end - pos)
         if use_mmap:
             base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            slot.map = mmap.mmap(f.fileno(), pos + n - base, flags=_MMAP_FLAGS,
-                                 prot=mmap.PROT_READ, offset=base)
+            try:
+                slot.map = mmap.mmap(f.fileno(), pos + n - base, flags=_MMAP_FLAGS,
+                                     prot=mmap.PROT_READ, offset=base)
+            except (OSError, ValueError):
+                use_mmap = False  # not mappable (a pipe, some FUSE files): read instead
+        if use_mmap:
+            assert slot.map is not None
             yield slot, slot.map, pos - base, n
         else:
             if slot.buf is None:
