@@ -130,3 +130,31 @@ def _archive(entries):
     b = io.BytesIO()
     cpio.write_cpio(b, entries)
     return b.getvalue()
+
+
+def test_gnu_cpio_extracts_our_archive(tmp_path):
+    import shutil
+    import subprocess
+
+    gnu = shutil.which("cpio")
+    if gnu is None:
+        pytest.skip("GNU cpio not installed")
+    payload = os.urandom(10001)
+    data = _archive([Entry.directory("etc", 0o750, mtime=1500000000),
+                     Entry.file("etc/motd", b"hello\n", mode=0o640, mtime=1600000000),
+                     Entry.file("bin/tool", payload, mode=0o755),
+                     Entry.symlink("bin/alias", "tool")])
+    dest = tmp_path / "x"
+    dest.mkdir()
+    r = subprocess.run([gnu, "-i", "-d", "-m", "--no-absolute-filenames", "--quiet"],
+                       input=data, cwd=dest, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (dest / "etc" / "motd").read_bytes() == b"hello\n"
+    assert stat.S_IMODE((dest / "etc" / "motd").stat().st_mode) == 0o640
+    assert (dest / "etc" / "motd").stat().st_mtime == 1600000000
+    assert (dest / "bin" / "tool").read_bytes() == payload
+    assert os.readlink(dest / "bin" / "alias") == "tool"
+    assert stat.S_IMODE((dest / "etc").stat().st_mode) == 0o750
+    listing = subprocess.run([gnu, "-i", "-t", "--quiet"], input=data, capture_output=True,
+                             timeout=60).stdout.decode().split()
+    assert listing == ["bin", "bin/alias", "bin/tool", "etc", "etc/motd"]
