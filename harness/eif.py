@@ -9,7 +9,7 @@ module implements both views of a file:
 :func:`read_eif` follows the table, validates every structural rule, computes the CRC in table
 order and reports, in :attr:`Eif.sequential_notes`, where nitro-cli's walk would read the file
 differently (gaps, trailing bytes, a different order). :func:`measure_eif` computes PCR0/1/2/8
-(and the CRC) in one streaming read with flat memory. :func:`write_eif` writes sections in
+and :func:`measure_and_check` also the CRC, in one streaming read with flat memory. :func:`write_eif` writes sections in
 nitro-cli's order; :func:`sign_eif` (re-)signs; :func:`verify_eif_signature` checks a signature;
 :func:`extract_boot_files` produces the kernel, command line and initrd QEMU boots.
 
@@ -49,7 +49,7 @@ _crc32: Callable[[Any, int], int] = _crc_impl.crc32
 
 EIF_MAGIC = b".eif"
 HEADER_SIZE = 548
-#: The CRC covers header bytes [0, 544): everything but the unused word and the CRC itself.
+#: The CRC covers header bytes [0, 544): all but the CRC itself (the unused word is included).
 HEADER_CRC_SPAN = 544
 SECTION_HEADER_SIZE = 12
 MAX_SECTIONS = 32
@@ -66,10 +66,10 @@ _SECTION = struct.Struct(">HHQ")
 assert _HEADER.size == HEADER_SIZE and _SECTION.size == SECTION_HEADER_SIZE
 
 #: Streaming chunk: large enough that hashlib/zlib release the GIL and per-call overhead
-#: vanishes, small enough that memory stays flat (a few buffers of this size are alive).
+#: vanishes, small enough that memory stays flat (three windows of this size are alive).
 CHUNK_SIZE = 2 << 20
 
-#: mtime-independent build tool identity written into metadata.
+#: ``BuildTool`` written into the metadata (nitro-cli writes its own name there).
 BUILD_TOOL = "nitro-harness"
 
 
