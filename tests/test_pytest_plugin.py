@@ -208,3 +208,31 @@ def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
     for info in infos:
         index = int(info["worker"][2:])
         assert 1000 + index * 1000 <= info["cid"] < 2000 + index * 1000
+
+
+@pytest.mark.slow
+def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pytester):
+    """A real boot of the hello image with a wrong expected text (issue 6, "Must show")."""
+    scenario_file(pytester, "broken.yaml", """
+        name: broken
+        image: hello
+        timeout: 600
+        steps:
+          - console: {expect: 'Goodbye from the enclave side!', within: 15}
+          - terminate:
+        """)
+    artifacts = pytester.path / "art"
+    result = pytester.runpytest_subprocess("scenarios", f"--artifacts-dir={artifacts}", timeout=900)
+    result.assert_outcomes(failed=1)
+    folder = artifacts / "scenarios_broken.yaml_broken"
+    result.stdout.fnmatch_lines([
+        "scenarios/broken.yaml:5: step 1 (console Goodbye from the enclave side!) failed: "
+        "'Goodbye from the enclave side!' did not appear within 15 s",
+        "--- console (last lines) ---",
+        "*Hello from the enclave side!",
+        f"artifacts: {folder}",
+    ])
+    logs = list(folder.glob("*/console.log"))
+    assert len(logs) == 1
+    assert "Hello from the enclave side!" in logs[0].read_text(errors="replace")
+    assert (folder / "scenario.yaml").exists()

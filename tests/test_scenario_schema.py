@@ -467,3 +467,233 @@ def test_runner_kms_step_skips_with_reason(tmp_path):
         """)
     assert result.status == "skipped"
     assert "issue 7" in result.message
+
+
+# -- step runners against a stand-in engine ------------------------------------------------------
+#
+# These check the runner's own logic (console cursor, exec checks, vsock exchanges and digests,
+# cli save, expect_failure) without QEMU. The stand-in is not presented as an enclave: its
+# console is a real harness.console.Console whose "guest" is a host /bin/sh on the console socket,
+# and its "vsock" is TCP on 127.0.0.1 (port + 20000). Real boots run the same steps in scenarios/.
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+from harness.console import Console
+
+TCP_OFFSET = 20000
+
+
+class _TcpListener:
+    def __init__(self, port: int):
+        self.sock = socket.create_server(("127.0.0.1", port + TCP_OFFSET))
+
+    def accept(self, timeout: float) -> socket.socket:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(None)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class HostStandIn:
+    """Engine-shaped object over host resources (see the section comment)."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.console = Console(folder / "c.sock", folder / "console.log")
+        self.console.listen()
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.connect(str(folder / "c.sock"))
+        self.shell = subprocess.Popen(["sh"], stdin=peer.fileno(), stdout=peer.fileno(),
+                                      stderr=subprocess.STDOUT, cwd=folder)
+        peer.close()
+        self.console.attach(5)
+        self.enclave_id, self.name, self.cid = "i-0123456789abcdef0-enc0000000000000001", "standin", 4242
+        self.debug_mode, self.nsm, self.measurements, self.qemu_pid = True, None, None, None
+        self.cpu_ids, self.memory_mib, self.state, self.config = [1], 512, "RUNNING", None
+
+    @property
+    def running(self) -> bool:
+        return self.shell.poll() is None
+
+    def exec(self, command: str, *, timeout: float):
+        return self.console.exec(command, timeout=timeout)
+
+    def vsock_connect(self, port: int, timeout: float = 10) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port + TCP_OFFSET), timeout=timeout)
+
+    def vsock_listen(self, port: int) -> _TcpListener:
+        return _TcpListener(port)
+
+    def describe(self) -> dict:
+        return {"EnclaveID": self.enclave_id, "EnclaveCID": self.cid, "State": self.state, "Flags": "DEBUG_MODE"}
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.shell.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def terminate(self) -> None:
+        if self.shell.poll() is None:
+            self.shell.kill()
+            self.shell.wait()
+        self.console.close()
+        self.state = "EMPTY"
+
+
+class StandInFactory(scn.EnclaveFactory):
+    def start(self, config=None, **settings):
+        enclave = HostStandIn(self.artifacts_dir / f"standin-{len(self.enclaves)}")
+        self.enclaves.append(enclave)
+        return enclave
+
+
+def run_standin(tmp_path: Path, steps: str) -> scn.ScenarioResult:
+    (tmp_path / "any.eif").write_bytes(b"stand-in: never read")
+    text = "eif: any.eif\nsteps:\n" + textwrap.indent(textwrap.dedent(steps).strip("\n"), "  ") + "\n"
+    (case,) = scn.load_scenarios(write(tmp_path, text))
+    artifacts = tmp_path / "artifacts"
+    return scn.ScenarioRunner(case, StandInFactory(artifacts), artifacts_dir=artifacts).run()
+
+
+@pytest.fixture
+def echo_port():
+    """A TCP echo server standing for a guest echo program on vsock port 5005."""
+    server = socket.create_server(("127.0.0.1", 5005 + TCP_OFFSET))
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield 5005
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def test_console_cursor_send_and_exec_checks(tmp_path):
+    result = run_standin(tmp_path, """
+        - exec: {command: "echo one; echo two; echo one", output: '^two$'}
+        - console: {expect: '^one$', count: 2}
+        - console: {send: "echo three\\n", expect: '^three$', within: 10}
+        - console: {expect_not: 'Kernel panic'}
+        - exec: {command: "exit_status() { return 3; }; exit_status", status: 3}
+        - exec: {command: "printf 'a\\nb\\n'", output_not: '^c$'}
+        """)
+    assert result.status == "passed", result.failure_report()
+    assert [s.status for s in result.steps] == ["passed"] * 6
+
+
+def test_console_expectation_failure_has_the_excerpt(tmp_path):
+    result = run_standin(tmp_path, """
+        - exec: {command: "echo Hello from the stand-in"}
+        - console: {expect: 'Goodbye', within: 0.5}
+        """)
+    assert result.status == "failed"
+    assert "step 2 (console Goodbye) failed: 'Goodbye' did not appear within 0.5 s" in result.message
+    assert "Hello from the stand-in" in result.excerpt
+
+
+def test_exec_status_mismatch_shows_output(tmp_path):
+    result = run_standin(tmp_path, """
+        - exec: {command: "echo oops; false"}
+        """)
+    assert result.status == "failed"
+    assert "exit status 1, expected 0; output:\n    oops" in result.message
+
+
+def test_vsock_echo_integrity_and_many_connections(tmp_path, echo_port):
+    result = run_standin(tmp_path, f"""
+        - vsock: {{connect: {echo_port}, send_random: 3000000, expect_echo: true, within: 60}}
+        - vsock: {{connect: {echo_port}, connections: 20, send: "ping\\n", expect: "^ping$"}}
+        - vsock: {{connect: {echo_port}, send_hex: "00ff10", expect_hex: "00ff10"}}
+        - vsock: {{connect: 5999, expect_refused: true, within: 2}}
+        """)
+    assert result.status == "passed", result.failure_report()
+
+
+def test_vsock_refusal_expected_but_connected_fails(tmp_path, echo_port):
+    result = run_standin(tmp_path, f"""
+        - vsock: {{connect: {echo_port}, expect_refused: true}}
+        """)
+    assert result.status == "failed"
+    assert f"vsock connect to port {echo_port} succeeded; expected it to be refused" in result.message
+
+
+GUEST_SEND = (
+    "import hashlib, socket, sys\n"
+    "data = bytes(range(256)) * 4000\n"
+    "s = socket.create_connection(('127.0.0.1', 27000)); s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+    "reply = s.makefile().readline().split()\n"
+    "sys.exit(0 if reply == [str(len(data)), hashlib.sha256(data).hexdigest()] else 1)\n"
+)
+GUEST_RECV = (
+    "import hashlib, socket\n"
+    "s = socket.create_connection(('127.0.0.1', 27001)); data = b''\n"
+    "while chunk := s.recv(65536): data += chunk\n"
+    "s.sendall(f'{len(data)} {hashlib.sha256(data).hexdigest()}\\n'.encode())\n"
+)
+
+
+def test_vsock_accept_with_trigger_and_digests(tmp_path):
+    (tmp_path / "send.py").write_text(GUEST_SEND)
+    (tmp_path / "recv.py").write_text(GUEST_RECV)
+    py = sys.executable
+    result = run_standin(tmp_path, f"""
+        - vsock: {{accept: 7000, trigger: "{py} {tmp_path}/send.py", reply_digest: true, within: 60}}
+        - vsock: {{accept: 7001, trigger: "{py} {tmp_path}/recv.py", send_random: 500000,
+                   expect_digest: true, within: 60}}
+        """)
+    assert result.status == "passed", result.failure_report()
+
+
+def test_expect_failure_on_a_nested_step_and_cli_save(tmp_path):
+    data = tmp_path / "blob"
+    data.write_bytes(b"nitro")
+    want = hashlib.sha384(bytes(48) + hashlib.sha384(b"nitro").digest()).hexdigest()
+    result = run_standin(tmp_path, f"""
+        - expect_failure:
+            message: 'exit status 2, expected 0'
+            steps:
+              - exec: {{command: "sh -c 'exit 2'"}}
+        - cli: {{args: [pcr, --input, "{data}"], save: {{pcr: PCR}}}}
+        - exec: {{command: "echo ${{pcr}}", output: '^{want}$'}}
+        - cli: {{args: [describe-enclaves], stdout: '^\\[\\]\\s*$'}}
+        - describe: {{expect: {{State: RUNNING, EnclaveCID: "4242"}}}}
+        - terminate:
+        """)
+    assert result.status == "passed", result.failure_report()
+    assert [(s.number, s.status) for s in result.steps] == [
+        ("1", "passed"), ("1.1", "xfailed"), ("2", "passed"), ("3", "passed"), ("4", "passed"),
+        ("5", "passed"), ("6", "passed")]
+    assert "$ nitro-harness pcr --input" in (tmp_path / "artifacts" / "cli.log").read_text()
+
+
+def test_expect_failure_that_does_not_fail_is_a_failure(tmp_path):
+    result = run_standin(tmp_path, """
+        - expect_failure:
+            message: 'anything'
+            steps:
+              - exec: {command: "true"}
+        """)
+    assert result.status == "failed"
+    assert "expected a failure (anything) but the steps succeeded" in result.message
