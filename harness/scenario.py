@@ -576,7 +576,7 @@ def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
         chosen = accel or os.environ.get("NITRO_HARNESS_ACCEL")
         reason = "chosen by --accel/NITRO_HARNESS_ACCEL"
         if not chosen:
-            chosen, reason = doctor.choose_accelerator(info, host.host_facts())
+            chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
         return None if chosen == "kvm" else f"needs KVM; this host uses {chosen}: {reason}"
     if requirement == "nsm":
         if getattr(info, "vhost_user_device", False):

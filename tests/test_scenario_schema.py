@@ -697,3 +697,52 @@ def test_expect_failure_that_does_not_fail_is_a_failure(tmp_path):
         """)
     assert result.status == "failed"
     assert "expected a failure (anything) but the steps succeeded" in result.message
+
+
+# -- nitro-harness run ------------------------------------------------------------------------
+
+
+def test_run_command_reports_table_junit_and_json(tmp_path, capsys):
+    import json
+    import xml.etree.ElementTree as ET
+
+    from harness.cli import main
+
+    write(tmp_path, "name: good\neif: missing.eif\nsteps:\n  - expect_failure: {code: E19}\n", "good.yaml")
+    write(tmp_path, "name: bad\neif: missing.eif\nsteps:\n  - expect_failure: {code: E35}\n", "bad.yaml")
+    junit, report, art = tmp_path / "junit.xml", tmp_path / "results.json", tmp_path / "art"
+    status = main(["run", str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml"),
+                   "--junitxml", str(junit), "--json", str(report), "--artifacts-dir", str(art)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "[1/2] good (" in err and "[2/2] bad (" in err
+    assert "step 1.1  boot" in err and "failed as expected" in err
+    lines = out.splitlines()
+    assert lines[1].split() == ["SCENARIO", "RESULT", "TIME", "STEPS", "NOTE"]
+    assert lines[2].split()[:2] == ["good", "passed"]
+    assert lines[3].split()[:2] == ["bad", "failed"]
+    assert lines[3].split()[-1] == str(art / "002-bad")
+    assert "1 passed, 1 failed" in out
+    assert "bad.yaml:4: step 1 (expect_failure E35) failed: expected failure E35, got E19" in out
+    # The passing case's folder is gone, the failing one's kept.
+    assert sorted(p.name for p in art.iterdir()) == ["002-bad"]
+    results = json.loads(report.read_text())
+    assert [(r["scenario"], r["status"]) for r in results] == [("good", "passed"), ("bad", "failed")]
+    assert results[1]["steps"][0]["step"] == "1"
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["good"].find("failure") is None
+    assert "expected failure E35, got E19" in cases["bad"].find("failure").get("message")
+
+
+def test_run_command_refuses_a_malformed_scenario_before_running(tmp_path, capsys):
+    from harness.cli import main
+
+    write(tmp_path, "name: fine\neif: missing.eif\nsteps:\n  - sleep: 0.01\n", "a.yaml")
+    write(tmp_path, "image: hello\nsteps:\n  - console: {expect: x, count: three}\n", "b.yaml")
+    status = main(["run", str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")])
+    out, err = capsys.readouterr()
+    assert status == 3
+    assert err.strip().endswith("b.yaml:3: steps[0].console.count: must be of type integer, not string")
+    assert "running" not in err  # nothing ran: every file is validated first
