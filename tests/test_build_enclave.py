@@ -157,6 +157,13 @@ def test_build_from_docker_archive_env_blobs(tmp_path, blobs, capsys, monkeypatc
     assert meta["ImageName"] == "demo:1"
     assert meta["DockerInfo"]["Config"]["Env"] == ["PATH=/bin", "MODE=test"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".nitro-build-")]
+    # Reproducible from an image too: same bytes with a pinned build time.
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    again = []
+    for name in ("r1.eif", "r2.eif"):
+        assert build(capsys, "--docker-archive", img, "--output-file", tmp_path / name)[0] == 0
+        again.append((tmp_path / name).read_bytes())
+    assert again[0] == again[1]
 
 
 def test_signed_build_and_modules(tmp_path, blobs, rootfs, capsys):
