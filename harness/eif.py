@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Sequence
 import cbor2
 
 from harness.errors import ErrorCode, NitroError
-from harness.pcr import Measurements, ext, pcr_for_certificate_der
+from harness.pcr import ZERO_PCR, Measurements, ext, pcr_for_certificate_der
 
 try:  # zlib-ng's crc32 uses carry-less multiplication: ~5x stock zlib; same CRC-32.
     from zlib_ng import zlib_ng as _crc_impl  # type: ignore[import-not-found]
@@ -738,7 +738,31 @@ def measure_and_check(path: Path | str, *, with_crc: bool = True) -> tuple[Measu
         eif.crc_computed = crc
         if with_crc and eif.sequential_notes:
             eif.sequential_crc = None if walk_err else _crc_walk(f, hdr, walk)
+        if not walk_err:
+            table = [(int(s.type), s.data_offset, s.size) for s in sections if s.type in _MEASURED]
+            seq = [(t, off + SECTION_HEADER_SIZE, size) for off, t, size in walk
+                   if t in (1, 2, 3)]
+            if seq != table:
+                # nitro-cli measures what its walk finds, in file order: say what it would print.
+                seen = _measure_ranges(f, seq)
+                if seen != m:
+                    eif.sequential_notes.append(
+                        f"nitro-cli would report different PCRs: PCR0 {seen.pcr0.hex()}, PCR1 "
+                        f"{seen.pcr1.hex()}, PCR2 {seen.pcr2.hex()}")
     return m, eif
+
+
+def _measure_ranges(f: BinaryIO, ranges: list[tuple[int, int, int]]) -> Measurements:
+    """PCR0/1/2 over ``(type, data offset, size)`` ranges in the given order (one thread)."""
+    pcrs = _Pcrs([SectionType(t) for t, _, _ in ranges])
+    if "boot" not in pcrs.roles or not any(t == 3 for t, _, _ in ranges):
+        return Measurements(ZERO_PCR, ZERO_PCR, ZERO_PCR)  # nitro-cli would find no image
+    for t, off, size in ranges:
+        feed = pcrs.feed_app if pcrs.role() == "app" else pcrs.feed_boot
+        for b in _chunks(_FileRange(f, off, size), size, ErrorCode.EifParsingError, "section"):
+            feed(b)
+        pcrs.end_section()
+    return pcrs.result()
 
 
 # --- metadata (SPEC 1) -------------------------------------------------------------------

@@ -532,3 +532,18 @@ def test_unmappable_file_falls_back_to_reads(tmp_path, parts, monkeypatch):
     monkeypatch.setattr(eif.mmap, "mmap", refuse)
     m, e = eif.measure_and_check(p)
     assert e.crc_ok and m.pcr2 == ext(sha(parts["app"]))
+
+
+def test_describe_says_what_nitro_cli_would_measure(tmp_path, parts):
+    # Table lists kernel, cmdline, boot; the file also holds an unlisted ramdisk in a gap that
+    # nitro-cli's sequential reader would measure as its application ramdisk.
+    ghost = b"ghost ramdisk"
+    gap = struct.pack(">HHQ", RAMDISK, 0, len(ghost)) + ghost
+    secs = [(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]), (RAMDISK, parts["boot"])]
+    data, _ = assemble(secs, gaps={2: gap})
+    p = write(tmp_path, data)
+    m, e = eif.measure_and_check(p)
+    assert m.pcr2 == ext(sha(b""))  # the table (hypervisor) view has no application ramdisk
+    seen0 = ext(sha(parts["kernel"], parts["cmdline"], ghost, parts["boot"]))
+    note = [n for n in e.sequential_notes if n.startswith("nitro-cli would report")]
+    assert note and f"PCR0 {seen0.hex()}" in note[0]
