@@ -2,7 +2,14 @@
 
 JSON on stdout with nitro-cli's field names and order (2-space indent), progress on stderr,
 exit status = the error number (E35 EifParsingError, E48 EifBuildingError, E52
-BlobsPathNotSet, E59/E60 signature checking/signing, E50 DockerImagePullError).
+BlobsPathNotSet, E59/E60 signature checking/signing, E49/E50 Docker build/pull).
+
+Harness extensions beyond nitro-cli's flags: ``build-enclave --docker-archive FILE`` and
+``--rootfs DIR --cmd ... --env K=V`` (no Docker engine needed), ``--blobs DIR`` (wins over
+``NITRO_CLI_BLOBS``), ``--module KO`` (extra modules loaded by init before the heartbeat),
+``SOURCE_DATE_EPOCH`` pins BuildTime for byte-identical builds; ``sign-eif --output-file``
+writes a signed copy instead of signing in place; ``describe-eif`` warns on stderr where
+nitro-cli's sequential reader would read the file differently from the hypervisor.
 """
 
 from __future__ import annotations
