@@ -297,7 +297,8 @@ def bench_qemu(nbytes: int) -> tuple[float, float] | None:
     from vsock_echo import stream_chunks
 
     cache = Path.home() / ".cache" / "nitro-harness"
-    qemus = sorted(glob.glob(str(cache / "qemu-*" / "bin" / "qemu-system-x86_64")))
+    qemus = sorted(glob.glob(str(cache / "qemu-*" / "bin" / "qemu-system-x86_64")),
+                   key=os.path.getmtime)  # the newest build
     eifs = sorted(glob.glob(str(cache / "images" / "python-*.eif")), key=os.path.getmtime)
     if not qemus or not eifs:
         return None
@@ -317,7 +318,10 @@ def bench_qemu(nbytes: int) -> tuple[float, float] | None:
         l0, l1 = dev.listen(5000), dev.listen(5001)
         be = VhostUserBackend(os.path.join(tmp, "vs.sock"), dev, offer_config=True)
         be.start()
-        cmd = [qemus[-1], "-M", "microvm", "-bios", "/usr/share/qemu/qboot.rom", "-nodefaults",
+        # The same machine as harness.machine builds (microvm, qboot, TCG, -cpu max so the
+        # guest need not calibrate the TSC against the PIT, i8042 for init's reboot=k).
+        cmd = [qemus[-1], "-M", "microvm", "-accel", "tcg", "-cpu", "max", "-device", "i8042",
+               "-bios", "/usr/share/qemu/qboot.rom", "-nodefaults",
                "-no-reboot", "-nographic", "-serial", f"file:{tmp}/serial.log", "-m", "1024M",
                "-smp", "2", "-object", "memory-backend-memfd,id=mem,size=1024M,share=on",
                "-machine", "memory-backend=mem", "-chardev", f"socket,id=vs,path={be.socket_path}",
@@ -325,7 +329,9 @@ def bench_qemu(nbytes: int) -> tuple[float, float] | None:
                "-initrd", str(bf.initrd), "-append", bf.cmdline]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not hb.wait(120):
-            raise RuntimeError("no heartbeat from the guest")
+            log = Path(tmp, "serial.log").read_text(errors="replace").strip().splitlines()
+            raise RuntimeError("no heartbeat from the guest within 120 s; console ends: "
+                               + " | ".join(log[-3:]))
         s = l0.accept(120)
         t0 = time.perf_counter()
         h, n = hashlib.sha256(), 0
@@ -377,7 +383,11 @@ def main() -> int:
         print(f"{name:32} {mbps:9.1f} {pps:10.0f} {r}")
     print("ref = bare Python socketpair copy, same chunk size; ratio = back end / ref")
     if a.qemu:
-        q = bench_qemu(a.qemu_bytes)
+        try:
+            q = bench_qemu(a.qemu_bytes)
+        except (RuntimeError, OSError, TimeoutError) as e:
+            print(f"qemu: failed: {e}")
+            return 1
         if q is None:
             print("qemu: skipped (no QEMU build or python image in ~/.cache/nitro-harness)")
         else:
