@@ -211,6 +211,13 @@ def _qemu_checks(info: QemuInfo, from_env: bool) -> list[Check]:
     origin = f"harness build, patches {patch}" if patch else (
         f"from {qemumod.QEMU_ENV}" if from_env else "not the harness's build")
     checks = [Check("qemu", OK, f"{info.path} (QEMU {'.'.join(map(str, info.version))}, {origin})")]
+    wanted = qemumod.patch_hash()
+    if patch and wanted and patch != wanted:
+        checks.append(Check(
+            "qemu patches", WARN,
+            f"this build has patches {patch} but scripts/qemu-patches/ is now {wanted}",
+            "scripts/build-qemu.sh",
+        ))
     if info.vhost_user_device_creatable:
         checks.append(Check("vhost-user-device", OK, "creatable (the NSM, virtio ID 33, needs it)"))
     else:

@@ -13,6 +13,7 @@ Public API: :func:`find_qemu`, :func:`probe_qemu` (-> :class:`QemuInfo`),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,8 @@ __all__ = [
     "BootProbe",
     "cache_dir",
     "find_qemu",
+    "current_build",
+    "patch_hash",
     "probe_qemu",
     "find_firmware",
     "probe_boot",
@@ -72,11 +75,40 @@ def _cached_builds(root: Path) -> list[Path]:
     return [binary for _, binary in sorted(builds, key=lambda b: b[0], reverse=True)]
 
 
+PATCH_DIR = Path(__file__).resolve().parent.parent / "scripts" / "qemu-patches"
+
+
+def patch_hash(patch_dir: Path = PATCH_DIR) -> str | None:
+    """The cache key scripts/build-qemu.sh derives from the patches: sha256 over each
+    ``*.patch`` in name order as ``name + "\\n" + bytes``, first 12 hex digits; ``None`` when
+    the directory is absent (an installed wheel without the repository's scripts/)."""
+    patches = sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+    if not patches:
+        return None
+    digest = hashlib.sha256()
+    for patch in patches:
+        digest.update(patch.name.encode() + b"\n" + patch.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def current_build() -> Path | None:
+    """The complete cached build for the repository's current patch set
+    (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), or ``None``."""
+    wanted = patch_hash()
+    if wanted is None:
+        return None
+    for binary in _cached_builds(cache_dir()):
+        if binary.parent.parent.name.endswith("-" + wanted):
+            return binary
+    return None
+
+
 def find_qemu() -> Path:
     """The ``qemu-system-x86_64`` to run enclaves with.
 
-    Order: ``$NITRO_HARNESS_QEMU`` (must be an executable file), else the newest complete build
-    in :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), else
+    Order: ``$NITRO_HARNESS_QEMU`` (must be an executable file), else the cached build of the
+    repository's current patches (:func:`current_build`), else the newest complete build in
+    :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), else
     ``qemu-system-x86_64`` on ``PATH``. Raises ``NitroError(E19 FileOperationFailure)`` when
     none exists, naming the fix (``scripts/setup.sh``). Whether the binary is fit for
     enclaves (patched, microvm, ...) is :func:`probe_qemu`'s question.
@@ -91,6 +123,9 @@ def find_qemu() -> Path:
                 f"(unset it to use the harness's own build from {SETUP_HINT})",
             )
         return path.absolute()
+    current = current_build()
+    if current is not None:
+        return current
     builds = _cached_builds(cache_dir())
     if builds:
         return builds[0]

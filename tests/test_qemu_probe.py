@@ -139,6 +139,18 @@ def test_find_qemu_newest_cached_build(tmp_path: Path, monkeypatch: pytest.Monke
     assert qemu.find_qemu() == newest
 
 
+def test_find_qemu_prefers_current_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer build of other patches loses to the build of scripts/qemu-patches/ as it is."""
+    monkeypatch.delenv("NITRO_HARNESS_QEMU", raising=False)
+    monkeypatch.setenv("NITRO_HARNESS_CACHE", str(tmp_path))
+    current_hash = expected_build_dir().name.rsplit("-", 1)[1]
+    assert qemu.patch_hash() == current_hash
+    current = fake_build(tmp_path, f"qemu-10.0.2-{current_hash}", 1_000_000)
+    fake_build(tmp_path, "qemu-10.0.2-000000000000", 2_000_000)
+    assert qemu.current_build() == current
+    assert qemu.find_qemu() == current
+
+
 def test_find_qemu_missing_names_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NITRO_HARNESS_QEMU", raising=False)
     monkeypatch.setenv("NITRO_HARNESS_CACHE", str(tmp_path / "empty"))
