@@ -826,7 +826,17 @@ class ScenarioRunner:
             result.elapsed = time.monotonic() - started
             if problems and result.status != "failed":
                 result.status, result.message = "failed", "; ".join(problems)
+        if result.status == "failed":
+            result.excerpt = _clean_excerpt(result.excerpt) or self._kept_console_tail()
         return result
+
+    def _kept_console_tail(self, lines: int = 25) -> str:
+        # A boot that failed leaves no Enclave object; its console log is in the artifacts.
+        logs = sorted(self.artifacts_dir.glob("*/console.log"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return ""
+        text = logs[-1].read_text(encoding="utf-8", errors="replace").replace("\r", "")
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
     # -- step loop
 
@@ -1677,6 +1687,14 @@ def _document_from_output(output: str) -> bytes | None:
                 if data[:1] in (b"\x84", b"\xd2") and (best is None or len(data) > len(best)):
                     best = data
     return best
+
+
+def _clean_excerpt(text: str) -> str:
+    """Drop the engine's "last console lines:" heading (the report has its own) and blank ends."""
+    lines = text.strip("\n").splitlines()
+    if lines and lines[0].strip().rstrip(":") == "last console lines":
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n")
 
 
 def _thread_name(pid: int, tid: int) -> str:
