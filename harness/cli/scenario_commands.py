@@ -102,12 +102,20 @@ def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: arg
     started = time.monotonic()
     steps_total = len(case.steps)
 
+    live = sys.stderr.isatty()
+
     def on_step(event: str, step: scn.StepResult) -> None:
-        if event != "end":
-            return
         elapsed = time.monotonic() - started
+        head = f"  [{elapsed:7.1f}s] step {step.number:<4} {step.label:<50.50}"
+        if event == "start":
+            if live:  # shown while the step runs, completed in place when it ends
+                sys.stderr.write(head + " ...")
+                sys.stderr.flush()
+            return
         mark = {"passed": "ok", "xfailed": "failed as expected"}.get(step.status, step.status)
-        progress(f"  [{elapsed:7.1f}s] step {step.number:<4} {step.label:<50.50} {mark} ({step.elapsed:.1f}s)")
+        if live:
+            sys.stderr.write("\r\033[K")
+        progress(f"{head} {mark} ({step.elapsed:.1f}s)")
 
     factory = scn.EnclaveFactory(folder, qemu=args.qemu, accel=args.accel)
     result = scn.ScenarioRunner(case, factory, artifacts_dir=folder, on_step=on_step).run()
