@@ -35,6 +35,7 @@ from harness.console import (
     tail,
 )
 from harness.errors import ErrorCode, NitroError
+from harness.layout import Layout, choose_layout
 from harness.machine import MachineError, MachineSpec, QemuMachine
 from harness.registry import EnclaveRecord, Registry
 
@@ -78,7 +79,8 @@ class EnclaveConfig:
     (from 16); ``parent_role_arn``/``instance_id`` feed PCR3/PCR4; ``nsm`` is ``"auto"`` (the
     harness NSM when QEMU can host it, else none), ``"harness"`` (required), ``"qemu"`` (QEMU's
     own unsigned virtio-nsm) or ``"none"``; ``cpu_mode`` see :mod:`harness.allocator`;
-    ``heartbeat_timeout`` in seconds (None = nitro-cli's formula).
+    ``heartbeat_timeout`` in seconds (None = nitro-cli's formula); ``layout`` the machine
+    layout (``auto``, ``nitro``, ``acpi``; see :mod:`harness.layout`).
     """
 
     eif_path: Path
@@ -95,6 +97,7 @@ class EnclaveConfig:
     heartbeat_timeout: float | None = None
     pki_dir: Path | None = None
     hugepages: bool | None = None
+    layout: str = "auto"
     extra_qemu_args: list[str] = field(default_factory=list)
 
 
@@ -142,6 +145,7 @@ class Enclave:
         self.nsm_status = "not started"
         self.accel = ""
         self.accel_reason = ""
+        self.layout: Layout | None = None
         self.heartbeat_seconds: float | None = None
         self.end_reason: str | None = None
         self._monitor: threading.Thread | None = None
@@ -217,6 +221,7 @@ class Enclave:
         qemu_path, qemu_info = self._find_qemu()
         self.accel, self.accel_reason = self._choose_accel(qemu_info)
         boot = eif_mod.extract_boot_files(eif_path, self.state_dir)
+        self.layout = choose_layout(boot.kernel, cfg.layout)
 
         self._start_vsock()
         nsm_mode, nsm_socket = self._start_nsm(qemu_info)
@@ -238,6 +243,7 @@ class Enclave:
             nsm=nsm_mode,
             nsm_socket=nsm_socket,
             hugepage_size_kib=self._hugepage_size(alloc_cfg),
+            acpi=self.layout.acpi,
             extra_args=list(cfg.extra_qemu_args),
         )
         self.machine = QemuMachine(spec)

@@ -1,0 +1,93 @@
+"""Faults end the enclave with a clear error and clean up; none hangs a test (issue 4).
+
+Killing QEMU, a guest kernel panic, an init that never sends the heartbeat, and a vhost-user
+back end that crashes, each on a real TCG boot.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from boot_images import panicking_eif, recipe_eif, silent_init_eif
+from harness.enclave import Enclave, EnclaveConfig
+from harness.errors import ErrorCode, NitroError
+from harness.registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return Registry(tmp_path / "run")
+
+
+def _no_leftovers(registry: Registry, enclave: Enclave | None = None) -> None:
+    assert registry.records() == []
+    if enclave is not None:
+        assert enclave.state == "EMPTY"
+        assert enclave.state_dir is None or not enclave.state_dir.exists()
+        if enclave.qemu_pid:
+            assert not os.path.exists(f"/proc/{enclave.qemu_pid}/cmdline") or enclave.machine.poll() is not None
+
+
+def test_killed_qemu_ends_the_enclave(registry, tmp_path):
+    enclave = Enclave.start(
+        EnclaveConfig(eif_path=recipe_eif("hello"), memory_mib=256, cpu_count=1, debug_mode=True),
+        registry=registry, artifacts_dir=tmp_path / "art",
+    )
+    try:
+        os.kill(enclave.qemu_pid, signal.SIGKILL)
+        assert enclave.wait(30)
+        enclave._monitor.join(30)
+        assert "QEMU ended with status -9" in enclave.end_reason
+        _no_leftovers(registry, enclave)
+        assert "nitro-init:" in (tmp_path / "art" / "console.log").read_text()
+    finally:
+        enclave.terminate()
+
+
+def test_kernel_panic_is_e36_with_the_console(registry, tmp_path):
+    eif = panicking_eif(tmp_path / "panic.eif")
+    with pytest.raises(NitroError) as err:
+        Enclave.start(EnclaveConfig(eif_path=eif, memory_mib=256, cpu_count=1), registry=registry)
+    assert err.value.code == ErrorCode.EnclaveBootFailure
+    assert "Kernel panic" in err.value.message
+    assert "Kernel panic" in err.value.details
+    _no_leftovers(registry)
+
+
+def test_init_without_heartbeat_times_out_with_e36(registry, tmp_path):
+    eif = silent_init_eif(tmp_path / "silent.eif")
+    with pytest.raises(NitroError) as err:
+        Enclave.start(
+            EnclaveConfig(eif_path=eif, memory_mib=256, cpu_count=1, heartbeat_timeout=25),
+            registry=registry, artifacts_dir=tmp_path / "art",
+        )
+    assert err.value.code == ErrorCode.EnclaveBootFailure
+    assert "no heartbeat on vsock port 9000 within 25 s" in err.value.message
+    assert str(tmp_path / "art" / "console.log") in err.value.message
+    assert "silent-init: not sending the heartbeat" in err.value.details
+    _no_leftovers(registry)
+
+
+def test_device_back_end_crash_ends_the_enclave(registry):
+    enclave = Enclave.start(
+        EnclaveConfig(eif_path=recipe_eif("hello"), memory_mib=256, cpu_count=1, debug_mode=True),
+        registry=registry,
+    )
+    try:
+        def crash(queue_index):
+            raise RuntimeError("injected back end crash")
+
+        enclave.vsock.on_kick = crash
+        # The guest answers this connection attempt (RST: nobody listens), which kicks the
+        # crashed device.
+        with pytest.raises(OSError):
+            enclave.vsock_connect(5000, timeout=20)
+        assert enclave.wait(30)
+        enclave._monitor.join(30)
+        assert "injected back end crash" in enclave.end_reason
+        _no_leftovers(registry, enclave)
+    finally:
+        enclave.terminate()

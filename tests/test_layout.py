@@ -1,0 +1,42 @@
+"""Machine layout per kernel: embedded configuration read from a bzImage (issue 8 item 2)."""
+
+import gzip
+
+import pytest
+
+from harness.errors import NitroError
+from harness.layout import choose_layout, embedded_config
+
+
+def fake_bzimage(config_text: str | None) -> bytes:
+    # A setup header, then the compressed payload holding vmlinux with IKCONFIG inside, the
+    # way a real bzImage nests them.
+    vmlinux = b"\x7fELF" + b"\0" * 64
+    if config_text is not None:
+        vmlinux += b"IKCFG_ST" + gzip.compress(config_text.encode()) + b"IKCFG_ED"
+    return b"MZ" + b"\0" * 510 + b"HdrS" + b"\0" * 100 + gzip.compress(vmlinux + b"\0" * 32)
+
+
+def test_reads_the_config_inside_the_compressed_payload(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(fake_bzimage("CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n# CONFIG_ACPI is not set\n"))
+    assert embedded_config(kernel) == {"CONFIG_VIRTIO_MMIO": "y", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES": "y"}
+    layout = choose_layout(kernel)
+    assert layout.name == "nitro" and not layout.acpi
+
+
+def test_kernel_without_cmdline_devices_gets_acpi(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(fake_bzimage("CONFIG_VIRTIO_MMIO=m\nCONFIG_ACPI=y\n"))
+    assert choose_layout(kernel).name == "acpi"
+    kernel.write_bytes(fake_bzimage(None))
+    assert embedded_config(kernel) is None
+    assert choose_layout(kernel).acpi
+
+
+def test_explicit_layout_wins_and_bad_names_fail(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(fake_bzimage(None))
+    assert choose_layout(kernel, "nitro").name == "nitro"
+    with pytest.raises(NitroError):
+        choose_layout(kernel, "pc")
