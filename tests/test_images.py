@@ -409,3 +409,67 @@ def test_cli_images_build_prints_measurements(hello, tmp_path, capsys):
     assert doc["Measurements"] == built.info["Measurements"]
     assert out.read_bytes() == built.path.read_bytes()
     assert main(["images", "build", "no-such-recipe"]) == ErrorCode.EifBuildingError.value
+
+
+# --- the python image -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def python_image(tmp_path_factory):
+    """The python image, its customer ramdisk records, and that ramdisk unpacked on disk."""
+    from harness.cpio import extract_cpio
+    built = recipes.build("python")
+    eif = read_eif(built.path)
+    records = read_cpio(_section_bytes(eif, eif.ramdisks[1]))
+    out = tmp_path_factory.mktemp("python-image")
+    extract_cpio(records, out)
+    return built, {r.name: r for r in records}, out / "rootfs"
+
+
+def test_python_image_contents(python_image):
+    built, cust, _ = python_image
+    assert cust["cmd"].data == b"/bin/sh\n"
+    env = cust["env"].data.decode().splitlines()
+    assert "PYTHONPATH=/opt/nitro-harness" in env
+    assert any(e.startswith("PATH=/opt/nitro-harness:") for e in env)
+    # Packages in, skipped ones and pruned paths out.
+    assert {"python3.11-minimal", "python3-cryptography", "python3-cbor2", "python3-asn1crypto",
+            "busybox", "libssl3"} <= set(built.info["Packages"])
+    assert not {"dpkg", "perl-base", "tzdata", "libsqlite3-0"} & set(built.info["Packages"])
+    names = set(cust)
+    assert not any(n.startswith(("rootfs/usr/share/doc/", "rootfs/usr/lib/python3.11/test/"))
+                   for n in names)
+    dist = "rootfs/usr/lib/python3/dist-packages"
+    assert f"{dist}/aws_nsm_interface/__init__.py" in names
+    assert f"{dist}/ioctl_opt/__init__.py" in names
+    assert stat.S_ISLNK(cust["rootfs/bin/sh"].mode) and cust["rootfs/bin/sh"].data == b"/bin/busybox"
+    # Every file of images/guest/ is in /opt/nitro-harness with its executable bit.
+    guest = recipes.guest_dir()
+    for p in sorted(guest.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc"):
+            r = cust[f"rootfs/opt/nitro-harness/{p.relative_to(guest).as_posix()}"]
+            assert r.data == p.read_bytes()
+            want = 0o755 if p.stat().st_mode & 0o111 else 0o644
+            assert r.mode == stat.S_IFREG | want and (r.uid, r.gid) == (0, 0)
+    # Precompiled, hash-based unchecked pycs (PEP 552 flags word = 1) for the stdlib.
+    pyc = cust["rootfs/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc"]
+    assert int.from_bytes(pyc.data[4:8], "little") == 1
+
+
+def test_python_image_interpreter_runs(python_image):
+    """The guest's own python (through the guest's own dynamic loader) imports every module
+    the NSM/KMS helpers need, including aws-nsm-interface from PyPI."""
+    _, _, root = python_image
+    loader = root / "lib" / "x86_64-linux-gnu" / "ld-linux-x86-64.so.2"
+    libs = f"{root}/lib/x86_64-linux-gnu:{root}/usr/lib/x86_64-linux-gnu"
+    code = ("import sys, aws_nsm_interface, cbor2, asn1crypto, cryptography, ssl, ctypes\n"
+            "from cryptography.hazmat.primitives.asymmetric import ec, rsa\n"
+            "ec.generate_private_key(ec.SECP384R1())\n"
+            "print(sys.version.split()[0], cryptography.__version__, cbor2.__name__)\n")
+    proc = subprocess.run(
+        [str(loader), "--library-path", libs, str(root / "usr/bin/python3.11"), "-c", code],
+        env={"PYTHONHOME": str(root / "usr"), "PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONPATH": f"{root}/usr/lib/python3/dist-packages:{root}/opt/nitro-harness"},
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3.11.2", "38.0.4", "cbor2"]

@@ -691,7 +691,7 @@ def _resolve_in_root(root: Path, path: Path) -> Path:
 
 
 def _compile_python(root: Path, recipe: Recipe, log: Log) -> None:
-    """Precompile every .py under usr/lib/python3* with the guest's own interpreter.
+    """Precompile every .py under usr/lib/python3* and the guest helpers with the guest's python.
 
     The guest's python runs from the image through its own dynamic loader (exact version and
     magic number); ``unchecked-hash`` pycs never look at source mtimes, so they are both
@@ -707,6 +707,9 @@ def _compile_python(root: Path, recipe: Recipe, log: Log) -> None:
     py = pys[-1]
     libdirs = [root / "lib" / "x86_64-linux-gnu", root / "usr" / "lib" / "x86_64-linux-gnu"]
     targets = [str(p) for p in sorted((root / "usr" / "lib").glob("python3*")) if p.is_dir()]
+    guest = recipe.rootfs.get("guest")
+    if guest and _inside(root, guest).is_dir():
+        targets.append(str(_inside(root, guest)))
     env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1"}
     argv = [str(_resolve_in_root(root, loader)), "--library-path", ":".join(map(str, libdirs)), str(py),
@@ -790,8 +793,8 @@ def resolve_inputs(recipe: Recipe, *, cmd: Sequence[str] | None = None,
     else:
         log(f"resolving packages with apt-cache ({recipe.kernel['package']}, "
             f"{len(want['debs'])} rootfs package(s) and their dependencies)")
-        kernel_pkg = resolve_kernel_package(recipe.kernel["package"])
         debs = debian.resolve(want["debs"], skip=want["skip"], what=f"{recipe.path}: rootfs.debs")
+        kernel_pkg = resolve_kernel_package(recipe.kernel["package"])
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"want": want, "kernel": kernel_pkg.__dict__,
                                    "debs": [d.__dict__ for d in debs]}, indent=1))
