@@ -537,17 +537,21 @@ def prepare_kernel(pkg: debian.DebPackage, log: Log = _nolog) -> Kernel:
     """
     root = debian.cache_root() / "kernels" / f"{pkg.name}_{pkg.version}_{pkg.sha256[:12]}"
     if not (root / ".complete").is_file():
-        deb = debian.fetch([pkg])[pkg.name]
-        log(f"unpacking {deb.name}")
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-"))
-        try:
-            debian.extract(deb, tmp)
-            (tmp / ".complete").write_text(pkg.sha256 + "\n")
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Parallel builds (pytest-xdist workers) unpack a kernel once; the others wait here.
+        with _lock(root.parent / f".{root.name}.lock"):
+            if not (root / ".complete").is_file():
+                deb = debian.fetch([pkg])[pkg.name]
+                log(f"unpacking {deb.name}")
+                tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-"))
+                try:
+                    debian.extract(deb, tmp)
+                    (tmp / ".complete").write_text(pkg.sha256 + "\n")
+                    # Only an incomplete leftover (a killed build) can be in the way.
+                    shutil.rmtree(root, ignore_errors=True)
+                    os.replace(tmp, root)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     kernels = sorted((root / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
         raise _fail(root, f"kernel.package {pkg.name}: expected one boot/vmlinuz-*, "
@@ -898,6 +902,10 @@ class BuiltImage:
 
 
 def _lock(path: Path):
+    """An exclusive flock held until the returned file is closed (use with ``with``).
+
+    Lock files are left in place: unlinking one while another process waits on it would let
+    a third process lock a new file and enter the critical section too."""
     f = open(path, "a+")
     fcntl.flock(f, fcntl.LOCK_EX)
     return f
@@ -927,7 +935,6 @@ def build(name_or_path: str | Path, output: str | Path | None = None, *,
             tmp = info_path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(info, indent=2) + "\n")
             os.replace(tmp, info_path)
-    (image_cache() / f".{recipe.name}-{digest}.lock").unlink(missing_ok=True)
     path = eif
     if output is not None:
         path = Path(output)
