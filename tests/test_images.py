@@ -473,3 +473,38 @@ def test_python_image_interpreter_runs(python_image):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3.11.2", "38.0.4", "cbor2"]
+
+
+def test_prebuilt_kernel_directory_recipe(hello, tmp_path):
+    """kernel.directory: a prebuilt bzImage (+ nsm.ko) gives AWS's bootstrap layout exactly
+    (dev, init, nsm.ko; no modules/); a glob picks the newest complete build."""
+    built, eif0, boot0, _ = hello
+    for n, stamp in (("kernel-a", 1), ("kernel-b", 2), ("kernel-c", None)):
+        d = tmp_path / n
+        d.mkdir()
+        (d / "bzImage").write_bytes(_section_bytes(eif0, eif0.kernel))
+        (d / "nsm.ko").write_bytes(boot0["nsm.ko"].data + n.encode())
+        (d / "build-info.json").write_text(json.dumps({"kernelrelease": f"6.12-{n}"}))
+        if stamp is not None:  # kernel-c is an unfinished build: never picked
+            (d / ".complete").write_text("done\n")
+            import os
+            os.utime(d / ".complete", (stamp, stamp))
+    recipe = tmp_path / "prebuilt.yaml"
+    recipe.write_text("name: test-prebuilt\nkernel:\n  directory: kernel-*\n"
+                      "rootfs:\n  debs: [busybox-static]\n  busybox_links: true\n")
+    img = recipes.build(recipe)
+    try:
+        eif = read_eif(img.path)
+        boot = {r.name: r for r in read_cpio(_section_bytes(eif, eif.ramdisks[0]))}
+        assert set(boot) == {"dev", "init", "nsm.ko"}  # SPEC 3: nitro-cli's bootstrap ramdisk
+        assert boot["nsm.ko"].data == boot0["nsm.ko"].data + b"kernel-b"
+        assert img.info["Kernel"]["release"] == "6.12-kernel-b"
+        assert img.info["Kernel"]["directory"] == str(tmp_path / "kernel-b")
+        assert eif.metadata["BuildMetadata"]["KernelVersion"] == "6.12-kernel-b"
+    finally:
+        _forget(img)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kernel:\n  directory: kernel-*\n  modules: [vsock]\n")
+    with pytest.raises(NitroError) as e:
+        recipes.load_recipe(bad)
+    assert "kernel.modules" in e.value.message

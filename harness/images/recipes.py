@@ -25,6 +25,9 @@ Recipe fields (schema in :data:`RECIPE_SCHEMA`)::
     description: ...
     kernel:
       package: linux-image-6.12-cloud-amd64   # a meta package is followed to apt's candidate
+      # or directory: DIR (a prebuilt kernel: DIR/bzImage, DIR/nsm.ko if any, DIR/config and
+      # DIR/build-info.json optional; "~" and globs allowed, the newest match with a
+      # .complete marker wins; e.g. scripts/build-kernel.sh's ~/.cache/nitro-harness/kernel-*)
       modules: [virtio_mmio, vmw_vsock_virtio_transport]  # + their depends, loaded by init
       nsm: nsm                         # module shipped as /nsm.ko (null: none)
       cmdline: "reboot=k panic=30 ..."
@@ -64,7 +67,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jsonschema
 import yaml
@@ -145,9 +148,10 @@ RECIPE_SCHEMA: dict[str, Any] = {
         "kernel": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["package"],
+            "minProperties": 1,
             "properties": {
                 "package": {"type": "string", "pattern": r"^linux-image-"},
+                "directory": {"type": "string"},
                 "modules": _STR_LIST,
                 "nsm": {"type": ["string", "null"]},
                 "cmdline": {"type": "string"},
@@ -255,8 +259,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         e = errors[0]
         where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise _fail(path, f"{where}: {e.message}")
-    if "kernel" not in raw:
-        raise _fail(path, "kernel: required (the kernel package to boot)")
+    kernel = raw.get("kernel") or {}
+    if ("package" in kernel) == ("directory" in kernel):
+        raise _fail(path, "kernel: give exactly one of package (a Debian kernel package) or "
+                    "directory (a prebuilt bzImage and nsm.ko)")
+    if "directory" in kernel and kernel.get("modules"):
+        raise _fail(path, "kernel.modules: only with kernel.package (a prebuilt kernel's "
+                    "drivers are built in)")
     return Recipe(name=raw.get("name") or path.stem, path=path, raw=raw)
 
 
@@ -733,7 +742,7 @@ class Inputs:
     """Everything a recipe resolves to before building: what the cache key is made of."""
 
     recipe: Recipe
-    kernel_pkg: debian.DebPackage
+    kernel_pkg: debian.DebPackage | None
     debs: list[debian.DebPackage] = field(default_factory=list)
     wheels: list[Path] = field(default_factory=list)
     cmd: list[str] | None = None
@@ -755,7 +764,8 @@ class Inputs:
             "recipe": r.raw,
             "name": r.name,
             "init": init_key(),
-            "kernel": self.kernel_pkg.key(),
+            "kernel": (self.kernel_pkg.key() if self.kernel_pkg is not None
+                       else prebuilt_kernel_key(prebuilt_kernel_dir(r))),
             "debs": [p.key() for p in self.debs],
             "wheels": {w.name: _sha256_file(w) for w in self.wheels},
             "application": app,
@@ -782,7 +792,7 @@ def resolve_inputs(recipe: Recipe, *, cmd: Sequence[str] | None = None,
     the stored resolution is reused (this is what makes a warm build instant).
     """
     rf = recipe.rootfs
-    want = {"kernel": recipe.kernel["package"], "debs": rf.get("debs", []),
+    want = {"kernel": recipe.kernel.get("package"), "debs": rf.get("debs", []),
             "skip": rf.get("skip", []), "apt": debian.apt_index_fingerprint()}
     cache = _resolution_cache(want)
     stored = None
@@ -792,15 +802,16 @@ def resolve_inputs(recipe: Recipe, *, cmd: Sequence[str] | None = None,
         except ValueError:
             stored = None
     if stored and stored.get("want") == want:
-        kernel_pkg = debian.DebPackage(**stored["kernel"])
+        kernel_pkg = debian.DebPackage(**stored["kernel"]) if stored["kernel"] else None
         debs = [debian.DebPackage(**d) for d in stored["debs"]]
     else:
-        log(f"resolving packages with apt-cache ({recipe.kernel['package']}, "
+        log(f"resolving packages with apt-cache ({want['kernel'] or 'prebuilt kernel'}, "
             f"{len(want['debs'])} rootfs package(s) and their dependencies)")
         debs = debian.resolve(want["debs"], skip=want["skip"], what=f"{recipe.path}: rootfs.debs")
-        kernel_pkg = resolve_kernel_package(recipe.kernel["package"])
+        kernel_pkg = resolve_kernel_package(want["kernel"]) if want["kernel"] else None
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"want": want, "kernel": kernel_pkg.__dict__,
+        tmp.write_text(json.dumps({"want": want,
+                                   "kernel": kernel_pkg.__dict__ if kernel_pkg else None,
                                    "debs": [d.__dict__ for d in debs]}, indent=1))
         os.replace(tmp, cache)
     wheels = [fetch_wheel(s) for s in rf.get("pip", [])]
@@ -950,16 +961,25 @@ def build(name_or_path: str | Path, output: str | Path | None = None, *,
 
 
 def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
-    from harness.eif import build_metadata, write_eif
-    from harness.images.ramdisk import build_bootstrap_ramdisk, build_customer_ramdisk
-
+    """Build the image of resolved ``inputs`` into ``eif_path``; return its info."""
     r = inputs.recipe
     started = time.time()
     init = build_init(log)
     interp = elf_interpreter(init)
     if interp is not None:
         raise _fail(init, f"init: dynamically linked (PT_INTERP {interp}); SPEC 3 needs static")
-    kernel = prepare_kernel(inputs.kernel_pkg, log)
+    if inputs.kernel_pkg is None:
+        vmlinuz, release, order, builtin, modules, nsm_ko = _prebuilt_kernel_parts(r)
+    else:
+        vmlinuz, release, order, builtin, modules, nsm_ko = _package_kernel_parts(
+            r, inputs.kernel_pkg, log)
+    return _write_image(inputs, eif_path, init, vmlinuz, release, order, builtin, modules,
+                        nsm_ko, started, log)
+
+
+def _package_kernel_parts(r: Recipe, pkg: debian.DebPackage, log: Log):
+    """bzImage, release, module order, built-ins, module files and nsm.ko of a kernel package."""
+    kernel = prepare_kernel(pkg, log)
     kspec = r.kernel
     order, builtin = module_load_order(kernel, kspec["modules"])
     if kspec["nsm"] and _modname(kspec["nsm"]) in order:
@@ -975,7 +995,66 @@ def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
                 raise _fail(r.path, f"kernel.nsm: {kspec['nsm']} needs {nsm_order[:-1]}; "
                             "list them in kernel.modules")
             nsm_ko = decompressed_module(kernel, kspec["nsm"])
+    return kernel.vmlinuz, kernel.release, order, builtin, modules, nsm_ko
 
+
+def _prebuilt_kernel_parts(r: Recipe):
+    """bzImage, release, (no modules), nsm.ko of a ``kernel.directory`` recipe."""
+    d = prebuilt_kernel_dir(r)
+    nsm_ko = None
+    if r.kernel["nsm"]:
+        nsm_ko = d / "nsm.ko"
+        if not nsm_ko.is_file():
+            raise _fail(r.path, f"kernel.nsm: {d} has no nsm.ko (set nsm: null for a kernel "
+                        "with the NSM driver built in)")
+    release = "unknown"
+    info = d / "build-info.json"
+    if info.is_file():
+        try:
+            release = json.loads(info.read_text()).get("kernelrelease", release)
+        except ValueError:
+            pass
+    return d / "bzImage", release, [], [], [], nsm_ko
+
+
+def prebuilt_kernel_dir(r: Recipe) -> Path:
+    """The directory a ``kernel.directory`` recipe names: ``~`` expanded, relative to the
+    recipe; a glob picks the newest match holding a ``.complete`` marker (a finished
+    ``scripts/build-kernel.sh`` output). Raises NitroError(E48) when none has a bzImage."""
+    import glob
+    raw = os.path.expanduser(r.kernel["directory"])
+    pattern = raw if os.path.isabs(raw) else str(r.base / raw)
+    if glob.has_magic(pattern):
+        hits = [Path(h) for h in glob.glob(pattern) if (Path(h) / ".complete").is_file()]
+        hits.sort(key=lambda h: (h / ".complete").stat().st_mtime)
+        if not hits:
+            raise _fail(r.path, f"kernel.directory: nothing matches {pattern} with a .complete "
+                        "marker (build it first, e.g. scripts/build-kernel.sh)")
+        d = hits[-1]
+    else:
+        d = Path(pattern)
+    if not (d / "bzImage").is_file():
+        raise _fail(r.path, f"kernel.directory: {d}/bzImage not found")
+    return d
+
+
+def prebuilt_kernel_key(d: Path) -> dict[str, str]:
+    """Cache-key part of a prebuilt kernel: the directory and its files' SHA256."""
+    key = {"directory": str(d), "bzImage": _sha256_file(d / "bzImage")}
+    if (d / "nsm.ko").is_file():
+        key["nsm.ko"] = _sha256_file(d / "nsm.ko")
+    return key
+
+
+def _write_image(inputs: Inputs, eif_path: Path, init: Path, vmlinuz: Path, release: str,
+                 order: list[str], builtin: list[str], modules: list[Path],
+                 nsm_ko: Path | None, started: float, log: Log) -> dict[str, Any]:
+    """Assemble the root filesystem, write both ramdisks and the EIF; return its info."""
+    from harness.eif import build_metadata, write_eif
+    from harness.images.ramdisk import build_bootstrap_ramdisk, build_customer_ramdisk
+
+    r = inputs.recipe
+    kspec = r.kernel
     tmp_root = debian.cache_root() / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root, prefix=f"{r.name}-") as tmp:
@@ -997,11 +1076,11 @@ def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
         bt = (_dt.datetime.fromtimestamp(int(build_time), _dt.timezone.utc)
               if build_time and build_time.isdigit() else None)
         meta = build_metadata(image_name=r.name, image_version=str(r.raw.get("version", "1.0")),
-                              build_time=bt, kernel_version=kernel.release,
+                              build_time=bt, kernel_version=release,
                               docker_info=docker_info)
         log(f"writing {eif_path}")
-        m = write_eif(eif_path, kernel.vmlinuz, kspec["cmdline"], [boot_rd, cust_rd], meta)
-        sizes = {"kernel": kernel.vmlinuz.stat().st_size, "bootstrap_ramdisk":
+        m = write_eif(eif_path, vmlinuz, kspec["cmdline"], [boot_rd, cust_rd], meta)
+        sizes = {"kernel": vmlinuz.stat().st_size, "bootstrap_ramdisk":
                  boot_rd.stat().st_size, "customer_ramdisk": cust_rd.stat().st_size,
                  "eif": eif_path.stat().st_size}
     return {
@@ -1009,8 +1088,11 @@ def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
         "Recipe": str(r.path),
         "EifPath": str(eif_path),
         "Measurements": m.to_json(),
-        "Kernel": {"package": inputs.kernel_pkg.name, "version": inputs.kernel_pkg.version,
-                   "release": kernel.release, "cmdline": kspec["cmdline"],
+        "Kernel": {"package": inputs.kernel_pkg.name if inputs.kernel_pkg else None,
+                   "version": inputs.kernel_pkg.version if inputs.kernel_pkg else None,
+                   "directory": (str(prebuilt_kernel_dir(r)) if inputs.kernel_pkg is None
+                                 else None),
+                   "release": release, "cmdline": kspec["cmdline"],
                    "modules": order, "builtin": builtin, "nsm": nsm_ko is not None},
         "Packages": {p.name: p.version for p in inputs.debs},
         "Wheels": [w.name for w in inputs.wheels],
