@@ -913,8 +913,13 @@ class ScenarioRunner:
             data = self.scenario.data
             self.eif_path = resolve_eif(data.get("image"), data.get("eif"), self.scenario.path.parent)
         settings = self._settings()
-        if settings.get("heartbeat_timeout") is None:
-            settings["heartbeat_timeout"] = None
+        # The boot is part of the step that needs it: the heartbeat wait (nitro-cli's formula
+        # unless the scenario sets one) is cut to what is left of the scenario.
+        from harness.enclave import heartbeat_timeout
+
+        wait = settings.get("heartbeat_timeout") or heartbeat_timeout(
+            self.eif_path.stat().st_size, int(settings.get("memory_mib", DEFAULT_ENCLAVE["memory_mib"])))
+        settings["heartbeat_timeout"] = max(1.0, min(float(wait), limit))
         self.booted = True
         self.cursor = 0
         self.enclave = None
