@@ -5,7 +5,7 @@
 # vhost-user, libcbor and gnutls (so QEMU's own `nitro-enclave` machine exists as a reference),
 # plus the patches in scripts/qemu-patches/ (vhost-user-device made user-creatable: SPEC 5).
 # Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-x86_64
-#        (prefix: $NITRO_HARNESS_CACHE, default ${XDG_CACHE_HOME:-~/.cache}/nitro-harness).
+#        (the cache root is $NITRO_HARNESS_CACHE when set, as for the image cache).
 # Idempotent: a finished build (its .complete stamp) is reused and "cached" is printed.
 # Facts followed: shared/DESIGN.md "Environment" (packages, configure flags, edk2/bzip2 caveat).
 #
@@ -20,7 +20,7 @@ JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PATCH_DIR="$REPO/scripts/qemu-patches"
-CACHE="${NITRO_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nitro-harness}"
+CACHE="${NITRO_HARNESS_CACHE:-$HOME/.cache/nitro-harness}"
 APT_WAIT=(-o DPkg::Lock::Timeout=600)
 
 STEP="start"
@@ -79,7 +79,8 @@ BUILD_DEPS=(build-essential ninja-build pkg-config libglib2.0-dev libpixman-1-de
             libgnutls28-dev libfdt-dev flex bison python3-venv qemu-system-data xz-utils patch)
 missing=()
 for p in "${BUILD_DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
+    [ "$status" = "install ok installed" ] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing: ${missing[*]}"

@@ -19,7 +19,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-CACHE="${NITRO_HARNESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nitro-harness}"
+CACHE="${NITRO_HARNESS_CACHE:-$HOME/.cache/nitro-harness}"
 APT_WAIT=(-o DPkg::Lock::Timeout=600)
 export DEBIAN_FRONTEND=noninteractive
 
@@ -108,17 +108,19 @@ fi
 step "2/6 system packages"
 missing=()
 for p in "${HOST_PACKAGES[@]}" "${QEMU_BUILD_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
+    [ "$status" = "install ok installed" ] || missing+=("$p")
 done
 # The QEMU source index must be present too (it is only read when QEMU is built).
-if [ -z "${NITRO_HARNESS_QEMU:-}" ] && ! apt-cache showsrc qemu 2>/dev/null | grep -q "qemu_${QEMU_VERSION:-10.0.2}+ds.orig.tar.xz"; then
+# (No `grep -q` on a pipe: under pipefail apt-cache's SIGPIPE would read as "missing".)
+if [ -z "${NITRO_HARNESS_QEMU:-}" ] && \
+   [[ "$(apt-cache showsrc qemu 2>/dev/null || true)" != *"qemu_${QEMU_VERSION:-10.0.2}+ds.orig.tar.xz"* ]]; then
     APT_UPDATE=1
 fi
 if [ ${#missing[@]} -gt 0 ] || [ $APT_UPDATE = 1 ]; then
-    if [ $APT_UPDATE = 1 ] || [ ${#missing[@]} -gt 0 ]; then
-        log "apt-get update"
-        as_root apt-get "${APT_WAIT[@]}" update >&2 || die "apt-get update failed"
-    fi
+    # Fresh package lists before installing (and after a source was added).
+    log "apt-get update"
+    as_root apt-get "${APT_WAIT[@]}" update >&2 || die "apt-get update failed"
     if [ ${#missing[@]} -gt 0 ]; then
         log "apt-get install ${missing[*]}"
         as_root apt-get "${APT_WAIT[@]}" install -y --no-install-recommends "${missing[@]}" >&2 \
