@@ -347,10 +347,10 @@ def iter_cpio(f: BinaryIO, *, with_trailer: bool = False) -> Iterator[Record]:
         offset += HEADER_SIZE
         if hdr[:6] != MAGIC:
             raise CpioError(f"offset {start}: magic {hdr[:6]!r} is not newc 070701")
-        try:
-            vals = [int(hdr[6 + 8 * i: 14 + 8 * i], 16) for i in range(_FIELDS)]
-        except ValueError:
-            raise CpioError(f"offset {start}: header has a non-hex field") from None
+        fields = hdr[6:]
+        if fields.strip(b"0123456789abcdefABCDEF"):  # int() would also take ' ', '+', '-'
+            raise CpioError(f"offset {start}: header has a non-hex field")
+        vals = [int(fields[8 * i: 8 * i + 8], 16) for i in range(_FIELDS)]
         namesize = vals[11]
         if namesize < 1:
             raise CpioError(f"offset {start}: namesize 0")

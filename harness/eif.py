@@ -980,11 +980,17 @@ def verify_eif_signature(path: Path | str, cert_pem: bytes | None = None, *,
     now = at or _dt.datetime.now(_dt.timezone.utc)
     if now.tzinfo is None:
         now = now.replace(tzinfo=_dt.timezone.utc)
-    nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    try:
+        nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
+    except Exception as e:  # noqa: BLE001 - lazily decoded fields raise assorted errors
+        return SignatureCheck(False, f"certificate validity does not decode ({e})", cert)
     if not nb <= now <= na:
         return SignatureCheck(False, f"certificate not valid at {now.isoformat()} "
                                      f"(valid {nb.isoformat()} to {na.isoformat()})", cert)
-    pub = cert.public_key()
+    try:
+        pub = cert.public_key()
+    except Exception as e:  # noqa: BLE001 - cryptography parses the key lazily
+        return SignatureCheck(False, f"certificate public key does not parse ({e})", cert)
     if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.curve.name not in _COSE_ALGS:
         return SignatureCheck(False, "certificate key is not EC P-256/P-384/P-521", cert)
     alg, hname, size = _COSE_ALGS[pub.curve.name]

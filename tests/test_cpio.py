@@ -158,3 +158,11 @@ def test_gnu_cpio_extracts_our_archive(tmp_path):
     listing = subprocess.run([gnu, "-i", "-t", "--quiet"], input=data, capture_output=True,
                              timeout=60).stdout.decode().split()
     assert listing == ["bin", "bin/alias", "bin/tool", "etc", "etc/motd"]
+
+
+def test_reader_rejects_signed_or_spaced_hex():
+    good = _archive([Entry.file("x", b"data")])
+    # int(" -1", 16) parses; a newc reader must not (a negative size would read everything).
+    bad = good[:54] + b"-0000001" + good[62:]
+    with pytest.raises(cpio.CpioError, match="non-hex"):
+        cpio.read_cpio(bad)

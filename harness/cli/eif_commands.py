@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,15 @@ def describe(path: Path) -> dict:
     if eif.is_signed:
         check = eifmod.verify_eif_signature(path, measurements=m)
         if check.certificate is not None:
-            doc["SigningCertificate"] = _certificate_info(check.certificate)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # malformed names warn before failing
+                    doc["SigningCertificate"] = _certificate_info(check.certificate)
+            except Exception as e:  # noqa: BLE001 - cryptography decodes lazily, raising
+                # ValueError, KeyError, ... on malformed fields; one line for the user.
+                raise NitroError(ErrorCode.EifParsingError,
+                                 f"{path}: signature.signing_certificate: cannot be decoded "
+                                 f"({e})") from None
     doc["CheckCRC"] = bool(eif.crc_ok)
     if check is not None:
         doc["SignatureCheck"] = check.ok
