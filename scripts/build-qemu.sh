@@ -26,8 +26,8 @@ APT_WAIT=(-o DPkg::Lock::Timeout=600)
 STEP="start"
 log() { printf 'build-qemu: %s\n' "$*" >&2; }
 step() { STEP="$1"; log "step: $1"; }
-die() { printf 'build-qemu: FAILED at step "%s": %s\n' "$STEP" "$*" >&2; exit 1; }
-trap 'rc=$?; [ $rc -eq 0 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
+die() { DIED=1; printf 'build-qemu: FAILED at step "%s": %s\n' "$STEP" "$*" >&2; exit 1; }
+trap 'rc=$?; [ $rc -eq 0 ] || [ "${DIED:-0}" = 1 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
 
 # The cache key: every patch's bytes, in name order (sha256, first 12 hex digits).
 patch_hash() {
@@ -117,7 +117,7 @@ log "verified $TARBALL sha256 $actual"
 step "unpack and patch"
 WORK="$(mktemp -d "$CACHE/build-qemu.XXXXXX")"
 cleanup() { rm -rf "$WORK"; }
-trap 'rc=$?; cleanup; [ $rc -eq 0 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
+trap 'rc=$?; cleanup; [ $rc -eq 0 ] || [ "${DIED:-0}" = 1 ] || printf "build-qemu: FAILED at step \"%s\" (exit %s)\n" "$STEP" "$rc" >&2' EXIT
 tar -C "$WORK" -xf "$SRC_DIR/$TARBALL"
 SRC="$WORK/qemu-$QEMU_VERSION"
 [ -d "$SRC" ] || die "$TARBALL did not unpack to qemu-$QEMU_VERSION/"

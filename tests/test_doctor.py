@@ -225,3 +225,83 @@ def test_real_host_decision_follows_the_rule(built_qemu: Path) -> None:
         assert accel == "tcg"
     else:  # a host with VT-x/AMD-V: the real probe boot decided
         assert (accel == "kvm") == qemu.probe_boot(built_qemu, "kvm").ok, reason
+
+
+# --- scripts/setup.sh: the apt sources step, against a fake /etc/apt --------------------------
+
+SETUP = Path(__file__).resolve().parent.parent / "scripts" / "setup.sh"
+MAIN_SOURCES = """Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def run_sources_step(tmp_path: Path, codename: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "os-release").write_text(f"ID=debian\nVERSION_CODENAME={codename}\n")
+    env = {**__import__("os").environ,
+           "NITRO_HARNESS_APT_ETC": str(tmp_path / "apt"),
+           "NITRO_HARNESS_OS_RELEASE": str(tmp_path / "os-release")}
+    return subprocess.run(["bash", str(SETUP), "--only", "sources", *extra],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def apt_tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    apt = tmp_path / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    for name, text in files.items():
+        (apt / name).write_text(text)
+    return apt
+
+
+def test_setup_adds_backports_once_and_nothing_else(tmp_path: Path) -> None:
+    apt = apt_tree(tmp_path, {"sources.list.d/debian.sources": MAIN_SOURCES})
+    first = run_sources_step(tmp_path, "bookworm")
+    assert first.returncode == 0, first.stderr
+    added = apt / "sources.list.d" / "nitro-harness-bookworm-backports.sources"
+    text = added.read_text()
+    assert "Types: deb deb-src\n" in text and "Suites: bookworm-backports\n" in text
+    # Never another release: the only suite named anywhere new is bookworm-backports.
+    suites = [ln for ln in text.splitlines() if ln.startswith("Suites:")]
+    assert suites == ["Suites: bookworm-backports"] and "trixie" not in text
+    assert sorted(p.name for p in (apt / "sources.list.d").iterdir()) == [
+        "debian.sources", "nitro-harness-bookworm-backports.sources"]
+    again = run_sources_step(tmp_path, "bookworm")
+    assert again.returncode == 0 and "cached: bookworm-backports" in again.stderr
+    assert added.read_text() == text
+
+
+def test_setup_adds_only_the_missing_deb_src(tmp_path: Path) -> None:
+    apt = apt_tree(tmp_path, {
+        "sources.list": "deb http://deb.debian.org/debian bookworm main\n"
+                        "deb http://deb.debian.org/debian bookworm-backports main\n",
+    })
+    out = run_sources_step(tmp_path, "bookworm")
+    assert out.returncode == 0, out.stderr
+    text = (apt / "sources.list.d" / "nitro-harness-bookworm-backports.sources").read_text()
+    assert "Types: deb-src\n" in text
+
+
+def test_setup_ignores_disabled_stanza_and_dry_run_writes_nothing(tmp_path: Path) -> None:
+    apt = apt_tree(tmp_path, {"sources.list.d/bp.sources": (
+        "Types: deb deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n"
+        "Components: main\nEnabled: no\n")})
+    out = run_sources_step(tmp_path, "bookworm", "--dry-run")
+    assert out.returncode == 0
+    assert "would add bookworm-backports (deb deb-src)" in out.stderr
+    assert [p.name for p in (apt / "sources.list.d").iterdir()] == ["bp.sources"]
+
+
+def test_setup_adds_no_sources_off_bookworm(tmp_path: Path) -> None:
+    apt = apt_tree(tmp_path, {})
+    out = run_sources_step(tmp_path, "trixie")
+    assert out.returncode == 0 and "not bookworm" in out.stderr
+    assert list((apt / "sources.list.d").iterdir()) == []
+
+
+def test_setup_rejects_unknown_step(tmp_path: Path) -> None:
+    out = subprocess.run(["bash", str(SETUP), "--only", "qemu,bogus"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.count("FAILED") == 1 and "unknown step 'bogus'" in out.stderr
