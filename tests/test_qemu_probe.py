@@ -227,3 +227,25 @@ def test_probe_boot_kvm_without_vmx_fails(built_qemu: Path) -> None:
     result = qemu.probe_boot(built_qemu, "kvm")
     assert not result.ok
     assert "exit status" in result.detail
+
+
+# --- scripts/build-qemu.sh without building ---------------------------------------------------
+
+def test_build_script_reuses_a_complete_build(tmp_path: Path) -> None:
+    """Second run: a complete build for the current patches is reused ("cached"), in well
+    under the time any build step would take (it must not even look at apt)."""
+    name = expected_build_dir().name
+    fake_build(tmp_path, name, 1_000_000)
+    env = {**os.environ, "NITRO_HARNESS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([str(REPO / "scripts" / "build-qemu.sh")], capture_output=True,
+                         text=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert f"cached: {tmp_path / name / 'bin' / 'qemu-system-x86_64'}" in out.stderr
+    assert "step:" not in out.stderr
+
+
+def test_build_script_rejects_unknown_argument() -> None:
+    out = subprocess.run([str(REPO / "scripts" / "build-qemu.sh"), "--fast"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.count("FAILED") == 1 and "unknown argument '--fast'" in out.stderr

@@ -3,6 +3,15 @@
 Human text by default, ``--json`` for machines (2-space JSON on stdout, SPEC 9). Exit status 0
 when every required piece is present (enclaves can boot, with KVM or TCG), 1 when a check
 failed; the report itself names the command that fixes each failure.
+
+JSON keys (``harness.doctor.Report.to_json``): ``ok`` (bool); ``qemu`` (null when none was
+found, else ``path``, ``version`` "X.Y.Z", ``machines`` {microvm, nitro-enclave: bool},
+``devices`` {vhost-user-device: {present, creatable, detail}, vhost-user-vsock-device,
+virtio-nsm-device: bool}, ``accelerators``, ``fit_for_enclaves``, ``data_dirs``,
+``kernel_loader``, ``build_info``); ``firmware`` (qboot path or null); ``accelerator``
+{choice: "kvm"|"tcg", reason}; ``host`` (``harness.host.HostFacts.to_json``: cpus,
+enclave_pool, hugepages, kvm, vhost_vsock, memory_kib); ``checks`` [{name, status:
+ok|warn|fail|info, detail, fix}].
 """
 
 from __future__ import annotations
