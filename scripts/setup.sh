@@ -266,12 +266,15 @@ command -v apt-get >/dev/null || die "apt-get not found: nitro-harness set-up su
 if ! wants python && [ -x "$REPO/.venv/bin/python" ] && ! "$PYTHON" -c 'import harness' 2>/dev/null; then
     PYTHON="$REPO/.venv/bin/python"
 fi
+TIMES=()
 for s in "${ALL_STEPS[@]}"; do
     if wants "$s"; then
         step "$s"
+        t0=$(date +%s)
         "step_$s"
+        TIMES+=("$s $(( $(date +%s) - t0 ))s")
     fi
 done
 
 STEP="done"
-log "done in $(( $(date +%s) - T_START )) s"
+log "done in $(( $(date +%s) - T_START )) s ($(IFS=,; echo "${TIMES[*]}" | sed 's/,/, /g'))"
