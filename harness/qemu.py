@@ -361,6 +361,64 @@ def _read_build_info(path: Path) -> dict[str, Any] | None:
 
 _probe_cache: dict[tuple[str, int, int], QemuInfo] = {}
 _probe_lock = threading.Lock()
+_PROBE_FORMAT = 1  # bump when QemuInfo's fields or the probe's method change
+
+
+def _disk_cache_file(resolved: str) -> Path:
+    """Where the probe of the binary at ``resolved`` is kept across processes."""
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:16]
+    return cache_dir() / "probes" / f"qemu-{digest}.json"
+
+
+def _load_probe(key: tuple[str, int, int], path: Path) -> QemuInfo | None:
+    """The probe stored for exactly ``key`` (path, mtime_ns, size), or None."""
+    try:
+        data = json.loads(_disk_cache_file(key[0]).read_text())
+        if data.get("format") != _PROBE_FORMAT or tuple(data.get("key", ())) != key:
+            return None
+        raw = data["info"]
+        return QemuInfo(
+            path=path,
+            version=tuple(raw["version"]),  # type: ignore[arg-type]
+            version_text=raw["version_text"],
+            machines=frozenset(raw["machines"]),
+            devices=frozenset(raw["devices"]),
+            accelerators=frozenset(raw["accelerators"]),
+            vhost_user_device_creatable=bool(raw["vhost_user_device_creatable"]),
+            vhost_user_device_detail=raw["vhost_user_device_detail"],
+            build_info=_read_build_info(path),
+            data_dirs=tuple(Path(d) for d in raw["data_dirs"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_probe(key: tuple[str, int, int], info: QemuInfo) -> None:
+    """Keep ``info`` for other processes (temp file + rename); silently skip when the cache
+    directory is not writable: the cache only saves the ~0.4 s a probe costs."""
+    target = _disk_cache_file(key[0])
+    data = {
+        "format": _PROBE_FORMAT,
+        "key": list(key),
+        "info": {
+            "version": list(info.version),
+            "version_text": info.version_text,
+            "machines": sorted(info.machines),
+            "devices": sorted(info.devices),
+            "accelerators": sorted(info.accelerators),
+            "vhost_user_device_creatable": info.vhost_user_device_creatable,
+            "vhost_user_device_detail": info.vhost_user_device_detail,
+            "data_dirs": [str(d) for d in info.data_dirs],
+        },
+    }
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".probe-", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, target)
+    except OSError:
+        pass
 
 
 def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
@@ -368,7 +426,8 @@ def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
 
     Runs ``-version``, ``-machine help``, ``-device help``, ``-accel help``, ``-L help`` and one short
     ``-machine none -S`` run that tries to create ``vhost-user-device`` (about 0.2 s in all).
-    Cached per process by (resolved path, mtime, size), so a rebuilt binary is re-probed.
+    Cached by (resolved path, mtime, size), in the process and on disk
+    (``<cache_dir>/probes/``), so a rebuilt or replaced binary is re-probed.
     Raises ``NitroError(E19)`` when ``path`` is not an executable file and ``NitroError(E05)``
     when it does not run or does not answer like QEMU.
     """
@@ -386,6 +445,11 @@ def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
         cached = _probe_cache.get(key)
     if cached is not None:
         return cached
+    stored = _load_probe(key, binary)
+    if stored is not None:
+        with _probe_lock:
+            _probe_cache[key] = stored
+        return stored
 
     version_out = _run([str(binary), "-version"])
     version, version_text = _parse_version(version_out.stdout, binary)
@@ -417,6 +481,7 @@ def probe_qemu(path: str | os.PathLike[str]) -> QemuInfo:
     )
     with _probe_lock:
         _probe_cache[key] = info
+    _store_probe(key, info)
     return info
 
 

@@ -80,6 +80,31 @@ def test_probe_is_cached_per_binary(built_qemu: Path) -> None:
     assert qemu.probe_qemu(built_qemu) is qemu.probe_qemu(built_qemu)
 
 
+def test_probe_disk_cache_is_read_and_invalidated(built_qemu: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The on-disk probe is used only for the exact (path, mtime, size) it was made for."""
+    import json
+    monkeypatch.setenv("NITRO_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(qemu, "_probe_cache", {})
+    real = qemu.probe_qemu(built_qemu)
+    stored = list((tmp_path / "probes").glob("qemu-*.json"))
+    assert len(stored) == 1
+    data = json.loads(stored[0].read_text())
+    st = built_qemu.stat()
+    assert data["key"] == [str(built_qemu.resolve()), st.st_mtime_ns, st.st_size]
+    # A poisoned entry with the right key is believed (proof the disk copy is read) ...
+    data["info"]["version"] = [9, 9, 9]
+    stored[0].write_text(json.dumps(data))
+    monkeypatch.setattr(qemu, "_probe_cache", {})
+    assert qemu.probe_qemu(built_qemu).version == (9, 9, 9)
+    # ... and one whose key no longer matches the binary is probed again and replaced.
+    data["key"][1] -= 1
+    stored[0].write_text(json.dumps(data))
+    monkeypatch.setattr(qemu, "_probe_cache", {})
+    assert qemu.probe_qemu(built_qemu) == real
+    assert json.loads(stored[0].read_text())["info"]["version"] == [10, 0, 2]
+
+
 def test_refusal_reads_as_spec_says(built_qemu: Path) -> None:
     """vhost-user-device-pci keeps user_creatable = false in the patched build: QEMU's real
     refusal must be recognised (SPEC 5: "Parameter 'driver' expects a pluggable device type")."""
