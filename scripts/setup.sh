@@ -13,11 +13,13 @@
 #   qemu      scripts/build-qemu.sh (cached under ~/.cache/nitro-harness/qemu-<ver>-<patch hash>/)
 #   python    pip install -e '.[test]' with $PYTHON (skipped while pyproject.toml is unchanged);
 #             a PEP 668 "externally managed" Python gets ./.venv instead
+#   kernel    opt-in (BUILD_KERNEL=1 or --only kernel): scripts/build-kernel.sh, the Nitro-style
+#             kernel (cached under ~/.cache/nitro-harness/kernel-<version>-<config hash>/)
 #   doctor    nitro-harness doctor (must report ready)
 #   images    nitro-harness images build hello (when that command exists)
 # A second run does no work beyond checks and prints "cached" for each step it skips.
 # Env: PYTHON (python3), JOBS (2), NITRO_HARNESS_QEMU (use that QEMU: no build), SKIP_IMAGES=1,
-#      NITRO_HARNESS_CACHE (cache root), NITRO_HARNESS_APT_ETC (/etc/apt) and
+#      BUILD_KERNEL=1, NITRO_HARNESS_CACHE (cache root), NITRO_HARNESS_APT_ETC (/etc/apt) and
 #      NITRO_HARNESS_OS_RELEASE (/etc/os-release) to run the sources step against other files.
 set -euo pipefail
 
@@ -27,7 +29,7 @@ CACHE="${NITRO_HARNESS_CACHE:-$HOME/.cache/nitro-harness}"
 APT_ETC="${NITRO_HARNESS_APT_ETC:-/etc/apt}"
 OS_RELEASE="${NITRO_HARNESS_OS_RELEASE:-/etc/os-release}"
 APT_WAIT=(-o DPkg::Lock::Timeout=600)
-ALL_STEPS=(sources packages qemu python doctor images)
+ALL_STEPS=(sources packages qemu python kernel doctor images)
 export DEBIAN_FRONTEND=noninteractive
 
 STEP="start"
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY_RUN=1 ;;
         --only) [ $# -ge 2 ] || die "--only needs a list: ${ALL_STEPS[*]}"; ONLY="$2"; shift ;;
         --only=*) ONLY="${1#--only=}" ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (expected --dry-run, --only STEP[,STEP])" ;;
     esac
     shift
@@ -82,6 +84,9 @@ HOST_PACKAGES=(build-essential cpio openssl qemu-system-data xz-utils zstd kmod 
 # QEMU build dependencies (DESIGN.md Environment, checked in a clean bookworm).
 QEMU_BUILD_PACKAGES=(ninja-build pkg-config libglib2.0-dev libpixman-1-dev libcbor-dev
                      libgnutls28-dev libfdt-dev flex bison patch)
+# What scripts/build-kernel.sh needs beyond those (bc for the build, libelf for objtool, OpenSSL
+# headers for the certificate tools); cheap, so installed whether or not the kernel is built.
+KERNEL_BUILD_PACKAGES=(bc libelf-dev libssl-dev)
 APT_UPDATE=0
 
 # --- sources ----------------------------------------------------------------------------------
@@ -150,7 +155,7 @@ step_sources() {
 # --- packages ---------------------------------------------------------------------------------
 step_packages() {
     local missing=() p status
-    for p in "${HOST_PACKAGES[@]}" "${QEMU_BUILD_PACKAGES[@]}"; do
+    for p in "${HOST_PACKAGES[@]}" "${QEMU_BUILD_PACKAGES[@]}" "${KERNEL_BUILD_PACKAGES[@]}"; do
         status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
         [ "$status" = "install ok installed" ] || missing+=("$p")
     done
@@ -161,7 +166,7 @@ step_packages() {
         APT_UPDATE=1
     fi
     if [ ${#missing[@]} -eq 0 ] && [ $APT_UPDATE = 0 ]; then
-        log "cached: all ${#HOST_PACKAGES[@]} host and ${#QEMU_BUILD_PACKAGES[@]} build packages installed"
+        log "cached: all $(( ${#HOST_PACKAGES[@]} + ${#QEMU_BUILD_PACKAGES[@]} + ${#KERNEL_BUILD_PACKAGES[@]} )) packages installed"
         return 0
     fi
     if [ $DRY_RUN = 1 ]; then
@@ -237,6 +242,19 @@ EOF
 
 # The harness's CLI with the Python the python step settled on.
 nh() { "$PYTHON" -m harness.cli "$@"; }
+
+# --- kernel -----------------------------------------------------------------------------------
+step_kernel() {
+    if [ ! -x "$REPO/scripts/build-kernel.sh" ]; then
+        log "skipped: scripts/build-kernel.sh is not in this checkout"
+    elif [ "${BUILD_KERNEL:-0}" != 1 ] && [ -z "$ONLY" ]; then
+        log "skipped (opt-in: BUILD_KERNEL=1 or --only kernel; the images use Debian's kernel)"
+    elif [ $DRY_RUN = 1 ]; then
+        log "would run scripts/build-kernel.sh"
+    else
+        JOBS="${JOBS:-2}" "$REPO/scripts/build-kernel.sh" || die "scripts/build-kernel.sh failed"
+    fi
+}
 
 # --- doctor -----------------------------------------------------------------------------------
 step_doctor() {
