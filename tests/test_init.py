@@ -90,13 +90,22 @@ _HELLO_STEPS = [
 ]
 
 
-def _qemu_or_skip() -> None:
-    from harness import qemu
+def _qemu_or_skip() -> list[str]:
+    """Skip without a usable QEMU; return extra QEMU arguments for these boots.
+
+    Under TCG on a loaded host the guest's quick PIT calibration of the TSC fails now and then,
+    and the kernel then waits forever for its first timer tick (a machine problem, tested by
+    the engine's own boot tests, not an init one). ``-icount shift=auto`` ties guest time to
+    executed instructions so the calibration always succeeds; these tests are about init.
+    """
+    from harness import doctor, host, qemu
     from harness.errors import NitroError
     try:
-        qemu.probe_qemu(qemu.find_qemu())
+        info = qemu.probe_qemu(qemu.find_qemu())
     except NitroError as err:
         pytest.skip(f"no usable QEMU to boot with: {err.message}")
+    accel, _reason = doctor.choose_accelerator(info, host.kvm_status())
+    return ["-icount", "shift=auto"] if accel == "tcg" else []
 
 
 @pytest.fixture
@@ -110,15 +119,15 @@ def short_run_dir():
 def _boot(tmp_path: Path, run_dir: Path, eif: Path, memory_mib: int = 256):
     from harness.enclave import Enclave, EnclaveConfig
     from harness.registry import Registry
+    extra = _qemu_or_skip()
     return Enclave.start(
         EnclaveConfig(eif_path=eif, memory_mib=memory_mib, cpu_count=1, debug_mode=True,
-                      heartbeat_timeout=120),
+                      heartbeat_timeout=120, extra_qemu_args=extra),
         registry=Registry(run_dir), artifacts_dir=tmp_path / "art")
 
 
 def test_hello_boot_follows_spec3_order(tmp_path, short_run_dir):
     """Every init step appears once, in order; the hello application then prints its lines."""
-    _qemu_or_skip()
     enclave = _boot(tmp_path, short_run_dir, recipes.build_image("hello"))
     try:
         enclave.console.expect(r"\[   2\] Hello from the enclave side!", timeout=60)
@@ -128,7 +137,10 @@ def test_hello_boot_follows_spec3_order(tmp_path, short_run_dir):
             m = re.compile(step).search(text, pos)
             assert m, f"{step!r} missing after offset {pos}:\n{text[-3000:]}"
             pos = m.end()
-        assert "nitro-init: fatal" not in text and "warning:" not in text
+        assert "nitro-init: fatal" not in text
+        # Only optional cgroup v1 controllers may fail (6.12 without MEMCG_V1/CPUSETS_V1).
+        warnings = re.findall(r"nitro-init: warning: (.*) \(t=", text)
+        assert all(w.startswith("mount cgroup ") for w in warnings), warnings
         # Boot-to-init and boot-to-heartbeat as init measured them (CLOCK_BOOTTIME).
         t_init = float(re.search(r"nitro-init: started \(pid 1\) \(t=([\d.]+)s\)", text)[1])
         t_hb = float(re.search(r"got it back \(t=([\d.]+)s\)", text)[1])
@@ -141,14 +153,13 @@ def test_hello_boot_follows_spec3_order(tmp_path, short_run_dir):
 
 def test_app_exit_reboots_and_ends_the_enclave(tmp_path, short_run_dir):
     """The application's exit status is logged, init reboots, the VM ends (SPEC 3)."""
-    _qemu_or_skip()
     built = recipes.build("hello", cmd=["sh", "-c", "echo app-ran-with-$0; exit 3"],
                           env=["A=1", "B=2"])
     try:
         enclave = _boot(tmp_path, short_run_dir, built.path)
         try:
             assert enclave.wait(60), "the enclave did not end after the application exited"
-            text = (tmp_path / "art" / "console.log").read_text(errors="replace")
+            text = enclave.console.text()
             assert "nitro-init: read /env: 2 variable(s)" in text
             # argv[0] 'sh' was searched in SPEC 3's path and found as /bin/sh.
             assert "nitro-init: starting application: 'sh' '-c'" in text
@@ -162,13 +173,12 @@ def test_app_exit_reboots_and_ends_the_enclave(tmp_path, short_run_dir):
 
 
 def test_missing_program_is_reported_and_ends_the_enclave(tmp_path, short_run_dir):
-    _qemu_or_skip()
     built = recipes.build("hello", cmd=["no-such-program"])
     try:
         enclave = _boot(tmp_path, short_run_dir, built.path)
         try:
             assert enclave.wait(60)
-            text = (tmp_path / "art" / "console.log").read_text(errors="replace")
+            text = enclave.console.text()
             assert ("nitro-init: fatal: exec no-such-program (searched in "
                     "/sbin:/usr/sbin:/bin:/usr/bin): No such file or directory") in text
             assert "nitro-init: application exited with status 127; rebooting" in text
