@@ -679,7 +679,16 @@ def _busybox_links(root: Path, recipe: Recipe) -> int:
     if not bb.is_file():
         raise _fail(recipe.path, "rootfs.busybox_links: no /bin/busybox in the root filesystem "
                     "(add busybox or busybox-static to rootfs.debs)")
-    proc = subprocess.run([str(bb), "--list-full"], capture_output=True, text=True, check=False)
+    argv = [str(bb), "--list-full"]
+    loader = root / "lib64" / "ld-linux-x86-64.so.2"
+    if elf_interpreter(bb) is not None and (loader.exists() or loader.is_symlink()):
+        # A dynamic busybox runs with the image's own loader and libc, not the host's.
+        libs = f"{root}/lib/x86_64-linux-gnu:{root}/usr/lib/x86_64-linux-gnu"
+        argv = [str(_resolve_in_root(root, loader)), "--library-path", libs, *argv]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as e:
+        raise _fail(bb, f"rootfs.busybox_links: cannot run busybox --list-full: {e}") from None
     if proc.returncode != 0:
         raise _fail(bb, f"rootfs.busybox_links: busybox --list-full failed: {proc.stderr.strip()}")
     n = 0
