@@ -39,13 +39,18 @@ Recipe fields (schema in :data:`RECIPE_SCHEMA`)::
       skip: [dpkg]
       prune: [usr/share/doc]           # globs relative to the root, removed after unpacking
       busybox_links: true              # a symlink per applet of /bin/busybox
-      files: [{path: /usr/bin/hello, mode: 0755, content: "..."}]  # YAML 0755 is octal
+      files: [{path: /usr/bin/hello, mode: 0755, content: "..."}]  # YAML 0755 is octal;
+                                       # or {path, symlink: TARGET} / {path, directory: true}
       pip: [aws-nsm-interface==1.0.0]  # pure-Python wheels, unpacked into pip_target
       pip_target: /usr/lib/python3/dist-packages
       guest: /opt/nitro-harness        # every file of images/guest/ copied here
       compile_python: true             # precompiled .pyc (unchecked-hash) for the guest python
     cmd: [/usr/bin/hello]
     env: [PATH=/usr/sbin:/usr/bin:/sbin:/bin]
+
+Public API: :func:`build_image` (path of the EIF), :func:`build` (path, cache hit, info),
+:func:`recipe_path`, :func:`load_recipe`, :func:`list_recipes`, :func:`cached_images`,
+:func:`build_init` (the static init alone). The CLI front is ``nitro-harness images``.
 """
 
 from __future__ import annotations
