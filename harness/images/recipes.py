@@ -63,6 +63,7 @@ import io
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -936,6 +937,21 @@ def _lock(path: Path):
     return f
 
 
+#: Builds of one recipe kept in the image cache (each code or input change makes a new one).
+KEEP_BUILDS = 4
+
+
+def _prune_old_builds(name: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest cached EIFs (and their info) of recipe ``name``."""
+    pat = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{16}}\.eif$")
+    eifs = sorted((p for p in image_cache().glob(f"{name}-*.eif") if pat.match(p.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in eifs[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+        (image_cache() / f".{old.stem}.lock").unlink(missing_ok=True)
+
+
 def build(name_or_path: str | Path, output: str | Path | None = None, *,
           cmd: Sequence[str] | None = None, env: Sequence[str] | None = None,
           log: Log = _nolog) -> BuiltImage:
@@ -960,6 +976,7 @@ def build(name_or_path: str | Path, output: str | Path | None = None, *,
             tmp = info_path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(info, indent=2) + "\n")
             os.replace(tmp, info_path)
+            _prune_old_builds(recipe.name, keep=KEEP_BUILDS)
     path = eif
     if output is not None:
         path = Path(output)
