@@ -508,3 +508,15 @@ def test_prebuilt_kernel_directory_recipe(hello, tmp_path):
     with pytest.raises(NitroError) as e:
         recipes.load_recipe(bad)
     assert "kernel.modules" in e.value.message
+
+
+def test_cache_keeps_the_newest_builds_per_recipe(hello, tmp_path):
+    recipe = _copy_recipe(tmp_path, "test-prune")
+    built = [recipes.build(recipe, cmd=[f"/bin/true-{i}"]) for i in range(recipes.KEEP_BUILDS + 1)]
+    try:
+        present = [Path(b.info["EifPath"]).is_file() for b in built]
+        assert present == [False] + [True] * recipes.KEEP_BUILDS  # the oldest went
+        assert not Path(built[0].info["EifPath"]).with_suffix(".json").exists()
+    finally:
+        for b in built:
+            _forget(b)
