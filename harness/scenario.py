@@ -1474,33 +1474,45 @@ class ScenarioRunner:
 
     # Isolation checks (issue 6 item 2): each returns what it saw, or raises StepFailed.
 
+    def _guest_value(self, key: str, expression: str, limit: float) -> str:
+        """Value of a shell ``expression`` in the guest, framed by <KEY>...</KEY>.
+
+        The frame is assembled by the shell from a variable, so a console that echoes the typed
+        command line (a tty in echo mode) never shows it: only the real output matches.
+        """
+        res = self._exec(f'__k={key}; echo "<$__k>$({expression})</$__k>"', limit)
+        found = re.search(rf"<{key}>(.*?)</{key}>", res.output, re.DOTALL)
+        if found is None:
+            raise StepFailed(f"guest command for {key} ({expression!r}) printed no value "
+                             f"(status {res.status}):\n{_indent(res.output)}")
+        return found.group(1)
+
     def _iso_guest_network(self, limit: float, tolerance: float) -> str:
-        res = self._exec("ls /sys/class/net", limit)
-        names = res.output.split()
-        if res.status != 0 or names != ["lo"]:
-            raise StepFailed(f"guest network interfaces {names} (status {res.status}); only 'lo' may exist")
+        names = self._guest_value("NET", "ls /sys/class/net", limit).split()
+        if names != ["lo"]:
+            raise StepFailed(f"guest network interfaces {names}; only 'lo' may exist")
         return "only lo"
 
     def _iso_guest_block_devices(self, limit: float, tolerance: float) -> str:
-        res = self._exec("ls /sys/block", limit)
+        names = self._guest_value("BLK", "ls /sys/block", limit).split()
         # Loop, RAM and zram devices are the guest kernel's own memory, not host-provided disks.
-        disks = [n for n in res.output.split() if not re.fullmatch(r"(loop|ram|zram)\d+", n)]
-        if res.status != 0 or disks:
-            raise StepFailed(f"guest block devices {disks} (status {res.status}); none may exist")
-        return f"no disks ({len(res.output.split())} loop/ram devices)"
+        disks = [n for n in names if not re.fullmatch(r"(loop|ram|zram)\d+", n)]
+        if disks:
+            raise StepFailed(f"guest block devices {disks}; none may exist")
+        return f"no disks ({len(names)} loop/ram devices)"
 
     def _iso_guest_cpus(self, limit: float, tolerance: float) -> str:
-        res = self._exec("grep -c ^processor /proc/cpuinfo", limit)
+        seen = self._guest_value("CPUS", "grep -c ^processor /proc/cpuinfo", limit).strip()
         want = len(self.enclave.cpu_ids)
-        if res.status != 0 or res.output.strip() != str(want):
-            raise StepFailed(f"guest sees {res.output.strip()!r} CPUs, configured {want}")
+        if seen != str(want):
+            raise StepFailed(f"guest sees {seen!r} CPUs, configured {want}")
         return f"{want} CPUs"
 
     def _iso_guest_memory(self, limit: float, tolerance: float) -> str:
-        res = self._exec("grep MemTotal /proc/meminfo", limit)
-        found = re.search(r"MemTotal:\s+(\d+) kB", res.output)
-        if res.status != 0 or not found:
-            raise StepFailed(f"cannot read MemTotal: {res.output!r}")
+        value = self._guest_value("MEM", "grep MemTotal /proc/meminfo", limit)
+        found = re.search(r"MemTotal:\s+(\d+) kB", value)
+        if not found:
+            raise StepFailed(f"cannot read MemTotal: {value!r}")
         total_mib = int(found.group(1)) / 1024
         want = self.enclave.memory_mib
         if not (want * (1 - tolerance) <= total_mib <= want):

@@ -477,6 +477,7 @@ def test_runner_kms_step_skips_with_reason(tmp_path):
 # and its "vsock" is TCP on 127.0.0.1 (port + 20000). Real boots run the same steps in scenarios/.
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -746,3 +747,34 @@ def test_run_command_refuses_a_malformed_scenario_before_running(tmp_path, capsy
     assert status == 3
     assert err.strip().endswith("b.yaml:3: steps[0].console.count: must be of type integer, not string")
     assert "running" not in err  # nothing ran: every file is validated first
+
+
+def test_isolation_guest_checks_read_framed_values(tmp_path, monkeypatch):
+    # The stand-in's "guest" is this host: give it the host's CPU count and memory, so these
+    # checks must pass, and expect guest_network to fail naming the host's interfaces.
+    cpus = os.cpu_count()
+    mem_kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+    original = HostStandIn.__init__
+
+    def shaped_like_host(self, folder):
+        original(self, folder)
+        self.cpu_ids, self.memory_mib = list(range(cpus)), mem_kib // 1024 + 1
+
+    monkeypatch.setattr(HostStandIn, "__init__", shaped_like_host)
+    result = run_standin(tmp_path, """
+        - isolation: {checks: [guest_cpus, guest_memory]}
+        """)
+    assert result.status == "passed", result.failure_report()
+    report = json.loads((tmp_path / "artifacts" / "isolation.json").read_text())
+    assert report["guest_cpus"] == f"{cpus} CPUs"
+    assert report["guest_memory"].startswith(f"MemTotal {mem_kib / 1024:.1f} MiB")
+    host_net = os.listdir("/sys/class/net")
+    result = run_standin(tmp_path, """
+        - isolation: {checks: [guest_network]}
+        """)
+    if sorted(host_net) == ["lo"]:
+        assert result.status == "passed"
+    else:
+        assert result.status == "failed"
+        assert "only 'lo' may exist" in result.message
+        assert all(repr(name) in result.message for name in host_net)
