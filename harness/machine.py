@@ -95,6 +95,11 @@ def build_command(spec: MachineSpec) -> list[str]:
         "-serial", "chardev:console",
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
     ]
+    if spec.accel == "tcg" and spec.acpi:
+        # With ACPI, a guest whose TSC calibration fails (a loaded host) falls back to the PIT
+        # and never gets a tick on microvm under TCG; instruction counting gives it a
+        # deterministic clock. The Nitro layout (no ACPI) needs no such help.
+        cmd += ["-icount", "shift=auto"]
     if spec.firmware:
         cmd += ["-bios", str(spec.firmware)]
     if spec.mem_lock:

@@ -64,3 +64,9 @@ def test_launcher_binds_qemu_to_the_harness_and_other_cpus():
     from harness.machine import launcher
 
     assert launcher((0,)) == ["setpriv", "--pdeathsig", "KILL", "--", "taskset", "--cpu-list", "0"]
+
+
+def test_icount_only_for_acpi_guests_under_tcg(tmp_path):
+    assert option_values(build_command(spec(tmp_path, acpi=True)), "-icount") == ["shift=auto"]
+    assert "-icount" not in build_command(spec(tmp_path, acpi=False))
+    assert "-icount" not in build_command(spec(tmp_path, accel="kvm", acpi=True))
