@@ -74,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires_kvm: skip unless enclaves run under KVM on this host")
     config.addinivalue_line("markers", "requires_nsm: skip unless this QEMU can host the harness NSM")
     config.addinivalue_line("markers", "scenario: a YAML scenario collected by nitro-harness")
+    config.addinivalue_line("markers", "slow: boots a real QEMU guest (every YAML scenario has it)")
     config.stash[_SKIP_CACHE_KEY] = {}
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
@@ -314,6 +315,8 @@ class ScenarioFile(pytest.File):
         for case in scenarios:
             item = ScenarioItem.from_parent(self, name=case.id, scenario=case)
             item.add_marker(pytest.mark.scenario)
+            # Scenarios boot real guests: the project's `slow` marker lets `-m "not slow"` skip them.
+            item.add_marker(pytest.mark.slow)
             for requirement in case.requires:
                 item.add_marker(getattr(pytest.mark, f"requires_{requirement}"))
             for marker in case.data.get("markers") or []:
