@@ -107,9 +107,12 @@ def _artifacts_root(config: pytest.Config) -> Path:
 
 
 def artifacts_dir_for(item: pytest.Item) -> Path:
-    """The artifacts folder of ``item`` (created): ``<root>/<node id made file-safe>``."""
+    """The artifacts folder of ``item`` (created empty): ``<root>/<node id made file-safe>``."""
+    if _ARTIFACTS_KEY in item.stash:
+        return item.stash[_ARTIFACTS_KEY]
     safe = re.sub(r"[^A-Za-z0-9_.=,-]+", "_", item.nodeid).strip("_")[-150:]
     path = _artifacts_root(item.config) / safe
+    shutil.rmtree(path, ignore_errors=True)  # a previous run's files would mislead
     path.mkdir(parents=True, exist_ok=True)
     item.stash[_ARTIFACTS_KEY] = path
     return path
