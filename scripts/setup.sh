@@ -13,13 +13,13 @@
 #   qemu      scripts/build-qemu.sh (cached under ~/.cache/nitro-harness/qemu-<ver>-<patch hash>/)
 #   python    pip install -e '.[test]' with $PYTHON (skipped while pyproject.toml is unchanged);
 #             a PEP 668 "externally managed" Python gets ./.venv instead
-#   kernel    opt-in (BUILD_KERNEL=1 or --only kernel): scripts/build-kernel.sh, the Nitro-style
-#             kernel (cached under ~/.cache/nitro-harness/kernel-<version>-<config hash>/)
+#   kernel    scripts/build-kernel.sh: the Nitro-style kernel the shipped images boot (cached
+#             under ~/.cache/nitro-harness/kernel-<version>-<config hash>/; SKIP_KERNEL=1 skips)
 #   doctor    nitro-harness doctor (must report ready)
 #   images    nitro-harness images build hello (when that command exists)
 # A second run does no work beyond checks and prints "cached" for each step it skips.
 # Env: PYTHON (python3), JOBS (2), NITRO_HARNESS_QEMU (use that QEMU: no build), SKIP_IMAGES=1,
-#      BUILD_KERNEL=1, NITRO_HARNESS_CACHE (cache root), NITRO_HARNESS_APT_ETC (/etc/apt) and
+#      SKIP_KERNEL=1, NITRO_HARNESS_CACHE (cache root), NITRO_HARNESS_APT_ETC (/etc/apt) and
 #      NITRO_HARNESS_OS_RELEASE (/etc/os-release) to run the sources step against other files.
 set -euo pipefail
 
@@ -247,8 +247,8 @@ nh() { "$PYTHON" -m harness.cli "$@"; }
 step_kernel() {
     if [ ! -x "$REPO/scripts/build-kernel.sh" ]; then
         log "skipped: scripts/build-kernel.sh is not in this checkout"
-    elif [ "${BUILD_KERNEL:-0}" != 1 ] && [ -z "$ONLY" ]; then
-        log "skipped (opt-in: BUILD_KERNEL=1 or --only kernel; the images use Debian's kernel)"
+    elif [ "${SKIP_KERNEL:-0}" = 1 ]; then
+        log "skipped (SKIP_KERNEL=1; the hello and python images need it, the *-debian ones do not)"
     elif [ $DRY_RUN = 1 ]; then
         log "would run scripts/build-kernel.sh"
     else
