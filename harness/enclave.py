@@ -153,6 +153,7 @@ class Enclave:
         self._heartbeat: Any = None
         self._lock = threading.Lock()
         self._terminated = False
+        self._released = threading.Event()
 
     # ----------------------------------------------------------------------------------------
     # start
@@ -213,7 +214,9 @@ class Enclave:
             self.vcpu_cpus = cpus.vcpu_cpus
             self.cpu_mode = cpus.mode
             self.enclave_id = f"{self.instance_id}-enc{secrets.randbits(64):016x}"
-            self.state_dir = self.registry.root / self.enclave_id
+            # Named by slot, not by enclave ID: Unix socket paths must stay under 108 bytes.
+            self.state_dir = self.registry.root / f"enc{self.slot}"
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # a crashed run's leftovers
             self.state_dir.mkdir(mode=0o700)
             self.state = "STARTING"
             self._write_record()
@@ -515,6 +518,8 @@ class Enclave:
         """
         with self._lock:
             if self._terminated:
+                # Another thread is releasing (or released) everything: wait until it is done.
+                self._released.wait(60)
                 return
             self._terminated = True
             if self.end_reason is None and self.state == "RUNNING":
@@ -539,6 +544,7 @@ class Enclave:
             if self.slot is not None:
                 self.registry.remove(self.slot)
             self.state = "EMPTY"
+            self._released.set()
 
     def _keep_artifacts(self) -> None:
         if not self.artifacts_dir or not self.state_dir or not self.state_dir.exists():

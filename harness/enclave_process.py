@@ -49,33 +49,40 @@ class Supervisor:
         self.stop = threading.Event()
 
     def serve(self) -> None:
-        """Serve control requests until the enclave ends or is terminated."""
+        """Serve control requests until the enclave ends or is terminated.
+
+        ``terminate`` is handled on this thread, so the process exits only after the enclave is
+        released and the reply sent; ``describe`` and ``console`` get a thread each.
+        """
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         try:
-            while not self.stop.is_set():
-                if not self.enclave.running:
-                    break
+            while not self.stop.is_set() and self.enclave.running:
                 for _key, _ in sel.select(timeout=0.5):
                     conn, _ = self.listener.accept()
-                    threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+                    conn.settimeout(10)
+                    try:
+                        request = json.loads(conn.makefile("r").readline() or "{}")
+                    except (OSError, ValueError):
+                        conn.close()
+                        continue
+                    if request.get("op") == "terminate":
+                        with conn:
+                            self.enclave.terminate()
+                            self.stop.set()
+                            with contextlib.suppress(OSError):
+                                conn.sendall(b'{"Terminated": true}\n')
+                        return
+                    threading.Thread(target=self._handle, args=(conn, request), daemon=True).start()
         finally:
             sel.close()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, request: dict) -> None:
         with conn:
-            try:
-                request = json.loads(conn.makefile("r").readline() or "{}")
-            except ValueError:
-                return
+            conn.settimeout(None)
             op = request.get("op")
             if op == "describe":
                 conn.sendall((json.dumps(self.enclave.describe()) + "\n").encode())
-            elif op == "terminate":
-                self.enclave.terminate()
-                self.stop.set()
-                with contextlib.suppress(OSError):
-                    conn.sendall(b'{"Terminated": true}\n')
             elif op == "console":
                 self._stream_console(conn)
 
