@@ -1032,7 +1032,12 @@ class ScenarioRunner:
 
     def _step_exec(self, body: dict, limit: float) -> None:
         within = min(float(body.get("within", limit)), limit)
-        result = self._exec(body["command"], within)
+        command = body["command"].rstrip()
+        if command.endswith("&") and not command.endswith("&&"):
+            # A background job: the console shell appends "; <status marker>", and "&;" is a
+            # syntax error, so group it ("{ cmd & }" is valid sh).
+            command = "{ " + command + " }"
+        result = self._exec(command, within)
         expected = body.get("status", 0)
         shown = _indent(result.output)
         if expected is not None and result.status != expected:

@@ -599,9 +599,10 @@ def test_console_cursor_send_and_exec_checks(tmp_path):
         - console: {expect_not: 'Kernel panic'}
         - exec: {command: "exit_status() { return 3; }; exit_status", status: 3}
         - exec: {command: "printf 'a\\nb\\n'", output_not: '^c$'}
+        - exec: {command: "sleep 0.1 > /dev/null 2>&1 &"}
         """)
     assert result.status == "passed", result.failure_report()
-    assert [s.status for s in result.steps] == ["passed"] * 6
+    assert [s.status for s in result.steps] == ["passed"] * 7
 
 
 def test_console_expectation_failure_has_the_excerpt(tmp_path):
