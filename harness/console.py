@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import socket
 import threading
 import time
@@ -188,8 +189,9 @@ class Console:
         # The markers are built by the shell (printf) so the echoed command line never matches.
         # One line: the tty echoes input as it arrives, so a second line's echo could land
         # inside the command's output.
+        # eval of the quoted command: any command line works, even one ending in '&'.
         line = (
-            f"printf '\\n@@%s-begin@@\\n' {tag}; {command}; "
+            f"printf '\\n@@%s-begin@@\\n' {tag}; eval {shlex.quote(command)}; "
             f"printf '\\n@@%s-end %d@@\\n' {tag} $?\n"
         )
         self.write(line.encode())

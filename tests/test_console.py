@@ -35,6 +35,8 @@ def test_exec_returns_status_and_output(shell_console):
     failed = shell_console.exec("ls /nonexistent-dir >/dev/null 2>&1", timeout=10)
     assert failed.status != 0
     assert shell_console.exec("exit_code() { return 7; }; exit_code", timeout=10).status == 7
+    background = shell_console.exec("sleep 0.1 & echo \"it's\" started", timeout=10)
+    assert background.status == 0 and background.output == "it's started"
 
 
 def test_expect_counts_and_logs(shell_console, tmp_path):

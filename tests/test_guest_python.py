@@ -63,6 +63,19 @@ def _guest_echo_module():
     return module
 
 
+def _connect_when_listening(guest, port: int, timeout: float = 120):
+    """Connect to a guest port whose server was just started in the background (python starts
+    slowly under TCG): refused attempts are retried until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return guest.vsock_connect(port, timeout=30)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _json_line(output: str) -> dict:
     line = [l for l in output.splitlines() if l.startswith("{")][-1]
     return json.loads(line)
@@ -70,11 +83,10 @@ def _json_line(output: str) -> dict:
 
 def test_parent_to_guest_64mib_roundtrip_by_hash(guest):
     assert guest.exec(f"{ECHO} serve 5005 --count 1 > /tmp/echo.log 2>&1 &", timeout=30).status == 0
-    time.sleep(1)
     size = 64 * MIB
     payload_hash = hashlib.sha256()
     echoed = hashlib.sha256()
-    sock = guest.vsock_connect(5005, timeout=30)
+    sock = _connect_when_listening(guest, 5005)
     received = 0
 
     def reader():
@@ -132,7 +144,7 @@ def test_guest_to_parent_64mib_by_hash(guest):
 
 def test_many_short_connections(guest):
     assert guest.exec(f"{ECHO} serve 5006 > /tmp/echo2.log 2>&1 &", timeout=30).status == 0
-    time.sleep(1)
+    _connect_when_listening(guest, 5006).close()
     for i in range(40):
         with guest.vsock_connect(5006, timeout=30) as sock:
             sock.sendall(f"ping {i}\n".encode())

@@ -231,7 +231,13 @@ def recipient_from_nsm():
         raise ClientError("NsmError", "python package aws-nsm-interface is not installed") from None
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     try:
-        handle = aws_nsm_interface.open_nsm_device()
+        try:
+            handle = aws_nsm_interface.open_nsm_device()
+        except OSError:
+            # The package's buffered text open needs a seekable file; the upstream nsm driver
+            # (Linux 6.8+) has no llseek, so open the descriptor unbuffered (nsm_tool.py has
+            # the same fallback and explains it).
+            handle = open(aws_nsm_interface.NSM_DEV_FILE, "r+b", buffering=0)
     except OSError as err:
         raise ClientError("NsmError", f"/dev/nsm: {err.strerror or err}") from None
     try:

@@ -247,6 +247,21 @@ def _attest_inputs(args) -> tuple[bytes | None, bytes | None, bytes | None]:
     return nonce, user_data, public_key
 
 
+
+def open_device():
+    """Open /dev/nsm for the package's calls; returns (handle, how it was opened).
+
+    aws-nsm-interface opens the device with ``open(path, 'r+')``, a buffered text file that
+    Python only creates on a seekable file. The upstream Linux nsm driver (6.8+, the one AWS's
+    own current enclave kernels carry) has no llseek, and since Linux 6.0 such a device is not
+    seekable, so that call fails with "File or stream is not seekable" there. Every NSM call
+    of the package only needs the file descriptor, so the fallback opens it unbuffered.
+    """
+    try:
+        return nsm.open_nsm_device(), "aws_nsm_interface.open_nsm_device"
+    except OSError as err:  # io.UnsupportedOperation is an OSError
+        return open(nsm.NSM_DEV_FILE, "r+b", buffering=0), f"raw open ({err})"
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nsm_tool", description=__doc__.splitlines()[0])
     parser.add_argument("--marker", default="", help="prefix for the output line")
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        fh = nsm.open_nsm_device()
+        fh, opened = open_device()
     except OSError as err:
         sys.stdout.write((args.marker + " " if args.marker else "") + json.dumps({"error": f"open /dev/nsm: {err}"}) + "\n")
         return 1
@@ -304,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 "attest": attest(fh, nonce, user_data, public_key),
                 # Last: it extends and locks PCRs 16-31 (its extends are checked inside).
                 "selfcheck": selfcheck(fh),
+                "device_open": opened,
             }
     finally:
         nsm.close_nsm_device(fh)
