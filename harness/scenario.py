@@ -1625,7 +1625,8 @@ class ScenarioRunner:
             {"enclave_cpus": sorted(cpus), "vcpu_threads": vcpus, "qemu_threads": seen}, indent=2) + "\n")
         if problems:
             raise StepFailed("; ".join(problems))
-        return f"vCPU threads {vcpus} on {sorted(cpus)}; {len(seen) - len(vcpus)} other QEMU threads off them"
+        others = len(set(seen) - set(vcpus))
+        return f"vCPU threads {sorted(set(vcpus))} on {sorted(cpus)}; {others} other QEMU threads off them"
 
     def _iso_host_memory(self, limit: float, tolerance: float) -> str:
         enclave = self.enclave
