@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             }
     finally:
         nsm.close_nsm_device(fh)
-    sys.stdout.write((args.marker + " " if args.marker else "") + json.dumps(result, separators=(",", ":")) + "\n")
+    sys.stdout.write((args.marker + " " if args.marker else "") + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
 
