@@ -331,6 +331,28 @@ def _host_checks(host: HostFacts) -> list[Check]:
     return checks
 
 
+def _kernel_check() -> Check:
+    """The Nitro-style kernel scripts/build-kernel.sh caches (``kernel-*/`` with ``.complete``
+    and a bzImage), which the shipped image recipes boot; the newest one is reported."""
+    import json
+
+    builds = []
+    for d in qemumod.cache_dir().glob("kernel-*"):
+        if (d / ".complete").is_file() and (d / "bzImage").is_file():
+            builds.append(((d / ".complete").stat().st_mtime, d))
+    if not builds:
+        return Check("nitro kernel", WARN,
+                     f"no complete build in {qemumod.cache_dir()}/kernel-* "
+                     "(the hello and python recipes boot it)", "scripts/build-kernel.sh")
+    newest = max(builds)[1]
+    try:
+        release = json.loads((newest / "build-info.json").read_text()).get("kernelrelease", "?")
+    except (OSError, ValueError):
+        release = "?"
+    nsm = "with nsm.ko" if (newest / "nsm.ko").is_file() else "no nsm.ko"
+    return Check("nitro kernel", OK, f"{newest} ({release}, {nsm})")
+
+
 def diagnose(
     root: str | os.PathLike[str] = "/",
     *,
@@ -390,6 +412,7 @@ def diagnose(
                 checks.append(Check("accelerator", status,
                                     f"tcg (slower, works everywhere): {reason}",
                                     _accelerator_fix(host.kvm, reason)))
+    checks.append(_kernel_check())
     checks.extend(_host_checks(host))
     return Report(checks=checks, host=host, qemu=info, firmware=firmware,
                   accelerator=accel, accelerator_reason=reason)

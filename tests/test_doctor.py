@@ -161,6 +161,30 @@ def test_report_fix_commands_for_host_pieces(tmp_path: Path, monkeypatch: pytest
     assert "modprobe vhost_vsock" in (checks["/dev/vhost-vsock"].fix or "")
 
 
+def test_report_nitro_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel build scripts/build-kernel.sh caches: missing -> warn + fix; newest reported."""
+    root = fake_host(tmp_path / "root", INTEL_NO_VMX)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NITRO_HARNESS_CACHE", str(cache))
+    monkeypatch.setenv("NITRO_HARNESS_QEMU", str(tmp_path / "missing-qemu"))
+    check = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel"]
+    assert (check.status, check.fix) == ("warn", "scripts/build-kernel.sh")
+    for name, release, stamp in (("kernel-6.12.1-aaaa", "6.12.1-old", 1_000_000),
+                                 ("kernel-6.12.2-bbbb", "6.12.2-new", 2_000_000),
+                                 ("kernel-6.12.3-cccc", "6.12.3-unfinished", None)):
+        d = cache / name
+        d.mkdir(parents=True)
+        (d / "bzImage").write_bytes(b"MZ")
+        (d / "nsm.ko").write_bytes(b"\x7fELF")
+        (d / "build-info.json").write_text(json.dumps({"kernelrelease": release}))
+        if stamp is not None:
+            (d / ".complete").write_text("done\n")
+            __import__("os").utime(d / ".complete", (stamp, stamp))
+    check = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel"]
+    assert check.status == "ok"
+    assert check.detail == f"{cache / 'kernel-6.12.2-bbbb'} (6.12.2-new, with nsm.ko)"
+
+
 @pytest.fixture(scope="module")
 def built_qemu() -> Path:
     binary = expected_build_dir() / "bin" / "qemu-system-x86_64"
