@@ -44,7 +44,7 @@ for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
         --print-dir) PRINT_DIR=1 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) die "unknown argument '$arg' (expected --force or --print-dir)" ;;
     esac
 done
