@@ -52,10 +52,16 @@ def _deb_member(deb: Path, member: str) -> tarfile.TarInfo | bytes:
     raise AssertionError(f"{member} not in {deb}")
 
 
+# These tests look inside the kernel package and its modules, so they build the hello
+# application on Debian's cloud kernel; the shipped `hello` differs only in its kernel (the
+# harness's Nitro-style build, tested in test_prebuilt_kernel_directory_recipe and test_layout).
+HELLO = "hello-debian"
+
+
 @pytest.fixture(scope="module")
 def hello():
-    """The hello image (from the cache that setup filled) and its parts."""
-    built = recipes.build("hello")
+    """The hello application on Debian's kernel (from the cache) and its parts."""
+    built = recipes.build(HELLO)
     eif = read_eif(built.path)
     boot = {r.name: r for r in read_cpio(_section_bytes(eif, eif.ramdisks[0]))}
     cust = {r.name: r for r in read_cpio(_section_bytes(eif, eif.ramdisks[1]))}
@@ -180,7 +186,7 @@ def test_hello_application_output(hello, tmp_path):
 
 def _copy_recipe(tmp_path: Path, name: str, **changes) -> Path:
     import yaml
-    raw = yaml.safe_load(recipes.recipe_path("hello").read_text())
+    raw = yaml.safe_load(recipes.recipe_path(HELLO).read_text())
     raw["name"] = name
     raw.update(changes)
     p = tmp_path / f"{name}.yaml"
@@ -197,12 +203,12 @@ def _forget(built) -> None:
 
 def test_cache_hit_is_the_same_file(hello, tmp_path):
     built, _, _, _ = hello
-    again = recipes.build("hello")
+    again = recipes.build(HELLO)
     assert again.cached and again.path == built.path
     assert again.info["Measurements"] == built.info["Measurements"]
     out = tmp_path / "out" / "hello.eif"
     out.parent.mkdir()
-    copy = recipes.build("hello", out)
+    copy = recipes.build(HELLO, out)
     assert copy.path == out and out.read_bytes() == built.path.read_bytes()
 
 
@@ -219,7 +225,7 @@ def test_cold_build_reproduces_pcrs(hello, tmp_path):
 
 def test_cmd_override_changes_only_pcr2(hello):
     built, _, _, _ = hello
-    other = recipes.build("hello", cmd=["/bin/sh", "-c", "echo hi"], env=["A=1"])
+    other = recipes.build(HELLO, cmd=["/bin/sh", "-c", "echo hi"], env=["A=1"])
     try:
         m0, m1 = built.info["Measurements"], other.info["Measurements"]
         assert m1["PCR1"] == m0["PCR1"] and m1["PCR2"] != m0["PCR2"]
@@ -403,7 +409,7 @@ def test_cli_images_build_prints_measurements(hello, tmp_path, capsys):
     from harness.cli import main
     built, _, _, _ = hello
     out = tmp_path / "h.eif"
-    assert main(["images", "build", "hello", "--output-file", str(out)]) == 0
+    assert main(["images", "build", HELLO, "--output-file", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["EifPath"] == str(out) and doc["Cached"] is True
     assert doc["Measurements"] == built.info["Measurements"]
