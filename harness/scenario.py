@@ -1007,7 +1007,9 @@ class ScenarioRunner:
                 match = enclave.console.expect(body["expect"], timeout=within, fail_pattern=fail_pattern,
                                                count=int(body.get("count", 1)), start=self.cursor)
             except ConsoleError as exc:
-                raise StepFailed(str(exc), exc.excerpt, exc) from None
+                # The whole console's tail, not only what followed the cursor: the lines before
+                # the expectation started are often what explains it.
+                raise StepFailed(str(exc), self._console_tail() or exc.excerpt, exc) from None
             self.cursor += match.end()
         if "expect_not" in body:
             regex = re.compile(body["expect_not"], re.MULTILINE)

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.images import debian
+
+# pytester points HOME at its own folder; the images and the kernel stay in the real cache.
+REAL_CACHE = debian.cache_root()
+
 pytest_plugins = ["pytester"]
 
 PASSING = """
@@ -211,23 +216,25 @@ def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
 
 
 @pytest.mark.slow
-def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pytester):
+def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pytester, monkeypatch):
     """A real boot of the hello image with a wrong expected text (issue 6, "Must show")."""
     scenario_file(pytester, "broken.yaml", """
         name: broken
         image: hello
         timeout: 600
         steps:
-          - console: {expect: 'Goodbye from the enclave side!', within: 15}
+          - console: {expect: 'Hello from the enclave side!', within: 120}
+          - console: {expect: 'Goodbye from the enclave side!', within: 10}
           - terminate:
         """)
     artifacts = pytester.path / "art"
+    monkeypatch.setenv("NITRO_HARNESS_CACHE", str(REAL_CACHE))
     result = pytester.runpytest_subprocess("scenarios", f"--artifacts-dir={artifacts}", timeout=900)
     result.assert_outcomes(failed=1)
     folder = artifacts / "scenarios_broken.yaml_broken"
     result.stdout.fnmatch_lines([
-        "scenarios/broken.yaml:5: step 1 (console Goodbye from the enclave side!) failed: "
-        "'Goodbye from the enclave side!' did not appear within 15 s",
+        "scenarios/broken.yaml:6: step 2 (console Goodbye from the enclave side!) failed: "
+        "'Goodbye from the enclave side!' did not appear within 10 s",
         "--- console (last lines) ---",
         "*Hello from the enclave side!",
         f"artifacts: {folder}",
