@@ -21,7 +21,10 @@ VERSION="$(apt-cache policy "$PACKAGE" 2>/dev/null | awk '/Candidate:/ {print $2
 [ -n "$VERSION" ] && [ "$VERSION" != "(none)" ] || die "apt knows no $PACKAGE: add bookworm-backports and run apt-get update (scripts/setup.sh does)"
 CHASH="$( (cat "$FRAGMENT"; printf '%s\n' "$VERSION") | sha256sum | cut -c1-12)"
 OUT="$CACHE/kernel-${VERSION%%-*}-$CHASH"
+# The recipes name {cache}/kernel-current: point it at the build of the current config.
+current() { ln -sfn "$(basename "$OUT")" "$CACHE/kernel-current"; }
 if [ -f "$OUT/.complete" ]; then
+    current
     say "cached: $OUT"
     exit 0
 fi
@@ -33,7 +36,7 @@ done
 mkdir -p "$CACHE/debs"
 exec 9>"$CACHE/.build-kernel.lock"
 flock 9
-[ -f "$OUT/.complete" ] && { say "cached: $OUT"; exit 0; }
+[ -f "$OUT/.complete" ] && { current; say "cached: $OUT"; exit 0; }
 
 DEB="$(ls "$CACHE/debs/${PACKAGE}_${VERSION//:/%3a}_all.deb" 2>/dev/null || true)"
 if [ -z "$DEB" ]; then
@@ -78,4 +81,5 @@ JSON
 date -u +%FT%TZ > "$OUT.tmp/.complete"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"
+current
 say "built $KREL in ${took}s: $OUT"

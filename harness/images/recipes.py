@@ -1049,11 +1049,13 @@ def _prebuilt_kernel_parts(r: Recipe):
 
 
 def prebuilt_kernel_dir(r: Recipe) -> Path:
-    """The directory a ``kernel.directory`` recipe names: ``~`` expanded, relative to the
+    """The directory a ``kernel.directory`` recipe names: ``{cache}`` is the harness cache
+    (``$NITRO_HARNESS_CACHE`` or ``~/.cache/nitro-harness``), ``~`` expanded, relative to the
     recipe; a glob picks the newest match holding a ``.complete`` marker (a finished
-    ``scripts/build-kernel.sh`` output). Raises NitroError(E48) when none has a bzImage."""
+    ``scripts/build-kernel.sh`` output, which also points ``{cache}/kernel-current`` at the
+    build of the current config). Raises NitroError(E48) when none has a bzImage."""
     import glob
-    raw = os.path.expanduser(r.kernel["directory"])
+    raw = os.path.expanduser(r.kernel["directory"].replace("{cache}", str(debian.cache_root())))
     pattern = raw if os.path.isabs(raw) else str(r.base / raw)
     if glob.has_magic(pattern):
         hits = [Path(h) for h in glob.glob(pattern) if (Path(h) / ".complete").is_file()]
