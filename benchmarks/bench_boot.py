@@ -4,9 +4,11 @@ Reports, in one run, alternating the contenders so host load hits them alike:
 
 * ``harness``: ``Enclave.start`` of an image until its heartbeat arrives (vsock and NSM back
   ends, QMP, pinning, console capture included);
-* ``bare``: the same QEMU booting the same kernel, command line and initrd with no harness
-  devices, timed until init reaches the heartbeat step (its console line ``nitro-init: loaded
-  /nsm.ko``, printed right before it connects), so the ratio is the harness's overhead;
+* ``bare``: the same QEMU booting the same kernel, command line and initrd on the same machine
+  shape (memfd RAM preallocated and locked, as the harness reserves enclave memory up front)
+  with no harness devices, timed until init reaches the heartbeat step (its console line
+  ``nitro-init: loaded /nsm.ko``, printed right before it connects), so the ratio is the
+  harness's overhead;
 * with ``--compare-debian``: the ``hello-debian`` image (Debian's cloud kernel, ACPI layout)
   against ``hello`` (the Nitro-style kernel).
 
@@ -44,7 +46,7 @@ def bare_boot(image: Path, qemu_path: Path, work: Path) -> float:
     spec = MachineSpec(
         qemu=qemu_path, accel="tcg", kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
         memory_mib=512, vcpu_cpus=(0,), other_cpus=(), state_dir=work, firmware=qemu.find_firmware(),
-        acpi=layout.acpi, prealloc=False, mem_lock=False,
+        acpi=layout.acpi,
     )
     cmd = [a for a in build_command(spec) if a != "-S"]
     # Plain QEMU: serial on stdio instead of the harness's console socket, no QMP.
