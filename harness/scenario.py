@@ -134,7 +134,7 @@ class StepFailed(AssertionError):
 
 
 class StepSkipped(Exception):
-    """A step cannot run on this host or yet (for example ``kms`` before the KMS emulator)."""
+    """A step cannot run on this host or yet (for example ``attest`` without the harness NSM)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -1333,7 +1333,157 @@ class ScenarioRunner:
         self.enclave = None
 
     def _step_kms(self, body: dict, limit: float) -> None:
-        raise StepSkipped("kms steps need the KMS emulator's scenario support (issue 7), not yet wired")
+        """Decrypt through the KMS emulator with a key whose policy names a PCR0 (issue 7).
+
+        Starts, for this step only, a KMS emulator over TLS (certificate for
+        ``kms.<region>.amazonaws.com`` from a CA kept in ``<artifacts>/kms-tls``) that checks
+        SigV4 and verifies attestation documents against the enclave NSM's PKI root, and a
+        vsock-proxy on the parent's vsock port 8000 forwarding to it. Creates a key whose
+        policy allows ``kms:Decrypt`` only with ``kms:RecipientAttestation:ImageSha384`` equal
+        to ``pcr0``, encrypts a known plaintext and decrypts it ``from: enclave`` (the guest's
+        kms_client over the console: TLS through the proxy, Recipient from /dev/nsm, CMS) or
+        ``from: host`` (boto3 without attestation). ``expect: allowed`` needs the plaintext
+        back, ``denied`` an AccessDeniedException. Everything started is stopped at the end.
+        """
+        from harness.kms import KmsCredential, KmsServer, ensure_tls_identity
+
+        region = body.get("region", "us-east-1")
+        origin = body.get("from", "enclave")
+        expect = body["expect"]
+        plaintext = str(body.get("plaintext", "nitro-harness kms step secret")).encode()
+        within = min(float(body.get("within", limit)), limit)
+        enclave = self._ensure_enclave() if origin == "enclave" else self.enclave
+        if origin == "enclave" and enclave.nsm is None:
+            raise StepSkipped(f"kms from the enclave needs the NSM: "
+                              f"{getattr(enclave, 'nsm_status', 'no NSM device')}")
+        pcr0 = self._kms_pcr0(str(body.get("pcr0", "eif")))
+        folder = self.artifacts_dir / "kms"
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = ensure_tls_identity(self.artifacts_dir / "kms-tls", region=region)
+        credential = KmsCredential(
+            "AKIA" + secrets.token_hex(8).upper(), secrets.token_hex(20),
+            "arn:aws:iam::111122223333:role/nitro-harness-parent")
+        server = KmsServer(tls=identity, attestation_roots=[self._kms_root(enclave)],
+                           credentials=[credential], region=region)
+        proxy = None
+        with contextlib.ExitStack() as cleanup:
+            server.start()
+            cleanup.callback(server.stop)
+            if origin == "enclave":
+                from harness.proxy import VsockProxy
+
+                proxy = VsockProxy.on_vsock(enclave.vsock, 8000, "127.0.0.1", server.port,
+                                            allowlist=[{"address": "127.0.0.1", "port": server.port}])
+                proxy.start()
+                cleanup.callback(proxy.stop)
+            client = self._kms_boto3(server, identity, credential, region)
+            policy = _kms_policy(credential.principal_arn, pcr0)
+            key_id = client.create_key(Description=f"scenario {self.scenario.id} kms step",
+                                       Policy=json.dumps(policy))["KeyMetadata"]["KeyId"]
+            blob = client.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"]
+            record = {"from": origin, "expect": expect, "policy_image_sha384": pcr0, "key_id": key_id,
+                      "policy": policy, "plaintext_b64": base64.b64encode(plaintext).decode()}
+            if origin == "host":
+                outcome, detail = self._kms_host_decrypt(client, blob)
+            else:
+                outcome, detail = self._kms_guest_decrypt(identity, credential, region, key_id, blob,
+                                                          plaintext, within)
+            record.update(outcome=outcome, detail=detail)
+            with open(folder / "kms-steps.jsonl", "a", encoding="utf-8") as log:
+                log.write(json.dumps(record) + "\n")
+        if outcome != expect:
+            raise StepFailed(f"Decrypt from the {origin} with a policy requiring ImageSha384 "
+                             f"{pcr0[:16]}...: {outcome}, expected {expect}:\n{_indent(detail)}")
+
+    def _kms_pcr0(self, spec: str) -> str:
+        """The policy's ImageSha384 value (lower-case hex) for a step's ``pcr0``."""
+        from harness.eif import measure_eif
+
+        if spec == "zero":
+            return "0" * 96
+        if re.fullmatch(r"[0-9a-fA-F]{96}", spec):
+            return spec.lower()
+        if spec == "eif":
+            if self.enclave is not None and self.enclave.measurements is not None:
+                return self.enclave.measurements.as_dict()[0].hex()
+            if self.eif_path is None:
+                self.eif_path = resolve_eif(self.scenario.data.get("image"), self.scenario.data.get("eif"),
+                                            self.scenario.path.parent)
+            return measure_eif(self.eif_path).as_dict()[0].hex()
+        if spec.startswith("image:"):
+            return measure_eif(resolve_eif(spec[len("image:"):])).as_dict()[0].hex()
+        if spec.startswith("eif:"):
+            return measure_eif(resolve_eif(eif=spec[len("eif:"):], base=self.scenario.path.parent)
+                               ).as_dict()[0].hex()
+        raise StepFailed(f"pcr0: {spec!r} is not eif, zero, image:<recipe>, eif:<path> or 96 hex digits")
+
+    def _kms_root(self, enclave: Any) -> Any:
+        pki = getattr(getattr(enclave, "nsm", None), "pki", None)
+        if pki is None:
+            from harness.pki import Pki
+
+            pki = Pki.load_or_create(getattr(getattr(enclave, "config", None), "pki_dir", None))
+        return pki.root_certificate
+
+    @staticmethod
+    def _kms_boto3(server: Any, identity: Any, credential: Any, region: str) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "kms", endpoint_url=f"https://localhost:{server.port}", region_name=region,
+            verify=str(identity.ca_certificate), aws_access_key_id=credential.access_key_id,
+            aws_secret_access_key=credential.secret_access_key,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=30))
+
+    @staticmethod
+    def _kms_host_decrypt(client: Any, blob: bytes) -> tuple[str, str]:
+        from botocore.exceptions import ClientError
+
+        try:
+            answer = client.decrypt(CiphertextBlob=blob)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            text = f"{error.get('Code')}: {error.get('Message')}"
+            return ("denied" if error.get("Code") == "AccessDeniedException" else "error"), text
+        return "allowed", f"Plaintext of {len(answer.get('Plaintext', b''))} bytes from key {answer.get('KeyId')}"
+
+    def _kms_guest_decrypt(self, identity: Any, credential: Any, region: str, key_id: str, blob: bytes,
+                           plaintext: bytes, within: float) -> tuple[str, str]:
+        deadline = time.monotonic() + within
+        ca_b64 = base64.b64encode(identity.ca_certificate.read_bytes()).decode()
+        ca_path = "/tmp/nitro-harness-kms-ca.pem"
+        # The guest shell's line editor takes about 1 KiB a line: send the CA in pieces.
+        for n in range(0, len(ca_b64), 512):
+            redirect = ">" if n == 0 else ">>"
+            res = self._exec(f"printf %s {ca_b64[n:n + 512]} {redirect} {ca_path}.b64",
+                             max(1.0, deadline - time.monotonic()))
+            if res.status != 0:
+                raise StepFailed(f"writing the KMS CA into the guest failed (status {res.status}):\n"
+                                 f"{_indent(res.output)}")
+        res = self._exec(f"base64 -d {ca_path}.b64 > {ca_path} && grep -c CERTIFICATE {ca_path}",
+                         max(1.0, deadline - time.monotonic()))
+        if res.status != 0:
+            raise StepFailed(f"writing the KMS CA into the guest failed (status {res.status}):\n"
+                             f"{_indent(res.output)}")
+        command = shlex.join([
+            "python3", "/opt/nitro-harness/kms_client.py", "decrypt", "--region", region,
+            "--ca-file", ca_path, "--aws-access-key-id", credential.access_key_id,
+            "--aws-secret-access-key", credential.secret_access_key,
+            "--key-id", key_id, "--ciphertext", base64.b64encode(blob).decode()]) + " 2>&1"
+        res = self._exec(command, max(1.0, deadline - time.monotonic()))
+        found = re.search(r"^PLAINTEXT: (\S+)", res.output, re.MULTILINE)
+        if res.status == 0 and found:
+            try:
+                got = base64.b64decode(found.group(1), validate=True)
+            except ValueError:
+                return "error", f"PLAINTEXT is not base64:\n{res.output}"
+            if got != plaintext:
+                return "error", f"PLAINTEXT decodes to {got!r}, not the encrypted {plaintext!r}"
+            return "allowed", res.output
+        if res.status != 0 and re.search(r"^kms_client: AccessDeniedException: ", res.output, re.MULTILINE):
+            return "denied", res.output
+        return "error", f"kms_client exited {res.status}:\n{res.output}"
 
     def _step_expect_failure(self, body: dict, limit: float, result: ScenarioResult, at: list[Any],
                              number: str) -> None:
@@ -1712,6 +1862,21 @@ def _document_from_output(output: str) -> bytes | None:
                 if data[:1] in (b"\x84", b"\xd2") and (best is None or len(data) > len(best)):
                     best = data
     return best
+
+
+def _kms_policy(principal: str, pcr0: str) -> dict:
+    """Key policy of a kms step: ``principal`` administers the key and may use it, except that
+    ``kms:Decrypt`` needs ``kms:RecipientAttestation:ImageSha384`` equal to ``pcr0``."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "ParentAdministers", "Effect": "Allow", "Principal": {"AWS": principal},
+             "NotAction": "kms:Decrypt", "Resource": "*"},
+            {"Sid": "DecryptOnlyFromTheImage", "Effect": "Allow", "Principal": {"AWS": principal},
+             "Action": "kms:Decrypt", "Resource": "*",
+             "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": pcr0}}},
+        ],
+    }
 
 
 def _clean_excerpt(text: str) -> str:
