@@ -181,8 +181,14 @@ class Enclave:
         eif_path = Path(cfg.eif_path)
         if not eif_path.is_file():
             raise NitroError(ErrorCode.FileOperationFailure, f"{eif_path}: EIF file not found")
-        eif_mod.read_eif(eif_path)  # validates the layout (E35) before anything is taken
-        self.measurements = eif_mod.measure_eif(eif_path)
+        # One streaming pass validates the layout and CRC and measures, before anything is taken.
+        self.measurements, parsed = eif_mod.measure_and_check(eif_path)
+        if parsed.crc_ok is False:
+            raise NitroError(
+                ErrorCode.EifParsingError,
+                f"{eif_path}: crc32: the header's CRC does not match the file (the Nitro "
+                "hypervisor and QEMU refuse such an EIF)",
+            )
         eif_size = eif_path.stat().st_size
 
         alloc_cfg = allocator.load_config()

@@ -86,7 +86,7 @@ def served(sock_path):
     fe.close()
     be.stop()
     assert not os.path.exists(sock_path)
-    assert _fds() == before, "fd leak"
+    assert not (_fds() - before), "fd leak"  # new descriptors only: others may close meanwhile
 
 
 def test_handshake_in_qemu_order_answers_features_queue_num_and_config(served):
@@ -308,7 +308,7 @@ def test_stop_is_idempotent_and_releases_everything(sock_path):
     assert not be.running
     assert not os.path.exists(sock_path)
     fe.close()
-    assert _fds() == before
+    assert not (_fds() - before)
 
 
 def test_stop_without_start(sock_path):
@@ -316,7 +316,7 @@ def test_stop_without_start(sock_path):
     be = VhostUserBackend(sock_path, EchoDevice())
     be.stop()
     assert not os.path.exists(sock_path)
-    assert _fds() == before
+    assert not (_fds() - before)
 
 
 def test_bind_failure_is_a_nitro_error(tmp_path):
