@@ -17,16 +17,18 @@ from typing import Any
 from harness import __version__
 from harness.errors import ErrorCode, NitroError
 
-# Command modules, in the order their commands appear in --help.
-COMMAND_MODULES = [
-    "harness.cli.eif_commands",  # build-enclave, describe-eif, pcr, sign-eif
-    "harness.cli.enclave_commands",  # run-enclave, describe-enclaves, console, terminate-enclave
-    "harness.cli.attestation_commands",  # attest, verify-attestation, pki
-    "harness.cli.kms_commands",  # kms serve, vsock-proxy
-    "harness.cli.image_commands",  # images build
-    "harness.cli.doctor_commands",  # doctor
-    "harness.cli.scenario_commands",  # run
-]
+# Command modules, in the order their commands appear in --help, with the commands each owns.
+# Only the module owning the command named on the command line is imported (a command's start-up
+# should not pay for the KMS server or the scenario engine); --help imports them all.
+COMMAND_MODULES = {
+    "harness.cli.eif_commands": ("build-enclave", "describe-eif", "pcr", "sign-eif"),
+    "harness.cli.enclave_commands": ("run-enclave", "describe-enclaves", "console", "terminate-enclave"),
+    "harness.cli.attestation_commands": ("attest", "verify-attestation", "pki"),
+    "harness.cli.kms_commands": ("kms", "vsock-proxy"),
+    "harness.cli.image_commands": ("images",),
+    "harness.cli.doctor_commands": ("doctor",),
+    "harness.cli.scenario_commands": ("run",),
+}
 
 
 def print_json(value: Any) -> None:
@@ -49,12 +51,17 @@ class _Parser(argparse.ArgumentParser):
         raise NitroError(code, f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the top-level parser with every command module's sub-commands registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser with the sub-commands registered.
+
+    With ``command`` (the first word of the command line) only the module owning it is
+    imported; otherwise, or for an unknown word, every module is.
+    """
     parser = _Parser(prog="nitro-harness", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"nitro-harness {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    owners = [m for m, commands in COMMAND_MODULES.items() if command in commands]
+    for name in owners or COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ``NITRO_HARNESS_DEBUG=1``.
     """
     try:
-        parser = build_parser()
+        words = sys.argv[1:] if argv is None else argv
+        parser = build_parser(words[0] if words else None)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
