@@ -37,7 +37,6 @@ import os
 import re
 import socketserver
 import ssl
-import tempfile
 import threading
 import time
 import uuid
@@ -55,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from harness import cms, kms_policy
+from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 
 __all__ = [
@@ -273,32 +273,8 @@ def _encode(value: Any, shape, path: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temp file in the same folder, fsync, rename, fsync dir."""
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _load_state(path: Path) -> dict[str, Any]:
-    """Read a state file written by :func:`_write_atomically`; NitroError if it is unusable."""
+    """Read a state file written by :func:`harness.atomic_file.write_atomically`; NitroError if it is unusable."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -494,7 +470,7 @@ class KmsService:
     def _save(self) -> None:
         if self.state_path is not None:
             data = json.dumps(self._state, indent=1, sort_keys=True).encode()
-            _write_atomically(self.state_path, data, 0o600)  # holds key material
+            write_atomically(self.state_path, data, 0o600)  # holds key material
 
     def _arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account_id}:key/{key_id}"
@@ -1330,10 +1306,10 @@ def ensure_tls_identity(
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
                 .sign(ca_key, hashes.SHA256())
             )
-            _write_atomically(
+            write_atomically(
                 ca_key_path, ca_key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600
             )
-            _write_atomically(ca_path, ca.public_bytes(pem))
+            write_atomically(ca_path, ca.public_bytes(pem))
         key = ec.generate_private_key(ec.SECP256R1())
         alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
@@ -1353,8 +1329,8 @@ def ensure_tls_identity(
             )
             .sign(ca_key, hashes.SHA256())
         )
-        _write_atomically(key_path, key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600)
-        _write_atomically(cert_path, cert.public_bytes(pem))
+        write_atomically(key_path, key.private_bytes(pem, pkcs8, serialization.NoEncryption()), 0o600)
+        write_atomically(cert_path, cert.public_bytes(pem))
     except OSError as err:
         raise NitroError(
             ErrorCode.FileOperationFailure, f"KMS TLS identity in {folder}: {err.strerror or err}"

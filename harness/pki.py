@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import os
 import secrets
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 
 #: Environment variable naming the default PKI directory.
@@ -292,8 +292,8 @@ class Pki:
         )
         try:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _atomic_write(path / ROOT_KEY_FILE, key_pem, 0o600)
-            _atomic_write(path / ROOT_CERT_FILE, self.root_pem().encode("ascii"), 0o644)
+            write_atomically(path / ROOT_KEY_FILE, key_pem, 0o600)
+            write_atomically(path / ROOT_CERT_FILE, self.root_pem().encode("ascii"), 0o644)
         except OSError as err:
             raise NitroError(
                 ErrorCode.FileOperationFailure, f"{err.filename or path}: cannot write PKI root: {err.strerror}"
@@ -436,20 +436,3 @@ class Pki:
             builder = builder.add_extension(_ca_key_usage(), critical=True)
         ca.certificate = builder.sign(issuer.key, hashes.SHA384())
         return ca
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 
 # SPEC 3: enclave CIDs auto-assigned from 16 upwards (16, 17, ... seen on Nitro).
@@ -180,11 +181,8 @@ class Registry:
         return cid
 
     def put(self, record: EnclaveRecord) -> None:
-        """Write ``record`` atomically (temp file + rename)."""
-        path = self._path(record.slot)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record.to_json(), indent=2))
-        os.replace(tmp, path)
+        """Write ``record`` atomically (a reader never sees half a record)."""
+        write_atomically(self._path(record.slot), json.dumps(record.to_json(), indent=2).encode(), 0o600)
 
     def remove(self, slot: int) -> None:
         """Forget the enclave in ``slot`` (idempotent)."""
