@@ -1352,11 +1352,30 @@ class ScenarioRunner:
         expect = body["expect"]
         plaintext = str(body.get("plaintext", "nitro-harness kms step secret")).encode()
         within = min(float(body.get("within", limit)), limit)
-        enclave = self._ensure_enclave() if origin == "enclave" else self.enclave
-        if origin == "enclave" and enclave.nsm is None:
+        production = None
+        if origin == "production":
+            production = self._kms_production_enclave(within)
+            enclave = production
+        else:
+            enclave = self._ensure_enclave() if origin == "enclave" else self.enclave
+        try:
+            self._kms_run(body, origin, expect, plaintext, within, region, enclave, production)
+        finally:
+            if production is not None:
+                production.terminate()
+
+    def _kms_run(self, body: dict, origin: str, expect: str, plaintext: bytes, within: float,
+                 region: str, enclave: Any, production: Any) -> None:
+        from harness.kms import KmsCredential, KmsServer, ensure_tls_identity
+
+        if origin != "host" and enclave.nsm is None:
             raise StepSkipped(f"kms from the enclave needs the NSM: "
                               f"{getattr(enclave, 'nsm_status', 'no NSM device')}")
-        pcr0 = self._kms_pcr0(str(body.get("pcr0", "eif")))
+        spec = str(body.get("pcr0", "eif"))
+        if spec == "eif" and production is not None:
+            pcr0 = production.measurements.as_dict()[0].hex()
+        else:
+            pcr0 = self._kms_pcr0(spec)
         folder = self.artifacts_dir / "kms"
         folder.mkdir(parents=True, exist_ok=True)
         identity = ensure_tls_identity(self.artifacts_dir / "kms-tls", region=region)
@@ -1369,7 +1388,7 @@ class ScenarioRunner:
         with contextlib.ExitStack() as cleanup:
             server.start()
             cleanup.callback(server.stop)
-            if origin == "enclave":
+            if origin != "host":
                 from harness.proxy import VsockProxy
 
                 proxy = VsockProxy.on_vsock(enclave.vsock, 8000, "127.0.0.1", server.port,
@@ -1387,7 +1406,7 @@ class ScenarioRunner:
                 outcome, detail = self._kms_host_decrypt(client, blob)
             else:
                 outcome, detail = self._kms_guest_decrypt(identity, credential, region, key_id, blob,
-                                                          plaintext, within)
+                                                          plaintext, within, production)
             record.update(outcome=outcome, detail=detail)
             with open(folder / "kms-steps.jsonl", "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
@@ -1448,9 +1467,55 @@ class ScenarioRunner:
             return ("denied" if error.get("Code") == "AccessDeniedException" else "error"), text
         return "allowed", f"Plaintext of {len(answer.get('Plaintext', b''))} bytes from key {answer.get('KeyId')}"
 
+    def _kms_production_enclave(self, within: float) -> Any:
+        """Boot a production-mode (not debug) enclave of the python image whose application is
+        :data:`_KMS_RUNNER`: it runs the kms_client for the parent over vsock (no console)."""
+        app = f"python3 -c \"exec(bytes.fromhex('{_KMS_RUNNER.encode().hex()}').decode())\"; sleep 3600"
+        from harness.images.recipes import build_image
+
+        eif = Path(build_image("python", cmd=["/bin/sh", "-c", app]))
+        settings = {k: v for k, v in self._settings().items() if k not in ("cid", "name", "cpu_ids")}
+        settings["debug_mode"] = False
+        settings.setdefault("heartbeat_timeout", max(1.0, within))
+        return self.factory.start(self.factory.config(eif=eif, **settings))
+
+    def _kms_production_exec(self, enclave: Any, ca: bytes, argv: list[str], deadline: float) -> Any:
+        """Run ``argv`` in the production enclave's runner: returns ExecResult-like (status, output)."""
+        from harness.console import ExecResult
+
+        listener = enclave.vsock_listen(KMS_RUNNER_PORT)
+        try:
+            conn = listener.accept(timeout=max(1.0, deadline - time.monotonic()))
+            if isinstance(conn, tuple):
+                conn = conn[0]
+            with contextlib.closing(conn):
+                conn.sendall(json.dumps({"ca": ca.decode(), "argv": argv}).encode())
+                conn.shutdown(socket.SHUT_WR)
+                data = b""
+                conn.settimeout(max(1.0, deadline - time.monotonic()))
+                while chunk := conn.recv(65536):
+                    data += chunk
+        except (OSError, NitroError, TimeoutError) as exc:
+            raise StepFailed(f"the production enclave's kms runner (vsock port {KMS_RUNNER_PORT}): {exc}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                listener.close()
+        try:
+            reply = json.loads(data.decode())
+        except ValueError:
+            raise StepFailed(f"the kms runner's reply is not JSON: {data[:300]!r}") from None
+        return ExecResult(status=int(reply["status"]), output=reply["output"])
+
     def _kms_guest_decrypt(self, identity: Any, credential: Any, region: str, key_id: str, blob: bytes,
-                           plaintext: bytes, within: float) -> tuple[str, str]:
+                           plaintext: bytes, within: float, production: Any = None) -> tuple[str, str]:
         deadline = time.monotonic() + within
+        if production is not None:
+            argv = ["python3", "/opt/nitro-harness/kms_client.py", "decrypt", "--region", region,
+                    "--ca-file", "/tmp/nitro-harness-kms-ca.pem", "--aws-access-key-id",
+                    credential.access_key_id, "--aws-secret-access-key", credential.secret_access_key,
+                    "--key-id", key_id, "--ciphertext", base64.b64encode(blob).decode()]
+            res = self._kms_production_exec(production, identity.ca_certificate.read_bytes(), argv, deadline)
+            return _kms_outcome(res, plaintext)
         ca_b64 = base64.b64encode(identity.ca_certificate.read_bytes()).decode()
         ca_path = "/tmp/nitro-harness-kms-ca.pem"
         # The guest shell's line editor takes about 1 KiB a line: send the CA in pieces.
@@ -1472,18 +1537,7 @@ class ScenarioRunner:
             "--aws-secret-access-key", credential.secret_access_key,
             "--key-id", key_id, "--ciphertext", base64.b64encode(blob).decode()]) + " 2>&1"
         res = self._exec(command, max(1.0, deadline - time.monotonic()))
-        found = re.search(r"^PLAINTEXT: (\S+)", res.output, re.MULTILINE)
-        if res.status == 0 and found:
-            try:
-                got = base64.b64decode(found.group(1), validate=True)
-            except ValueError:
-                return "error", f"PLAINTEXT is not base64:\n{res.output}"
-            if got != plaintext:
-                return "error", f"PLAINTEXT decodes to {got!r}, not the encrypted {plaintext!r}"
-            return "allowed", res.output
-        if res.status != 0 and re.search(r"^kms_client: AccessDeniedException: ", res.output, re.MULTILINE):
-            return "denied", res.output
-        return "error", f"kms_client exited {res.status}:\n{res.output}"
+        return _kms_outcome(res, plaintext)
 
     def _step_expect_failure(self, body: dict, limit: float, result: ScenarioResult, at: list[Any],
                              number: str) -> None:
@@ -1862,6 +1916,49 @@ def _document_from_output(output: str) -> bytes | None:
                 if data[:1] in (b"\x84", b"\xd2") and (best is None or len(data) > len(best)):
                     best = data
     return best
+
+
+def _kms_outcome(res: Any, plaintext: bytes) -> tuple[str, str]:
+    """allowed / denied / error from the guest kms_client's status and output."""
+    found = re.search(r"^PLAINTEXT: (\S+)", res.output, re.MULTILINE)
+    if res.status == 0 and found:
+        try:
+            got = base64.b64decode(found.group(1), validate=True)
+        except ValueError:
+            return "error", f"PLAINTEXT is not base64:\n{res.output}"
+        if got != plaintext:
+            return "error", f"PLAINTEXT decodes to {got!r}, not the encrypted {plaintext!r}"
+        return "allowed", res.output
+    if res.status != 0 and re.search(r"^kms_client: AccessDeniedException: ", res.output, re.MULTILINE):
+        return "denied", res.output
+    return "error", f"kms_client exited {res.status}:\n{res.output}"
+
+
+#: vsock port the production-mode kms runner connects to on the parent (CID 3).
+KMS_RUNNER_PORT = 7200
+
+#: Application of the production-mode enclave of ``kms`` steps with ``from: production``: it
+#: connects to the parent's vsock port, reads {"ca": PEM, "argv": [...]} until EOF, writes the CA
+#: to /tmp/nitro-harness-kms-ca.pem, runs argv and answers {"status": n, "output": text}.
+_KMS_RUNNER = (
+    "import json, socket, subprocess, time\n"
+    "while True:\n"
+    "    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n"
+    "    try:\n"
+    f"        s.connect((3, {KMS_RUNNER_PORT}))\n"
+    "    except OSError:\n"
+    "        s.close(); time.sleep(0.2); continue\n"
+    "    data = b''\n"
+    "    while True:\n"
+    "        chunk = s.recv(65536)\n"
+    "        if not chunk: break\n"
+    "        data += chunk\n"
+    "    job = json.loads(data)\n"
+    "    open('/tmp/nitro-harness-kms-ca.pem', 'w').write(job['ca'])\n"
+    "    p = subprocess.run(job['argv'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)\n"
+    "    s.sendall(json.dumps({'status': p.returncode, 'output': p.stdout.decode('utf-8', 'replace')}).encode())\n"
+    "    s.close()\n"
+)
 
 
 def _kms_policy(principal: str, pcr0: str) -> dict:
