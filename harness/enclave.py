@@ -247,7 +247,7 @@ class Enclave:
             vcpu_cpus=cpus.vcpu_cpus,
             other_cpus=cpus.others,
             state_dir=self.state_dir,
-            firmware=qemu_mod.find_firmware(),
+            firmware=qemu_mod.find_firmware(qemu_path),
             vsock_socket=self.state_dir / "vsock.sock",
             nsm=nsm_mode,
             nsm_socket=nsm_socket,
@@ -299,9 +299,7 @@ class Enclave:
     def _choose_accel(self, qemu_info) -> tuple[str, str]:
         if self._accel:
             return self._accel, "chosen by the caller"
-        env = os.environ.get("NITRO_HARNESS_ACCEL")
-        if env:
-            return env, "NITRO_HARNESS_ACCEL"
+        # The doctor also honours (and checks) NITRO_HARNESS_ACCEL.
         from harness import doctor, host
 
         return doctor.choose_accelerator(qemu_info, host.kvm_status())
