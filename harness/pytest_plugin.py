@@ -20,7 +20,6 @@ skip with the reason).
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shutil

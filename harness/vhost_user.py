@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from harness.errors import ErrorCode, NitroError
 
