@@ -66,6 +66,19 @@ class MachineSpec:
         return self.state_dir / "qmp.sock"
 
 
+def _guest_cmdline(spec: MachineSpec) -> str:
+    """The EIF's command line, plus what emulation needs (PCRs are measured from the EIF).
+
+    Under TCG a loaded host can make the kernel's IO-APIC timer check miss its ticks and panic
+    ("IO-APIC + timer doesn't work!"); KVM guests skip that check themselves (kvmclock sets
+    no_timer_check), as on Nitro, so TCG guests get the same parameter. QEMU appends the
+    virtio_mmio.device= entries itself for the Nitro layout.
+    """
+    if spec.accel == "tcg" and not spec.acpi:
+        return f"{spec.cmdline} no_timer_check"
+    return spec.cmdline
+
+
 def build_command(spec: MachineSpec) -> list[str]:
     """Return QEMU's argv for ``spec`` (see the module doc for why each part is there)."""
     machine = "microvm,memory-backend=mem"
@@ -89,7 +102,7 @@ def build_command(spec: MachineSpec) -> list[str]:
         "-device", "i8042",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
-        "-append", spec.cmdline,
+        "-append", _guest_cmdline(spec),
         "-chardev", f"socket,id=console,path={spec.console_socket}",
         "-serial", "chardev:console",
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",

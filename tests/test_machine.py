@@ -47,6 +47,10 @@ def test_devices_vsock_and_nsm_over_vhost_user(tmp_path):
     ]
     assert option_values(cmd, "-smp") == ["2"]
     assert option_values(cmd, "-append") == ["reboot=k panic=30 pci=off nomodules console=ttyS0"]
+    tcg_nitro = build_command(spec(tmp_path, acpi=False))
+    assert option_values(tcg_nitro, "-append") == ["reboot=k panic=30 pci=off nomodules console=ttyS0 no_timer_check"]
+    kvm_nitro = build_command(spec(tmp_path, acpi=False, accel="kvm"))
+    assert option_values(kvm_nitro, "-append") == ["reboot=k panic=30 pci=off nomodules console=ttyS0"]
     qemu_nsm = build_command(spec(tmp_path, nsm="qemu", nsm_socket=None))
     assert "virtio-nsm-device" in option_values(qemu_nsm, "-device")
     no_nsm = build_command(spec(tmp_path, nsm=None, nsm_socket=None))

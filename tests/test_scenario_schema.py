@@ -459,14 +459,14 @@ def test_runner_scenario_timeout_stops_the_steps(tmp_path):
     assert "exceeds the time left" in result.message
 
 
-def test_runner_kms_step_skips_with_reason(tmp_path):
-    result = run_case(tmp_path, """
+def test_kms_step_needs_an_expectation(tmp_path):
+    err = load_error(tmp_path, """
         image: hello
         steps:
           - kms: {}
         """)
-    assert result.status == "skipped"
-    assert "issue 7" in result.message
+    assert "kms: missing required key 'expect'" in str(err)
+    assert "case.yaml:3: steps[0].kms" in str(err)
 
 
 # -- step runners against a stand-in engine ------------------------------------------------------
