@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import allocator
+from harness import allocator, doctor, host
+from harness import eif as eif_mod
+from harness import qemu as qemu_mod
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
     ConsoleError,
@@ -150,6 +153,7 @@ class Enclave:
         self.end_reason: str | None = None
         self._monitor: threading.Thread | None = None
         self._backends: list[Any] = []
+        self._vsock_trace = None
         self._heartbeat: Any = None
         self._lock = threading.Lock()
         self._terminated = False
@@ -175,8 +179,6 @@ class Enclave:
         return enclave
 
     def _start(self) -> None:
-        from harness import eif as eif_mod
-
         cfg = self.config
         eif_path = Path(cfg.eif_path)
         if not eif_path.is_file():
@@ -192,8 +194,6 @@ class Enclave:
         eif_size = eif_path.stat().st_size
 
         alloc_cfg = allocator.load_config()
-        from harness import host
-
         all_cpus = [c.id for c in host.cpu_topology()]
         with self.registry.locked():
             records = self.registry.records()
@@ -234,8 +234,6 @@ class Enclave:
 
         self._start_vsock()
         nsm_mode, nsm_socket = self._start_nsm(qemu_info)
-
-        from harness import qemu as qemu_mod
 
         spec = MachineSpec(
             qemu=qemu_path,
@@ -291,8 +289,6 @@ class Enclave:
         self.terminate()
 
     def _find_qemu(self):
-        from harness import qemu as qemu_mod
-
         path = self._qemu or qemu_mod.find_qemu()
         return path, qemu_mod.probe_qemu(path)
 
@@ -300,15 +296,11 @@ class Enclave:
         if self._accel:
             return self._accel, "chosen by the caller"
         # The doctor also honours (and checks) NITRO_HARNESS_ACCEL.
-        from harness import doctor, host
-
         return doctor.choose_accelerator(qemu_info, host.kvm_status())
 
     def _hugepage_size(self, alloc_cfg) -> int | None:
         if self.config.hugepages is False or not alloc_cfg.hugepage_size:
             return None
-        from harness import host
-
         size_kib = allocator.HUGEPAGE_SIZES_KIB[alloc_cfg.hugepage_size]
         needed = math.ceil(self.config.memory_mib * 1024 / size_kib)
         free = sum(p.available for p in host.hugepages() if p.size_kib == size_kib)
@@ -326,7 +318,12 @@ class Enclave:
         from harness.vsock import VsockDevice
 
         assert self.state_dir is not None
-        self.vsock = VsockDevice(self.cid)
+        # Packet headers for the artifacts folder (kept when a test fails).
+        self._vsock_trace = open(self.state_dir / "vsock.trace", "a", buffering=1 << 16)
+        trace_file = self._vsock_trace
+        self.vsock = VsockDevice(
+            self.cid, trace=lambda event: trace_file.write(json.dumps(event) + "\n")
+        )
         # SPEC 3: nitro-cli listens for the heartbeat before it starts the enclave.
         self._heartbeat = self.vsock.heartbeat(HEARTBEAT_PORT)
         backend = VhostUserBackend(self.state_dir / "vsock.sock", self.vsock, offer_config=True)
@@ -340,7 +337,7 @@ class Enclave:
             return None, None
         can_host = qemu_info.vhost_user_device_creatable
         if mode in ("auto", "harness") and can_host:
-            from harness.nsm import Nsm, NsmState
+            from harness.nsm import Nsm, NsmState, trace_writer
             from harness.nsm_device import NsmDevice
             from harness.pki import Pki
             from harness.vhost_user import VhostUserBackend
@@ -353,7 +350,11 @@ class Enclave:
                 parent_role_arn=self.config.parent_role_arn,
                 instance_id=self.instance_id,
             )
-            self.nsm = Nsm(state, Pki.load_or_create(self.config.pki_dir))
+            self.nsm = Nsm(
+                state,
+                Pki.load_or_create(self.config.pki_dir),
+                trace=trace_writer(self.state_dir / "nsm.trace"),
+            )
             socket_path = self.state_dir / "nsm.sock"
             backend = VhostUserBackend(socket_path, NsmDevice(self.nsm), offer_config=False)
             backend.start()
@@ -377,7 +378,7 @@ class Enclave:
     def _place_harness_threads(self, others: tuple[int, ...]) -> None:
         # Keep the harness's own threads (device back ends, console reader) off enclave CPUs.
         ids = [self.machine.console.native_id if self.machine else None]
-        ids += [getattr(b, "native_id", None) for b in self._backends]
+        ids += [b.native_id for b in self._backends]
         for tid in ids:
             if tid:
                 with contextlib.suppress(OSError):
@@ -542,6 +543,9 @@ class Enclave:
             if self.vsock is not None:
                 with contextlib.suppress(Exception):
                     self.vsock.close()
+            if self._vsock_trace is not None:
+                with contextlib.suppress(OSError):
+                    self._vsock_trace.close()
             self._keep_artifacts()
             if self.state_dir is not None:
                 shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -688,6 +688,11 @@ class VhostUserBackend:
             return  # the loop thread tears down when it exits
         self._teardown()
 
+    @property
+    def native_id(self) -> int | None:
+        """Kernel thread id of the loop thread (for CPU placement), None before :meth:`start`."""
+        return self._thread.native_id if self._thread is not None else None
+
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until QEMU connected (True) or ``timeout`` seconds passed (False)."""
         return self.connected.wait(timeout)
