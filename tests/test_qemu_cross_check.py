@@ -8,8 +8,8 @@ vsock (the heartbeat) over vhost-user and the serial console. From inside that g
 The same EIF is then booted by the harness itself, and init's ``nitro-init:`` step lines must
 appear in the same order on both consoles.
 
-Only the ``python`` image is checked: reading the NSM from inside the guest needs
-``nsm_tool.py`` (python); ``hello`` has no python and no shell.
+PCRs are checked on the ``python`` image only: reading the NSM from inside the guest needs
+``nsm_tool.py`` (python); ``hello`` has no python and no shell, so only its console is compared.
 """
 
 from __future__ import annotations
@@ -81,9 +81,23 @@ def nitro_enclave_command(qemu: Path, eif: Path, console_sock: Path, vsock_sock:
     return cmd
 
 
-def boot_on_qemu_nitro_enclave(qemu: Path, eif: Path, work: Path) -> tuple[dict[int, str], str, float]:
-    """Boot ``eif`` on QEMU's nitro-enclave machine; return its PCR0-2 (hex, read in the guest
-    through QEMU's NSM), the console text and the seconds to the heartbeat."""
+def read_pcrs(console: Console) -> dict[int, str]:
+    """PCR0-2 (lower-case hex) read inside a ``python`` guest through /dev/nsm."""
+    result = console.exec(" && ".join(f"{NSM_TOOL} describe-pcr {i}" for i in (0, 1, 2)), timeout=90)
+    assert result.status == 0, f"nsm_tool on QEMU's NSM failed:\n{result.output}"
+    pcrs: dict[int, str] = {}
+    for line in result.output.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            doc = json.loads(line)
+            pcrs[int(doc["index"])] = doc["data"].lower()
+    return pcrs
+
+
+def boot_on_qemu_nitro_enclave(qemu: Path, eif: Path, work: Path, ready: str, in_guest=None):
+    """Boot ``eif`` on QEMU's nitro-enclave machine until ``ready`` appears on its console;
+    return ``in_guest(console)`` (None without it), the console text and the seconds to the
+    heartbeat."""
     console_sock, vsock_sock = work / "con.sock", work / "vsock.sock"
     stderr_path = work / "qemu.stderr"
     dev = backend = console = process = None
@@ -119,19 +133,9 @@ def boot_on_qemu_nitro_enclave(qemu: Path, eif: Path, work: Path) -> tuple[dict[
             assert backend.error is None, f"vsock back end failed: {backend.error}"
             assert time.monotonic() < deadline, "no heartbeat from the nitro-enclave guest\n" + console.text()[-3000:]
         heartbeat_s = time.monotonic() - started
-        console.expect(READY, timeout=60)
-        assert console.exec("true", timeout=60).status == 0
-        result = console.exec(
-            " && ".join(f"{NSM_TOOL} describe-pcr {i}" for i in (0, 1, 2)), timeout=90
-        )
-        assert result.status == 0, f"nsm_tool on QEMU's NSM failed:\n{result.output}"
-        pcrs: dict[int, str] = {}
-        for line in result.output.splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                doc = json.loads(line)
-                pcrs[int(doc["index"])] = doc["data"].lower()
-        return pcrs, console.text(), heartbeat_s
+        console.expect(ready, timeout=60)
+        found = in_guest(console) if in_guest else None
+        return found, console.text(), heartbeat_s
     finally:
         if process is not None:
             if process.poll() is None:
@@ -146,16 +150,17 @@ def boot_on_qemu_nitro_enclave(qemu: Path, eif: Path, work: Path) -> tuple[dict[
         stderr.close()
 
 
-def boot_on_harness(eif: Path, work: Path) -> str:
-    """Boot ``eif`` with the harness's own machine and return its console text once the
-    application's shell answers."""
+def boot_on_harness(eif: Path, work: Path, ready: str, shell: bool) -> str:
+    """Boot ``eif`` with the harness's own machine and return its console text once ``ready``
+    appeared (and, with ``shell``, the application's shell answers)."""
     enclave = Enclave.start(
         EnclaveConfig(eif_path=eif, memory_mib=MEMORY_MIB, cpu_count=2, debug_mode=True),
         artifacts_dir=work,
     )
     try:
-        enclave.console.expect(READY, timeout=60)
-        assert enclave.exec("true", timeout=60).status == 0
+        enclave.console.expect(ready, timeout=60)
+        if shell:
+            assert enclave.exec("true", timeout=60).status == 0
         return enclave.console.text()
     finally:
         enclave.terminate()
@@ -167,7 +172,13 @@ def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_p
     # Unix socket paths must stay under 108 bytes: a short private directory.
     work = Path(tempfile.mkdtemp(prefix="nxc-"))
     try:
-        qemu_pcrs, qemu_console, heartbeat_s = boot_on_qemu_nitro_enclave(qemu_path, eif, work)
+        def shell_then_pcrs(console: Console) -> dict[int, str]:
+            assert console.exec("true", timeout=60).status == 0
+            return read_pcrs(console)
+
+        qemu_pcrs, qemu_console, heartbeat_s = boot_on_qemu_nitro_enclave(
+            qemu_path, eif, work, READY, shell_then_pcrs
+        )
         assert sorted(qemu_pcrs) == [0, 1, 2], qemu_pcrs
         # QEMU's NSM serves the EIF's PCRs (not debug-mode zeros): a zero PCR would mean
         # nothing was measured.
@@ -178,7 +189,7 @@ def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_p
             f"QEMU nitro-enclave: {qemu_pcrs}\nharness measure_eif: {harness_pcrs}"
         )
 
-        harness_console = boot_on_harness(eif, tmp_path / "harness")
+        harness_console = boot_on_harness(eif, tmp_path / "harness", READY, shell=True)
         qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
         assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
         assert qemu_steps and qemu_steps[-1].startswith("starting application"), qemu_steps
@@ -189,6 +200,29 @@ def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_p
         print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {qemu_steps}")
     finally:
         # Keep the nitro-enclave boot's console log and QEMU stderr with the test's artifacts.
+        for name in ("console.log", "qemu.stderr"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(work / name, tmp_path / f"nitro-enclave-{name}")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_hello_image_console_matches_qemu_nitro_enclave(qemu_path, tmp_path):
+    """hello has no python (its NSM cannot be read from inside): its console is compared only,
+    init's steps and the application's first greeting."""
+    eif = recipe_eif("hello")
+    greeting = r"\[   1\] Hello from the enclave side!"
+    work = Path(tempfile.mkdtemp(prefix="nxc-"))
+    try:
+        _, qemu_console, _ = boot_on_qemu_nitro_enclave(qemu_path, eif, work, greeting)
+        harness_console = boot_on_harness(eif, tmp_path / "harness", greeting, shell=False)
+        qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
+        assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
+        assert qemu_steps and qemu_steps[-1].startswith("starting application: '/usr/bin/hello'"), qemu_steps
+        assert qemu_steps == harness_steps, (
+            "init's steps differ between QEMU's nitro-enclave machine and the harness:\n"
+            f"qemu:    {qemu_steps}\nharness: {harness_steps}"
+        )
+    finally:
         for name in ("console.log", "qemu.stderr"):
             with contextlib.suppress(OSError):
                 shutil.copyfile(work / name, tmp_path / f"nitro-enclave-{name}")
