@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import shutil
 import socket
 import threading
@@ -206,20 +205,18 @@ class Enclave:
                 mode=cfg.cpu_mode,
                 all_cpus=all_cpus,
             )
-            budget = alloc_cfg.memory_mib
-            if budget is None:
-                budget = allocator.host_memory_budget_mib()
-            allocator.check_memory(
-                cfg.memory_mib,
-                eif_size=eif_size,
-                budget_mib=budget,
-                used_mib=sum(r.memory_mib for r in records),
-            )
+            if alloc_cfg.memory_mib is not None:
+                budget, used = alloc_cfg.memory_mib, sum(r.memory_mib for r in records)
+            else:
+                # MemAvailable already lacks the running enclaves' (preallocated) memory.
+                budget, used = allocator.host_memory_budget_mib(), 0
+            allocator.check_memory(cfg.memory_mib, eif_size=eif_size, budget_mib=budget, used_mib=used)
             self.cid = self.registry.allocate_cid(cfg.cid)
             self.slot = self.registry.allocate_slot()
             self.vcpu_cpus = cpus.vcpu_cpus
             self.cpu_mode = cpus.mode
-            self.enclave_id = f"{self.instance_id}-enc{secrets.randbits(64):016x}"
+            # SPEC 9: <instance id>-enc<slot in lower-case hex> (16 digits as in module_id, SPEC 7).
+            self.enclave_id = f"{self.instance_id}-enc{self.slot:016x}"
             # Named by slot, not by enclave ID: Unix socket paths must stay under 108 bytes.
             self.state_dir = self.registry.root / f"enc{self.slot}"
             shutil.rmtree(self.state_dir, ignore_errors=True)  # a crashed run's leftovers
@@ -273,20 +270,20 @@ class Enclave:
         assert self.machine is not None
         while not self._terminated:
             status = self.machine.wait(0.2)
-            if status is not None:
-                self.end_reason = (
-                    "the enclave's VM exited (the application ended and init rebooted)"
-                    if status == 0
-                    else f"QEMU ended with status {status}; {self.machine.stderr_excerpt()}"
-                )
-                break
             failed = [b.error for b in self._backends if getattr(b, "error", None)]
-            if failed:
-                self.end_reason = f"a device back end failed: {failed[0]}"
-                break
-        else:
+            if status is None and not failed:
+                continue
+            with self._lock:
+                if self._terminated:  # the parent terminated it: its reason stands
+                    return
+                if status is None:
+                    self.end_reason = f"a device back end failed: {failed[0]}"
+                elif status == 0:
+                    self.end_reason = "the enclave's VM exited (the application ended and init rebooted)"
+                else:
+                    self.end_reason = f"QEMU ended with status {status}; {self.machine.stderr_excerpt()}"
+            self.terminate()
             return
-        self.terminate()
 
     def _find_qemu(self):
         path = self._qemu or qemu_mod.find_qemu()
@@ -546,13 +543,16 @@ class Enclave:
             if self._vsock_trace is not None:
                 with contextlib.suppress(OSError):
                     self._vsock_trace.close()
-            self._keep_artifacts()
-            if self.state_dir is not None:
-                shutil.rmtree(self.state_dir, ignore_errors=True)
-            if self.slot is not None:
-                self.registry.remove(self.slot)
-            self.state = "EMPTY"
-            self._released.set()
+            try:
+                with contextlib.suppress(OSError):  # artifacts are best effort, release is not
+                    self._keep_artifacts()
+                if self.state_dir is not None:
+                    shutil.rmtree(self.state_dir, ignore_errors=True)
+                if self.slot is not None:
+                    self.registry.remove(self.slot)
+            finally:
+                self.state = "EMPTY"
+                self._released.set()
 
     def _keep_artifacts(self) -> None:
         if not self.artifacts_dir or not self.state_dir or not self.state_dir.exists():

@@ -64,6 +64,8 @@ class Supervisor:
                     try:
                         request = json.loads(conn.makefile("r").readline() or "{}")
                     except (OSError, ValueError):
+                        request = None
+                    if not isinstance(request, dict):  # garbage must not end the enclave
                         conn.close()
                         continue
                     if request.get("op") == "terminate":
@@ -102,32 +104,48 @@ class Supervisor:
             time.sleep(0.1)
 
 
+def _answer(out, payload: dict) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        out.write(json.dumps(payload) + "\n")
+        out.close()
+
+
+def _error(code: int, message: str, details: str | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
 def main() -> int:
-    """Entry point of the supervising process; returns its exit status."""
+    """Entry point of the supervising process; returns its exit status.
+
+    Every failure, set-up included, is answered to run-enclave as an ``{"error": ...}`` line so
+    the user sees its one-line reason; nothing but that line is written to the CLI's terminal.
+    """
     request = json.loads(sys.stdin.readline())
     result_out = os.fdopen(os.dup(1), "w")
-    # Detach from the CLI's terminal: our later output goes to the enclave's log only.
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    registry = Registry()
-    log_path = registry.root / f"supervisor-{os.getpid()}.log"
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    control = registry.root / f"control-{os.getpid()}.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(control))
-    listener.listen(8)
+    enclave = None
+    listener = None
+    control = log_path = None
+    status = 0
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    enclave = None
-    status = 0
     try:
         try:
+            # Detach from the CLI's terminal: later output goes to the supervisor's log only.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            registry = Registry()
+            log_path = registry.root / f"supervisor-{os.getpid()}.log"
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            control = registry.root / f"control-{os.getpid()}.sock"
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(control))
+            listener.listen(8)
             enclave = Enclave.start(
                 config_from_json(request["config"]),
                 registry=registry,
@@ -137,33 +155,27 @@ def main() -> int:
                 artifacts_dir=Path(request["artifacts_dir"]) if request.get("artifacts_dir") else None,
             )
         except NitroError as err:
-            result_out.write(
-                json.dumps({"error": {"code": err.code.value, "message": err.message, "details": err.details}})
-                + "\n"
-            )
-            result_out.close()
+            _answer(result_out, _error(err.code.value, err.message, err.details))
             return err.code.value
         except Exception as err:  # noqa: BLE001 - reported to the CLI as E00, never a traceback
-            result_out.write(
-                json.dumps({"error": {"code": 0, "message": f"{type(err).__name__}: {err}", "details": None}})
-                + "\n"
-            )
-            result_out.close()
+            _answer(result_out, _error(0, f"{type(err).__name__}: {err}"))
             return 1
-        info = enclave.run_info()
-        result_out.write(json.dumps({"ok": info, "state_dir": str(enclave.state_dir)}) + "\n")
-        result_out.close()
+        _answer(result_out, {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir)})
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:
         status = 130
     finally:
+        # A second signal must not interrupt the release.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if enclave is not None:
             enclave.terminate()
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            control.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            log_path.unlink()
+        if listener is not None:
+            listener.close()
+        for path in (control, log_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
     return status
 
 

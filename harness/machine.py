@@ -273,30 +273,37 @@ class QemuMachine:
             return None
 
     def shutdown(self, grace: float = 5.0) -> None:
-        """End QEMU (QMP quit, then SIGKILL after ``grace`` seconds) and release everything."""
-        if self.process and self.process.poll() is None:
+        """End QEMU (QMP quit, then SIGKILL after ``grace`` seconds) and release everything.
+
+        Safe against a second Ctrl-C: whatever interrupts the wait, QEMU is killed and every
+        socket and file is still released before the interruption propagates.
+        """
+        try:
+            if self.process and self.process.poll() is None:
+                if self.qmp is not None:
+                    with contextlib.suppress(Exception):
+                        self.qmp.settimeout(2)
+                        self.qmp.cmd("quit")
+                try:
+                    self.process.wait(grace)
+                except BaseException:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.process.kill()
+                    self.process.wait()
+                    raise
+        finally:
             if self.qmp is not None:
                 with contextlib.suppress(Exception):
-                    self.qmp.settimeout(2)
-                    self.qmp.cmd("quit")
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                self.process.wait()
-        if self.qmp is not None:
-            with contextlib.suppress(Exception):
-                self.qmp.close()
-            self.qmp = None
-        self.console.close()
-        if self._stderr:
-            with contextlib.suppress(OSError):
-                self._stderr.close()
-            self._stderr = None
-        for path in (self.spec.qmp_socket, self.spec.console_socket):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                    self.qmp.close()
+                self.qmp = None
+            self.console.close()
+            if self._stderr:
+                with contextlib.suppress(OSError):
+                    self._stderr.close()
+                self._stderr = None
+            for path in (self.spec.qmp_socket, self.spec.console_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def _quote(arg: str) -> str:

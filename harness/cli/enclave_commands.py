@@ -251,7 +251,13 @@ def terminate_enclave(args) -> int:
             )
         sock = control_request(record.control_socket, {"op": "terminate"}, timeout=60)
         with sock:
-            reply = sock.makefile("r").readline()
+            try:
+                reply = sock.makefile("r").readline()
+            except OSError as err:
+                raise NitroError(
+                    ErrorCode.EnclaveProcessConnectionFailure,
+                    f"enclave {record.enclave_id}: the enclave process did not confirm: {err}",
+                ) from None
         if not reply:
             raise NitroError(
                 ErrorCode.EnclaveProcessConnectionFailure,
