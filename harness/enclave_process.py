@@ -160,7 +160,10 @@ def main() -> int:
         except Exception as err:  # noqa: BLE001 - reported to the CLI as E00, never a traceback
             _answer(result_out, _error(0, f"{type(err).__name__}: {err}"))
             return 1
-        _answer(result_out, {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir)})
+        _answer(
+            result_out,
+            {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control)},
+        )
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:
         status = 130

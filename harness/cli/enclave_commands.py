@@ -171,7 +171,8 @@ def run_enclave(args) -> int:
     progress(f"Started enclave with enclave-cid: {info['EnclaveCID']}, memory: {info['MemoryMiB']} MiB, cpu-ids: {info['CPUIDs']}")
     print_json(info)
     if attach:
-        return _stream_console(Registry().find(enclave_id=info["EnclaveID"]).control_socket, None)
+        # The supervisor's own socket: an enclave that already ended is then E39, not "unknown ID".
+        return _stream_console(answer["control_socket"], None)
     return 0
 
 
