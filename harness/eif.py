@@ -19,6 +19,7 @@ Every user-facing failure is ``NitroError(E35 EifParsingError, "<file>: <field>:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import enum
 import hashlib
@@ -343,6 +344,27 @@ def _compare_views(sections: list[Section], walk: list[tuple[int, int, int]],
     return notes
 
 
+@contextlib.contextmanager
+def _parsed(path: Path | str):
+    """Open an EIF, parse and check its layout, compare nitro-cli's sequential view and load
+    the small sections; yields ``(file, eif, walk, walk_error)`` with the file still open.
+    Raises NitroError E19 when it cannot be opened, E35 for a violated rule."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise NitroError(ErrorCode.FileOperationFailure,
+                         f"{path}: open: {e.strerror or e}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        hdr, sections = _parse_layout(path, f, file_size)
+        eif = Eif(path, file_size, hdr, sections)
+        walk, walk_err = _sequential_walk(f, file_size)
+        eif.sequential_notes = _compare_views(sections, walk, walk_err, file_size)
+        _load_small_sections(eif, f)
+        yield f, eif, walk, walk_err
+
+
 def read_eif(path: Path | str, *, check_crc: bool = True) -> Eif:
     """Parse and validate an EIF the way the hypervisor does (following the section table).
 
@@ -359,23 +381,11 @@ def read_eif(path: Path | str, *, check_crc: bool = True) -> Eif:
     Raises ``NitroError(E35)`` "<file>: <field>: <rule>" for any violated rule, E19 when the
     file cannot be opened.
     """
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise NitroError(ErrorCode.FileOperationFailure,
-                         f"{path}: open: {e.strerror or e}") from None
-    with f:
-        file_size = os.fstat(f.fileno()).st_size
-        hdr, sections = _parse_layout(path, f, file_size)
-        eif = Eif(path, file_size, hdr, sections)
-        walk, walk_err = _sequential_walk(f, file_size)
-        eif.sequential_notes = _compare_views(sections, walk, walk_err, file_size)
-        _load_small_sections(eif, f)
+    with _parsed(path) as (f, eif, walk, walk_err):
         if check_crc:
-            eif.crc_computed = _crc_table_order(f, hdr, sections)
+            eif.crc_computed = _crc_table_order(f, eif.header, eif.sections)
             if eif.sequential_notes:
-                eif.sequential_crc = None if walk_err else _crc_walk(f, hdr, walk)
+                eif.sequential_crc = None if walk_err else _crc_walk(f, eif.header, walk)
     return eif
 
 
@@ -721,25 +731,13 @@ def measure_and_check(path: Path | str, *, with_crc: bool = True) -> tuple[Measu
     Returns ``(measurements, eif)`` where ``eif.crc_computed`` is set when ``with_crc``. This
     is what ``describe-eif`` uses. Raises ``NitroError(E35)`` for an invalid EIF.
     """
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise NitroError(ErrorCode.FileOperationFailure,
-                         f"{path}: open: {e.strerror or e}") from None
-    with f:
-        file_size = os.fstat(f.fileno()).st_size
-        hdr, sections = _parse_layout(path, f, file_size)
-        eif = Eif(path, file_size, hdr, sections)
-        walk, walk_err = _sequential_walk(f, file_size)
-        eif.sequential_notes = _compare_views(sections, walk, walk_err, file_size)
-        _load_small_sections(eif, f)
-        m, crc = _measure_open(path, f, eif, with_crc=with_crc)
+    with _parsed(path) as (f, eif, walk, walk_err):
+        m, crc = _measure_open(Path(path), f, eif, with_crc=with_crc)
         eif.crc_computed = crc
         if with_crc and eif.sequential_notes:
-            eif.sequential_crc = None if walk_err else _crc_walk(f, hdr, walk)
+            eif.sequential_crc = None if walk_err else _crc_walk(f, eif.header, walk)
         if not walk_err:
-            table = [(int(s.type), s.data_offset, s.size) for s in sections if s.type in _MEASURED]
+            table = [(int(s.type), s.data_offset, s.size) for s in eif.sections if s.type in _MEASURED]
             seq = [(t, off + SECTION_HEADER_SIZE, size) for off, t, size in walk
                    if t in (1, 2, 3)]
             if seq != table:
