@@ -74,6 +74,11 @@ def main() -> int:
             make_eif(eif, args.size_mib)
         size = eif.stat().st_size
         run(["openssl", "dgst", "-sha384", str(eif)])  # warm the page cache
+        # Byte-compile the package as `pip install` does, so that describe-eif's start-up is
+        # not charged for compiling sources when PYTHONDONTWRITEBYTECODE is set.
+        import compileall
+        import harness
+        compileall.compile_dir(Path(harness.__file__).parent, quiet=1)
         harness = [sys.executable, "-m", "harness.cli", "describe-eif", "--eif-path", str(eif)]
         # In-process: the measurement alone, without interpreter start-up and imports.
         inproc = [sys.executable, "-c",

@@ -26,7 +26,6 @@ import hashlib
 import json
 import mmap
 import os
-import queue
 import struct
 import threading
 import zlib
@@ -464,112 +463,60 @@ def eif_metadata(path: Path | str) -> dict | None:
 # --- measuring ---------------------------------------------------------------------------
 
 
-class _TwinHasher:
-    """Feeds the same chunks to two independent hash chains on two worker threads.
+class _Window:
+    """Reads ``[offset, offset+size)`` of a file window by window, for one thread.
 
-    SPEC 2: PCR0's chain and PCR2's chain both cover every ramdisk after the first, so that
-    data is hashed twice; hashlib releases the GIL for large buffers, so two threads run the
-    two chains on two cores while the main thread maps the next chunk and runs the CRC.
-    ``submit(buf, done)`` queues a buffer for both chains (each worker gets its own view and
-    releases it, so an mmap window can be closed afterwards); ``done`` is released once by
-    each worker when it has finished with the buffer.
+    Each window (``CHUNK_SIZE``) is mapped read-only with MAP_POPULATE (no copy out of the
+    page cache) or, where the file cannot be mapped (a pipe, some FUSE files) or
+    ``NITRO_HARNESS_EIF_NO_MMAP=1``, read with ``preadv`` into this reader's own buffer, so
+    two threads can read the same file at once without sharing a file position. At most one
+    window per reader is alive, so memory stays flat whatever the file size.
     """
 
-    def __init__(self, a: Any, b: Any):
-        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue(), queue.SimpleQueue()]
-        self._errors: list[BaseException] = []
-        self._threads = [
-            threading.Thread(target=self._run, args=(h, q), daemon=True, name=f"eif-hash-{i}")
-            for i, (h, q) in enumerate(zip((a, b), self._queues))
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, hasher: Any, q: queue.SimpleQueue) -> None:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            mv, done = item
-            item = None
-            try:
-                hasher.update(mv)
-            except BaseException as e:  # noqa: BLE001 - re-raised by close()
-                self._errors.append(e)
-            finally:
-                mv.release()
-                mv = None
-                done.release()
-
-    def submit(self, buf: Any, start: int, length: int, done: threading.Semaphore) -> None:
-        """Queue ``buf[start:start+length]`` for both chains."""
-        for q in self._queues:
-            q.put((memoryview(buf)[start:start + length], done))
-
-    def close(self) -> None:
-        """Stop the workers (after everything queued is hashed) and re-raise their errors."""
-        for q in self._queues:
-            q.put(None)
-        for t in self._threads:
-            t.join()
-        if self._errors:
-            raise self._errors[0]
-
-
-class _Slot:
-    """One in-flight chunk: a reusable read buffer or an mmap window, guarded by a semaphore
-    that both hash workers release (so the main thread waits twice before reusing it)."""
-
-    def __init__(self) -> None:
-        self.sem = threading.Semaphore(2)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.use_mmap = _MMAP_FLAGS != 0 and os.environ.get("NITRO_HARNESS_EIF_NO_MMAP") != "1"
         self.buf: bytearray | None = None
-        self.map: mmap.mmap | None = None
 
-    def reclaim(self) -> None:
-        """Wait until both workers are done with the previous chunk, then drop its window."""
-        self.sem.acquire()
-        self.sem.acquire()
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+    def slices(self, offset: int, size: int, stop: threading.Event):
+        """Yield memoryviews of at most ``_SLICE`` bytes covering the range, in order.
 
-
-def _chunk_views(f: BinaryIO, offset: int, size: int, slots: list[_Slot], use_mmap: bool):
-    """Yield ``(slot, object, start, length)`` covering ``[offset, offset+size)`` of ``f``.
-
-    With ``use_mmap`` each chunk is a read-only window mapped with MAP_POPULATE (no copy out
-    of the page cache); otherwise ``readinto`` fills the slot's buffer. The caller must
-    release the slot's semaphore twice (directly or through the workers) for every chunk.
-    """
-    i = 0
-    pos, end = offset, offset + size
-    while pos < end:
-        slot = slots[i % len(slots)]
-        i += 1
-        slot.reclaim()
-        n = min(CHUNK_SIZE, end - pos)
-        if use_mmap:
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        Raises OSError when the file is shorter than the range; stops early once ``stop``
+        is set (the other reader failed or the user interrupted)."""
+        pos, end = offset, offset + size
+        while pos < end and not stop.is_set():
+            n = min(CHUNK_SIZE, end - pos)
+            window: Any = None
+            if self.use_mmap:
+                base = pos - pos % mmap.ALLOCATIONGRANULARITY
+                try:
+                    window = mmap.mmap(self.fd, pos + n - base, flags=_MMAP_FLAGS,
+                                       prot=mmap.PROT_READ, offset=base)
+                except (OSError, ValueError):
+                    self.use_mmap = False  # not mappable: read instead
+            if window is None:
+                if self.buf is None:
+                    self.buf = bytearray(CHUNK_SIZE)
+                base = pos
+                got = os.preadv(self.fd, [memoryview(self.buf)[:n]], pos)
+                if got != n:
+                    raise OSError(f"file shrank while reading at offset {pos}")
+                window = self.buf
             try:
-                slot.map = mmap.mmap(f.fileno(), pos + n - base, flags=_MMAP_FLAGS,
-                                     prot=mmap.PROT_READ, offset=base)
-            except (OSError, ValueError):
-                use_mmap = False  # not mappable (a pipe, some FUSE files): read instead
-        if use_mmap:
-            assert slot.map is not None
-            yield slot, slot.map, pos - base, n
-        else:
-            if slot.buf is None:
-                slot.buf = bytearray(CHUNK_SIZE)
-            f.seek(pos)
-            got = f.readinto(memoryview(slot.buf)[:n])
-            if got != n:
-                slot.sem.release()
-                slot.sem.release()
-                raise OSError(f"file shrank while reading at offset {pos}")
-            yield slot, slot.buf, 0, n
-        pos += n
+                with memoryview(window) as whole:
+                    for at in range(pos - base, pos - base + n, _SLICE):
+                        with whole[at:min(at + _SLICE, pos - base + n)] as piece:
+                            yield piece
+            finally:
+                if window is not self.buf:
+                    window.close()
+            pos += n
 
+
+#: Hashed and CRC-checked slice: small enough to stay in the core's L2 between the SHA-384
+#: pass and the CRC pass (so the CRC costs almost nothing), large enough that hashlib and
+#: zlib-ng release the GIL and per-call overhead vanishes.
+_SLICE = 256 << 10
 
 _MMAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
@@ -641,72 +588,82 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
                   with_crc: bool) -> tuple[Measurements, int | None]:
     """One streaming read in table order: PCR0/1/2 (and PCR8) plus, optionally, the CRC.
 
-    Chunks of later ramdisks go to two worker threads (PCR0's and PCR2's chains) while this
-    thread maps the next chunk and runs the CRC; everything else is hashed here.
+    SPEC 2: PCR0's and PCR2's chains both cover every ramdisk after the first, so that data
+    is hashed twice; hashlib releases the GIL, so the two SHA-384 chains run on two cores.
+    This thread reads the measured sections and feeds PCR0 (and PCR1); a second thread reads
+    the whole file in table order on its own, feeds PCR2 with the application ramdisks and
+    runs the CRC over each slice right after hashing it, while the slice is still in cache.
+    That balances the two: PCR0's chain also covers kernel, cmdline and bootstrap ramdisk.
     """
     sections = eif.sections
     pcrs = _Pcrs([s.type for s in sections])
-    crc = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
-    slots = [_Slot() for _ in range(3)]
-    twin: _TwinHasher | None = None
-    use_mmap = _MMAP_FLAGS != 0 and os.environ.get("NITRO_HARNESS_EIF_NO_MMAP") != "1"
-    try:
-        for s in sections:
-            if crc is not None:
-                crc = _crc32(s.header_bytes(), crc)
-            measured = s.type in _MEASURED
-            app = measured and pcrs.role() == "app"
-            if measured and not app and twin is not None:
-                # Unusual layout (a boot section after a later ramdisk): the PCR0 chain is
-                # fed on this thread again, so let the workers finish first.
-                t, twin = twin, None
-                t.close()
-            if app and twin is None:
-                twin = _TwinHasher(pcrs.h0, pcrs.h2)
-            if not measured and crc is None:
+    roles = iter(pcrs.roles)
+    plan = [(s, next(roles) if s.type in _MEASURED else None) for s in sections]
+    stop = threading.Event()
+    errors: list[tuple[Section, BaseException]] = []
+    crc: list[int | None] = [None]
+
+    def crc_and_pcr2_lane() -> None:
+        reader = _Window(f.fileno())
+        c = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
+        for s, role in plan:
+            if c is not None:
+                c = _crc32(s.header_bytes(), c)
+            if role != "app" and c is None:
                 continue
             try:
-                for slot, obj, start, n in _chunk_views(f, s.data_offset, s.size, slots,
-                                                        use_mmap):
-                    submitted = False
-                    try:
-                        if app:
-                            assert twin is not None
-                            twin.submit(obj, start, n, slot.sem)
-                            submitted = True
-                        with memoryview(obj) as whole:
-                            mv = whole[start:start + n]
-                            if crc is not None:
-                                crc = _crc32(mv, crc)
-                            if measured and not app:
-                                pcrs.feed_boot(mv)
-                            mv.release()
-                    finally:
-                        if not submitted:  # nobody else will release this slot
-                            slot.sem.release()
-                            slot.sem.release()
-            except OSError as e:
-                raise _fail(path, f"section {s.index}", f"read failed: {e}") from None
-            if measured:
-                # Safe while workers still hash: the PCR1 copy, when due, is taken at a boot
-                # section, and boot sections never run with the workers active.
-                pcrs.end_section()
-        if twin is not None:
-            t, twin = twin, None
-            t.close()
-    finally:
-        if twin is not None:
+                for piece in reader.slices(s.data_offset, s.size, stop):
+                    if role == "app":
+                        pcrs.h2.update(piece)
+                    if c is not None:
+                        c = _crc32(piece, c)
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append((s, e))
+                stop.set()
+                return
+        crc[0] = c
+
+    needed = with_crc or "app" in pcrs.roles
+    lane = threading.Thread(target=crc_and_pcr2_lane, daemon=True, name="eif-crc-pcr2")
+    finished = False
+    try:
+        if needed:
+            lane.start()
+        reader = _Window(f.fileno())
+        for s, role in plan:
+            if role is None:
+                continue
+            # Boot sections feed PCR1 too when it has its own chain (unusual table orders).
+            feeds = [pcrs.h0, pcrs.h1] if role == "boot" and pcrs.h1 is not None else [pcrs.h0]
             try:
-                twin.close()
-            except BaseException:  # noqa: BLE001 - the primary error wins
-                pass
-        for slot in slots:
-            slot.reclaim()
+                for piece in reader.slices(s.data_offset, s.size, stop):
+                    for h in feeds:
+                        h.update(piece)
+            except OSError as e:
+                errors.append((s, e))
+                stop.set()
+                break
+            pcrs.end_section()  # takes PCR1's copy of PCR0 after the last boot section
+        finished = True
+    finally:
+        if not finished:
+            stop.set()  # Ctrl-C or an unexpected error: the lane stops at its next window
+        if needed:
+            try:
+                lane.join()
+            except BaseException:
+                stop.set()
+                raise
+    if errors:
+        s, e = errors[0]
+        if not isinstance(e, OSError):
+            raise e
+        raise _fail(path, f"section {s.index}", f"read failed: {e}") from None
     pcr8 = None
     if eif.signature_raw is not None:
         cert_pem, _cose = _decode_signature_section(path, eif.signature_raw)
         pcr8 = pcr_for_certificate_der(_first_cert_der(path, cert_pem))
-    return pcrs.result(pcr8), crc
+    return pcrs.result(pcr8), crc[0]
 
 
 def measure_eif(path: Path | str) -> Measurements:

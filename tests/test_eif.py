@@ -109,6 +109,7 @@ def test_pcr2_without_customer_ramdisk(tmp_path, parts):
 
 def test_multiple_application_ramdisks_and_chunk_boundaries(tmp_path, parts, monkeypatch):
     monkeypatch.setattr(eif, "CHUNK_SIZE", 4096)  # many chunks, odd offsets for the mmap path
+    monkeypatch.setattr(eif, "_SLICE", 1000)  # slices that do not divide a window
     r2, r3 = os.urandom(40001), os.urandom(3)
     data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
                         (RAMDISK, parts["boot"]), (RAMDISK, parts["app"]), (RAMDISK, r2),
@@ -584,3 +585,26 @@ def test_random_corruptions_never_escape_as_tracebacks(tmp_path, parts):
             assert str(p) in e.message and "\n" not in e.message
             outcomes["error"] += 1
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
+
+
+def test_read_failure_in_either_lane_is_one_error_and_no_thread_is_left(tmp_path, parts,
+                                                                        monkeypatch):
+    # The PCR0 lane (this thread) and the CRC/PCR2 lane (a worker) read on their own; a short
+    # read in either ends both and surfaces as one E35 line naming the section.
+    import threading
+
+    data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
+                        (RAMDISK, parts["boot"]), (RAMDISK, parts["app"])])
+    p = write(tmp_path, data)
+    monkeypatch.setenv("NITRO_HARNESS_EIF_NO_MMAP", "1")
+    real = os.preadv
+    for victim in (len(parts["kernel"]), len(parts["app"])):
+        def short(fd, bufs, pos, _n=victim):
+            got = real(fd, bufs, pos)
+            return got - 1 if got == _n else got
+        monkeypatch.setattr(eif.os, "preadv", short)
+        before = threading.active_count()
+        with pytest.raises(NitroError, match=r"section \d: read failed: file shrank") as ei:
+            eif.measure_and_check(p)
+        assert ei.value.code == ErrorCode.EifParsingError
+        assert threading.active_count() == before

@@ -20,8 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
-import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -248,6 +246,8 @@ def _docker_engine_socket() -> str | None:
     if not host.startswith("unix://"):
         return None
     sock_path = host[len("unix://"):]
+    import socket  # build-enclave only: describe-eif's start-up stays lean
+
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2)
     try:
@@ -272,6 +272,8 @@ def _save_docker_uri(uri: str, dest: Path, docker_dir: Path | None = None) -> Pa
                          f"--docker-uri {uri}: no Docker engine reachable at {host}; save the "
                          "image elsewhere (`docker save IMAGE -o img.tar`) and pass "
                          "--docker-archive img.tar")
+    import subprocess
+
     docker = shutil.which("docker")
     if docker is None:
         raise NitroError(code,
