@@ -63,6 +63,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="keep every test's artifacts folder, not only those of failed tests")
     group.addoption("--artifacts-dir", metavar="DIR", default=None,
                     help="where per-test artifacts folders go (default: under pytest's basetemp)")
+    group.addoption("--kernel", action="append", choices=scn.KERNELS, default=None, dest="nitro_kernels",
+                    help="run YAML scenarios on this kernel (repeatable): nitro = the harness's "
+                         "Nitro-style kernel, debian = Debian's cloud kernel (recipe <image>-debian); "
+                         "default: the nitro_harness_kernels ini value, else nitro")
+    parser.addini("nitro_harness_kernels", type="args", default=["nitro"],
+                  help="kernels YAML scenarios run on when --kernel is not given (nitro, debian)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,6 +93,12 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ["NITRO_HARNESS_RUNTIME_DIR"] = str(private)
         start = CID_RANGE_BASE + index * CID_RANGE_SIZE
         config.stash[_CIDS_KEY] = iter(range(start, start + CID_RANGE_SIZE))
+
+
+def _kernels(config: pytest.Config) -> list[str]:
+    """Kernels every scenario case runs on: ``--kernel`` values, else the ini's, deduplicated."""
+    chosen = config.getoption("nitro_kernels") or config.getini("nitro_harness_kernels")
+    return list(dict.fromkeys(chosen))
 
 
 def _artifacts_root(config: pytest.Config) -> Path:
@@ -310,7 +322,7 @@ class ScenarioFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         """One :class:`ScenarioItem` per scenario document and matrix case."""
         try:
-            scenarios = scn.load_scenarios(self.path)
+            scenarios = scn.load_scenarios(self.path, kernels=_kernels(self.config))
         except NitroError as err:
             # CollectError prints just this line (file:line: key: rule), no traceback.
             raise self.CollectError(str(err)) from None

@@ -55,6 +55,12 @@ DEFAULT_SCENARIO_TIMEOUT = 900.0
 #: Default enclave settings of a scenario (issue 4: the hello scenario's shape).
 DEFAULT_ENCLAVE: dict[str, Any] = {"cpu_count": 2, "memory_mib": 512, "debug_mode": True}
 
+#: Kernels a scenario can be run on (issue 8): ``nitro``, the harness's Nitro-style kernel (the
+#: recipes as named: ACPI off, devices on the command line, SPEC 5), and ``debian``, Debian's
+#: cloud kernel (the recipe ``<image>-debian``: the same root filesystem, ACPI discovery, vsock
+#: as modules loaded by init).
+KERNELS = ("nitro", "debian")
+
 #: Every step kind, in the order docs/scenarios.md documents them.
 STEP_KINDS = (
     "boot",
@@ -347,7 +353,8 @@ class Scenario:
 
     ``name`` is the document's name, ``case`` the matrix id (``""`` without a matrix, else like
     ``cpu_count=1,memory_mib=256``), ``data`` the expanded document (``matrix`` removed), ``path``
-    and ``line`` where it was written, ``matrix_values`` the case's matrix values by dotted key.
+    and ``line`` where it was written, ``matrix_values`` the case's matrix values by dotted key,
+    ``kernel`` the kernel it runs on (one of :data:`KERNELS`; ``kernel=debian`` ends the case id).
     """
 
     name: str
@@ -356,6 +363,7 @@ class Scenario:
     path: Path
     line: int
     matrix_values: dict[str, Any] = field(default_factory=dict)
+    kernel: str = "nitro"
 
     @property
     def id(self) -> str:
@@ -490,13 +498,51 @@ def expand(doc: LineDict, path: Path) -> list[Scenario]:
     return cases
 
 
-def load_scenarios(path: Path | str) -> list[Scenario]:
+def image_for_kernel(image: str, kernel: str) -> str:
+    """Recipe name of ``image`` built for ``kernel`` (one of :data:`KERNELS`).
+
+    ``nitro`` keeps the name (the shipped recipes use the Nitro-style kernel); ``debian`` names
+    the recipe's Debian-kernel twin ``<image>-debian`` (kept as is when ``image`` already ends
+    so). Raises NitroError E03 for an unknown kernel.
+    """
+    if kernel == "nitro" or (kernel == "debian" and image.endswith("-debian")):
+        return image
+    if kernel == "debian":
+        return f"{image}-debian"
+    raise NitroError(ErrorCode.InvalidArgument,
+                     f"kernel: unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+
+
+def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
+    """``case`` run on ``kernel``, or None when the kernel does not change it.
+
+    An ``eif:`` scenario boots its own file and an image that already names a kernel variant
+    (``hello-debian``) is what it is: both run once, as the ``nitro`` case. Otherwise the
+    case's image (and every image its steps build) becomes :func:`image_for_kernel`'s.
+    """
+    if kernel == "nitro":
+        return case
+    image = case.data.get("image")
+    if not image or image_for_kernel(image, kernel) == image:
+        return None
+    data = copy.deepcopy(case.data)
+    data["image"] = image_for_kernel(image, kernel)
+    suffix = f"kernel={kernel}"
+    return Scenario(name=case.name, case=f"{case.case},{suffix}" if case.case else suffix,
+                    data=data, path=case.path, line=case.line,
+                    matrix_values=dict(case.matrix_values), kernel=kernel)
+
+
+def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("nitro",)) -> list[Scenario]:
     """Load, validate and expand every scenario document of a YAML file.
 
-    Returns the cases in file order. Raises :class:`ScenarioError` (E03) for YAML syntax errors,
+    Returns the cases in file order, each case once per kernel of ``kernels`` where the kernel
+    applies (:func:`for_kernel`). Raises :class:`ScenarioError` (E03) for YAML syntax errors,
     schema violations (with file, line and key), unknown placeholders and duplicate names, and
-    NitroError E19 when the file cannot be read. Nothing is booted.
+    NitroError E19 when the file cannot be read, E03 for an unknown kernel. Nothing is booted.
     """
+    for kernel in kernels:
+        image_for_kernel("hello", kernel)  # E03 before any work for an unknown kernel
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -522,7 +568,8 @@ def load_scenarios(path: Path | str) -> list[Scenario]:
                                 f"name: {name!r} is already used at line {seen[name]}"
                                 + ("" if "name" in doc else " (give each document a 'name')"))
         seen[name] = doc.line
-        scenarios.extend(expand(doc, path))
+        for case in expand(doc, path):
+            scenarios.extend(c for c in (for_kernel(case, k) for k in kernels) if c is not None)
     return scenarios
 
 
@@ -1430,7 +1477,8 @@ class ScenarioRunner:
                                             self.scenario.path.parent)
             return measure_eif(self.eif_path).as_dict()[0].hex()
         if spec.startswith("image:"):
-            return measure_eif(resolve_eif(spec[len("image:"):])).as_dict()[0].hex()
+            image = image_for_kernel(spec[len("image:"):], self.scenario.kernel)
+            return measure_eif(resolve_eif(image)).as_dict()[0].hex()
         if spec.startswith("eif:"):
             return measure_eif(resolve_eif(eif=spec[len("eif:"):], base=self.scenario.path.parent)
                                ).as_dict()[0].hex()
@@ -1473,7 +1521,8 @@ class ScenarioRunner:
         app = f"python3 -c \"exec(bytes.fromhex('{_KMS_RUNNER.encode().hex()}').decode())\"; sleep 3600"
         from harness.images.recipes import build_image
 
-        eif = Path(build_image("python", cmd=["/bin/sh", "-c", app]))
+        image = image_for_kernel("python", self.scenario.kernel)
+        eif = Path(build_image(image, cmd=["/bin/sh", "-c", app]))
         settings = {k: v for k, v in self._settings().items() if k not in ("cid", "name", "cpu_ids")}
         settings["debug_mode"] = False
         settings.setdefault("heartbeat_timeout", max(1.0, within))

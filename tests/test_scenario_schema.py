@@ -328,6 +328,46 @@ def test_matrix_list_of_cases_and_top_level_keys(tmp_path):
     assert cases[1].id == "case[image=python,debug_mode=false]"
 
 
+def test_kernels_run_each_case_on_the_debian_twin_of_its_image(tmp_path):
+    # Issue 8: every scenario on both kernels. The debian case boots <image>-debian; an eif:
+    # scenario and an image that already names its kernel run once.
+    path = write(tmp_path, """
+        name: a
+        image: python
+        matrix:
+          enclave.cpu_count: [1, 2]
+        steps: [{sleep: 1}]
+        ---
+        name: b
+        eif: x.eif
+        steps: [{sleep: 1}]
+        ---
+        name: c
+        image: hello-debian
+        steps: [{sleep: 1}]
+        """)
+    cases = scn.load_scenarios(path, kernels=("nitro", "debian"))
+    assert [(c.id, c.data.get("image"), c.kernel) for c in cases] == [
+        ("a[cpu_count=1]", "python", "nitro"),
+        ("a[cpu_count=1,kernel=debian]", "python-debian", "debian"),
+        ("a[cpu_count=2]", "python", "nitro"),
+        ("a[cpu_count=2,kernel=debian]", "python-debian", "debian"),
+        ("b", None, "nitro"),
+        ("c", "hello-debian", "nitro"),
+    ]
+    assert [c.id for c in scn.load_scenarios(path, kernels=("debian",))] == [
+        "a[cpu_count=1,kernel=debian]", "a[cpu_count=2,kernel=debian]"]
+    assert "image: python-debian" in cases[1].to_yaml()
+    # Every shipped scenario image has its Debian-kernel twin recipe.
+    from harness.images.recipes import recipe_path
+    for shipped in sorted((REPO / "scenarios").glob("*.yaml")):
+        for case in scn.load_scenarios(shipped, kernels=("debian",)):
+            assert recipe_path(case.data["image"]).is_file(), case.id
+    with pytest.raises(NitroError, match="kernel: unknown kernel 'ubuntu'") as info:
+        scn.load_scenarios(path, kernels=("ubuntu",))
+    assert info.value.code == ErrorCode.InvalidArgument
+
+
 def test_matrix_value_of_the_wrong_type_points_at_the_value(tmp_path):
     err = load_error(tmp_path, """
         image: hello

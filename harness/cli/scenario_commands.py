@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="FILE", dest="json_file", help="write results as JSON")
     parser.add_argument("--qemu", metavar="PATH", help="QEMU binary (default: the doctor's choice)")
     parser.add_argument("--accel", choices=("kvm", "tcg"), help="accelerator (default: the doctor's choice)")
+    parser.add_argument("--kernel", action="append", choices=scn.KERNELS, dest="kernels",
+                        help="run every case on this kernel (repeatable; default nitro): nitro = the "
+                             "harness's Nitro-style kernel, debian = Debian's cloud kernel (recipe <image>-debian)")
     parser.add_argument("--artifacts-dir", metavar="DIR",
                         help="where per-case artifacts folders go (default: a new temporary folder)")
     parser.add_argument("--keep-artifacts", action="store_true",
@@ -65,7 +68,7 @@ def _scenario_files(paths: list[str]) -> list[Path]:
 
 def run_command(args: argparse.Namespace) -> int:
     """Validate every scenario, run each case, report; return 0 or :data:`EXIT_FAILED`."""
-    cases = [case for path in _scenario_files(args.paths) for case in scn.load_scenarios(path)]
+    cases = [case for path in _scenario_files(args.paths) for case in scn.load_scenarios(path, kernels=list(dict.fromkeys(args.kernels or ["nitro"])))]
     if args.select:
         cases = [c for c in cases if args.select in c.id]
     if not cases:
