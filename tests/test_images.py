@@ -165,8 +165,9 @@ def test_hello_customer_ramdisk(hello):
 
 
 def test_hello_application_output(hello, tmp_path):
-    """The application prints AWS's launch-post lines; run with the image's own busybox sh
-    (sleep replaced by a shell function that stops after three lines)."""
+    """The application prints its PCRs once (nsm-pcr, tests/test_nsm_pcr.py), then AWS's
+    launch-post lines; run with the image's own busybox sh (sleep replaced by a shell function
+    that stops after three lines, nsm-pcr by a script that echoes its arguments)."""
     _, _, _, cust = hello
     bb = tmp_path / "busybox"
     bb.write_bytes(cust["rootfs/bin/busybox"].data)
@@ -174,9 +175,17 @@ def test_hello_application_output(hello, tmp_path):
     script = cust["rootfs/usr/bin/hello"].data.decode()
     assert script.startswith("#!/bin/sh\n")
     stub = 'sleep() { [ "$i" -gt 3 ] && exit 0; return 0; }\n'
+    # (A shell function cannot be called nsm-pcr: a stand-in program on PATH that fails,
+    # which must not stop the greetings.)
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "nsm-pcr"
+    fake.write_text('#!/bin/sh\necho "nsm-pcr $*"\nexit 1\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
     out = subprocess.run([str(bb), "sh", "-c", stub + script], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
-    assert out == ("[   1] Hello from the enclave side!\n"
+                         timeout=30, check=True, env=env).stdout
+    assert out == ("nsm-pcr 0 1 2\n"
+                   "[   1] Hello from the enclave side!\n"
                    "[   2] Hello from the enclave side!\n"
                    "[   3] Hello from the enclave side!\n")
 

@@ -8,8 +8,10 @@ vsock (the heartbeat) over vhost-user and the serial console. From inside that g
 The same EIF is then booted by the harness itself, and init's ``nitro-init:`` step lines must
 appear in the same order on both consoles.
 
-PCRs are checked on the ``python`` image only: reading the NSM from inside the guest needs
-``nsm_tool.py`` (python); ``hello`` has no python and no shell, so only its console is compared.
+PCRs are read from inside each guest with the image's own tool: ``python`` runs
+``nsm_tool.py describe-pcr`` through its debug console shell; ``hello`` (busybox, no python)
+prints them itself at start with the static ``nsm-pcr`` (``images/nsm-pcr``), one JSON line per
+PCR before its first greeting, and the test reads those lines from the console.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ GUEST_CID = 7  # any CID >= 4; this VsockDevice is private to the test
 MEMORY_MIB = 1024
 BOOT_TIMEOUT = 120
 NSM_TOOL = "python3 /opt/nitro-harness/nsm_tool.py"
+# One line of nsm-pcr (and nsm_tool's describe-pcr) output, found anywhere in a console line.
+PCR_LINE = re.compile(r'\{"index": \d+, "lock": (?:true|false), "data": "[0-9a-f]*"\}')
 # "nitro-init: <message> (t=<seconds>s)": the timestamp differs between boots.
 INIT_LINE = re.compile(r"^nitro-init: (.*?)(?: \(t=[0-9.]+s\))?\s*$", re.MULTILINE)
 READY = r"nitro-init: starting application"
@@ -91,6 +95,19 @@ def read_pcrs(console: Console) -> dict[int, str]:
         if line.startswith("{"):
             doc = json.loads(line)
             pcrs[int(doc["index"])] = doc["data"].lower()
+    return pcrs
+
+
+def pcrs_from_console(console_text: str) -> dict[int, str]:
+    """PCRs that ``nsm-pcr`` printed on a console (``{"index": N, "lock": .., "data": hex}``
+    lines); fails on a ``nsm-pcr: ...`` error line."""
+    errors = [line for line in console_text.splitlines() if line.startswith("nsm-pcr: ")]
+    assert not errors, f"nsm-pcr failed in the guest: {errors}"
+    pcrs: dict[int, str] = {}
+    for match in PCR_LINE.finditer(console_text):
+        doc = json.loads(match.group(0))
+        assert doc["index"] not in pcrs, f"PCR{doc['index']} printed twice"
+        pcrs[doc["index"]] = doc["data"]
     return pcrs
 
 
@@ -206,15 +223,32 @@ def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_p
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_hello_image_console_matches_qemu_nitro_enclave(qemu_path, tmp_path):
-    """hello has no python (its NSM cannot be read from inside): its console is compared only,
-    init's steps and the application's first greeting."""
+def test_hello_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_path):
+    """hello prints PCR0-2 with nsm-pcr before its first greeting: on QEMU's machine they are
+    QEMU's measurement and must equal measure_eif's; init's steps must match the harness's."""
     eif = recipe_eif("hello")
+    expected = measure_eif(eif)
     greeting = r"\[   1\] Hello from the enclave side!"
     work = Path(tempfile.mkdtemp(prefix="nxc-"))
     try:
-        _, qemu_console, _ = boot_on_qemu_nitro_enclave(qemu_path, eif, work, greeting)
+        _, qemu_console, heartbeat_s = boot_on_qemu_nitro_enclave(qemu_path, eif, work, greeting)
+        qemu_pcrs = pcrs_from_console(qemu_console)
+        assert sorted(qemu_pcrs) == [0, 1, 2], (
+            f"nsm-pcr's lines on QEMU's console: {qemu_pcrs}\n" + qemu_console[-3000:]
+        )
+        for index in (0, 1, 2):
+            assert qemu_pcrs[index] != "00" * 48, f"PCR{index} from QEMU's NSM is all zeros"
+        harness_pcrs = {0: expected.pcr0.hex(), 1: expected.pcr1.hex(), 2: expected.pcr2.hex()}
+        assert qemu_pcrs == harness_pcrs, (
+            f"QEMU nitro-enclave: {qemu_pcrs}\nharness measure_eif: {harness_pcrs}"
+        )
+        # The PCR lines come before the greeting, which is unchanged.
+        assert qemu_console.index('{"index": 0,') < re.search(greeting, qemu_console).start()
+
         harness_console = boot_on_harness(eif, tmp_path / "harness", greeting, shell=False)
+        # nsm-pcr reads the harness's own NSM device too (its values are not compared here:
+        # this test is about QEMU's independent implementation).
+        assert sorted(pcrs_from_console(harness_console)) == [0, 1, 2], harness_console[-3000:]
         qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
         assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
         assert qemu_steps and qemu_steps[-1].startswith("starting application: '/usr/bin/hello'"), qemu_steps
@@ -222,6 +256,7 @@ def test_hello_image_console_matches_qemu_nitro_enclave(qemu_path, tmp_path):
             "init's steps differ between QEMU's nitro-enclave machine and the harness:\n"
             f"qemu:    {qemu_steps}\nharness: {harness_steps}"
         )
+        print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {qemu_steps}")
     finally:
         for name in ("console.log", "qemu.stderr"):
             with contextlib.suppress(OSError):

@@ -9,14 +9,16 @@ env. :func:`build_image` turns it into an EIF laid out as nitro-cli lays one out
 * bootstrap ramdisk: the harness's static init (``images/init``), ``nsm.ko``, and
   ``modules/`` with the kernel's vsock/virtio-mmio modules in dependency order (a harness
   extension: Debian's cloud kernel has them as modules, AWS's blobs build them in);
-* customer ramdisk: ``rootfs/`` plus ``cmd`` and ``env``.
+* customer ramdisk: ``rootfs/`` plus ``cmd`` and ``env`` (static helper programs such as
+  ``images/nsm-pcr`` are built like init and installed where ``rootfs.programs`` says).
 
 Images are cached under ``~/.cache/nitro-harness/images/<name>-<hash>.eif`` where ``<hash>``
-covers every input: the recipe, init's source and toolchain, each package's version and SHA256,
-wheels, guest files, application tarballs/directories and the code that writes ramdisks and
-EIFs. An unchanged rebuild returns the cached file (same bytes, same PCRs) without work; a cold
-build is deterministic too (fixed mtimes, owner 0:0 for package files), so PCRs only change
-when an input does. Every failure is ``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>")``.
+covers every input: the recipe, the sources of init and of each program and the toolchain,
+each package's version and SHA256, wheels, guest files, application tarballs/directories and
+the code that writes ramdisks and EIFs. An unchanged rebuild returns the cached file (same
+bytes, same PCRs) without work; a cold build is deterministic too (fixed mtimes, owner 0:0 for
+package files), so PCRs only change when an input does. Every failure is
+``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>")``.
 
 Recipe fields (schema in :data:`RECIPE_SCHEMA`)::
 
@@ -45,12 +47,15 @@ Recipe fields (schema in :data:`RECIPE_SCHEMA`)::
       pip_target: /usr/lib/python3/dist-packages
       guest: /opt/nitro-harness        # every file of images/guest/ copied here
       compile_python: true             # precompiled .pyc (unchecked-hash) for the guest python
+      programs: {/usr/bin/nsm-pcr: nsm-pcr}  # guest path -> static program built from
+                                       # images/<name>/ (<name>.c + Makefile), mode 0755
     cmd: [/usr/bin/hello]
     env: [PATH=/usr/sbin:/usr/bin:/sbin:/bin]
 
 Public API: :func:`build_image` (path of the EIF), :func:`build` (path, cache hit, info),
 :func:`recipe_path`, :func:`load_recipe`, :func:`list_recipes`, :func:`cached_images`,
-:func:`build_init` (the static init alone). The CLI front is ``nitro-harness images``.
+:func:`build_init` (the static init alone), :func:`build_static_program` (init, nsm-pcr or
+another program under ``images/``). The CLI front is ``nitro-harness images``.
 """
 
 from __future__ import annotations
@@ -143,6 +148,9 @@ def recipe_path(name: str | Path) -> Path:
 
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
 
+#: A static program's name: a directory directly under ``images/`` (no path separators).
+_PROGRAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
 #: JSON Schema of a recipe file (see the module docstring for the meaning of each field).
 RECIPE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -201,6 +209,10 @@ RECIPE_SCHEMA: dict[str, Any] = {
                 "pip_target": {"type": "string", "pattern": "^/"},
                 "guest": {"type": "string", "pattern": "^/"},
                 "compile_python": {"type": "boolean"},
+                "programs": {"type": "object",
+                             "propertyNames": {"pattern": "^/.*[^/]$"},
+                             "additionalProperties": {"type": "string",
+                                                      "pattern": _PROGRAM_NAME_PATTERN}},
             },
         },
         "cmd": _STR_LIST,
@@ -272,6 +284,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if "directory" in kernel and kernel.get("modules"):
         raise _fail(path, "kernel.modules: only with kernel.package (a prebuilt kernel's "
                     "drivers are built in)")
+    rootfs = raw.get("rootfs") or {}
+    file_paths = {os.path.normpath(f["path"]) for f in rootfs.get("files", [])}
+    for guest_path, program in (rootfs.get("programs") or {}).items():
+        if os.path.normpath(guest_path) in file_paths:
+            raise _fail(path, f"rootfs.programs: {guest_path}: also listed in rootfs.files")
+        if not (program_source_dir(program) / f"{program}.c").is_file():
+            raise _fail(path, f"rootfs.programs: {guest_path}: no program {program!r} "
+                        f"({program_source_dir(program)}/{program}.c not found)")
     return Recipe(name=raw.get("name") or path.stem, path=path, raw=raw)
 
 
@@ -331,7 +351,7 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-# --- init ---------------------------------------------------------------------------------
+# --- static programs: init, nsm-pcr -------------------------------------------------------
 
 
 def _toolchain_id() -> str:
@@ -344,46 +364,97 @@ def _toolchain_id() -> str:
     return f"gcc {gcc}; {libc}"
 
 
+def program_source_dir(name: str) -> Path:
+    """Directory of a static program's source (``images/<name>``: ``<name>.c``, a Makefile)."""
+    return images_dir() / name
+
+
+def _program_sources(name: str) -> list[str]:
+    """The files a program's key covers: ``<name>.c`` first, other C sources and headers
+    sorted, the Makefile last (for init exactly init.c then Makefile, the order its key has
+    always had, so inits already in the cache stay valid)."""
+    src = program_source_dir(name)
+    main = f"{name}.c"
+    others = sorted(p.name for p in src.glob("*") if p.suffix in (".c", ".h") and p.name != main)
+    return [main, *others, "Makefile"]
+
+
+def program_key(name: str) -> str:
+    """Cache key of a static program: its sources, Makefile and the toolchain's versions.
+
+    Raises NitroError(E48) when ``images/<name>`` lacks ``<name>.c`` or its Makefile."""
+    src = program_source_dir(name)
+    h = hashlib.sha256(_toolchain_id().encode())
+    for n in _program_sources(name):
+        try:
+            data = (src / n).read_bytes()
+        except OSError as e:
+            raise _fail(src / n, f"{name}: cannot read the program's source: "
+                        f"{e.strerror or e}") from None
+        h.update(n.encode() + b"\0" + data)
+    return h.hexdigest()
+
+
+def _program_cache_dir(name: str) -> Path:
+    # init keeps the location it always had; other programs live apart from the cache's own
+    # directories (images, kernels, ...), whatever they are called.
+    root = debian.cache_root()
+    return root / "init" if name == "init" else root / "programs" / name
+
+
+def build_static_program(name: str, log: Log = _nolog) -> Path:
+    """Build (or reuse) the static program ``images/<name>`` and return its path in the cache.
+
+    Runs ``make -C images/<name> OUT=<cache>/<key>/<name>`` (the Makefile links statically:
+    the bootstrap ramdisk and busybox images have no libc). Raises NitroError(E48) when gcc or
+    make is missing (``apt-get install build-essential``), the build fails, or the result is
+    dynamically linked.
+    """
+    src = program_source_dir(name)
+    key = program_key(name)
+    out_dir = _program_cache_dir(name) / key[:16]
+    out = out_dir / name
+    if out.is_file():
+        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if shutil.which("make") is None or shutil.which("gcc") is None:
+        raise _fail(src, f"{name}: gcc and make are required "
+                    "(apt-get install build-essential)")
+    log(f"building {name} ({src / f'{name}.c'})")
+    tmp = out_dir / f".{name}.{os.getpid()}"
+    proc = subprocess.run(["make", "-s", "-C", str(src), f"OUT={tmp}"],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+        raise _fail(src / f"{name}.c", f"{name}: build failed: {tail}")
+    interp = elf_interpreter(tmp)
+    if interp is not None:
+        tmp.unlink(missing_ok=True)
+        raise _fail(src / "Makefile", f"{name}: dynamically linked (PT_INTERP {interp}); "
+                    "link it with -static")
+    os.replace(tmp, out)
+    return out
+
+
 def init_source_dir() -> Path:
     """Directory of the enclave init's source (``images/init``: init.c and its Makefile)."""
-    return images_dir() / "init"
+    return program_source_dir("init")
 
 
 def init_key() -> str:
     """Cache key of the init binary: its source, Makefile and the toolchain's versions."""
-    src = init_source_dir()
-    h = hashlib.sha256(_toolchain_id().encode())
-    for n in ("init.c", "Makefile"):
-        h.update(n.encode() + b"\0" + (src / n).read_bytes())
-    return h.hexdigest()
+    return program_key("init")
 
 
 def build_init(log: Log = _nolog) -> Path:
     """Build (or reuse) the static enclave init and return its path in the cache.
 
-    Runs ``make -C images/init OUT=<cache>/init/<key>/init`` (gcc -static -O2; SPEC 3: a
-    dynamically linked init cannot boot). Raises NitroError(E48) when gcc or the static libc
-    is missing (``apt-get install build-essential``) or the build fails.
+    :func:`build_static_program` of ``images/init`` (gcc -static -O2; SPEC 3: a dynamically
+    linked init cannot boot). Raises NitroError(E48) when gcc or the static libc is missing
+    (``apt-get install build-essential``) or the build fails.
     """
-    key = init_key()
-    out_dir = debian.cache_root() / "init" / key[:16]
-    out = out_dir / "init"
-    if out.is_file():
-        return out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        raise _fail(init_source_dir(), "init: gcc and make are required "
-                    "(apt-get install build-essential)")
-    log(f"building init ({init_source_dir() / 'init.c'})")
-    tmp = out_dir / f".init.{os.getpid()}"
-    proc = subprocess.run(["make", "-s", "-C", str(init_source_dir()), f"OUT={tmp}"],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = " / ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        raise _fail(init_source_dir() / "init.c", f"init: build failed: {tail}")
-    os.replace(tmp, out)
-    return out
+    return build_static_program("init", log)
 
 
 def elf_interpreter(path: Path) -> str | None:
@@ -779,6 +850,8 @@ class Inputs:
             "recipe": r.raw,
             "name": r.name,
             "init": init_key(),
+            "programs": {p: program_key(n) for p, n in sorted(r.rootfs.get("programs",
+                                                                           {}).items())},
             "kernel": (self.kernel_pkg.key() if self.kernel_pkg is not None
                        else prebuilt_kernel_key(prebuilt_kernel_dir(r))),
             "debs": [p.key() for p in self.debs],
@@ -891,6 +964,17 @@ def _assemble_rootfs(inputs: Inputs, root: Path, log: Log) -> None:
         else:
             p.write_text(f.get("content", ""))
             p.chmod(f.get("mode", 0o644))
+    for guest_path, program in sorted(rf.get("programs", {}).items()):
+        binary = build_static_program(program, log)
+        p = _inside(root, guest_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            raise _fail(r.path, f"rootfs.programs: {guest_path}: is a directory in the root "
+                        "filesystem")
+        p.unlink(missing_ok=True)
+        # A fresh copy (not copy2): its mtime is the build's, so it gets FIXED_MTIME.
+        shutil.copyfile(binary, p)
+        p.chmod(0o755)
     if inputs.wheels:
         target = _inside(root, rf.get("pip_target", "/usr/lib/python3/dist-packages"))
         for w in inputs.wheels:
