@@ -66,7 +66,7 @@ _SECTION = struct.Struct(">HHQ")
 assert _HEADER.size == HEADER_SIZE and _SECTION.size == SECTION_HEADER_SIZE
 
 #: Streaming chunk: large enough that hashlib/zlib release the GIL and per-call overhead
-#: vanishes, small enough that memory stays flat (three windows of this size are alive).
+#: vanishes, small enough that memory stays flat (one window of this size per reading thread).
 CHUNK_SIZE = 2 << 20
 
 #: ``BuildTool`` written into the metadata (nitro-cli writes its own name there).
@@ -467,10 +467,10 @@ class _Window:
     """Reads ``[offset, offset+size)`` of a file window by window, for one thread.
 
     Each window (``CHUNK_SIZE``) is mapped read-only with MAP_POPULATE (no copy out of the
-    page cache) or, where the file cannot be mapped (a pipe, some FUSE files) or
+    page cache) or, where the file cannot be mapped (some FUSE and network file systems) or
     ``NITRO_HARNESS_EIF_NO_MMAP=1``, read with ``preadv`` into this reader's own buffer, so
-    two threads can read the same file at once without sharing a file position. At most one
-    window per reader is alive, so memory stays flat whatever the file size.
+    two threads can read the same file at once without sharing a file position. One window
+    (and at most one buffer) per reader is alive, so memory stays flat whatever the file size.
     """
 
     def __init__(self, fd: int) -> None:
@@ -498,9 +498,13 @@ class _Window:
                 if self.buf is None:
                     self.buf = bytearray(CHUNK_SIZE)
                 base = pos
-                got = os.preadv(self.fd, [memoryview(self.buf)[:n]], pos)
-                if got != n:
-                    raise OSError(f"file shrank while reading at offset {pos}")
+                got = 0
+                with memoryview(self.buf) as view:
+                    while got < n:  # network and FUSE file systems may return less
+                        step = os.preadv(self.fd, [view[got:n]], pos + got)
+                        if step == 0:
+                            raise OSError(f"file shrank while reading at offset {pos + got}")
+                        got += step
                 window = self.buf
             try:
                 with memoryview(window) as whole:
@@ -600,35 +604,37 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
     roles = iter(pcrs.roles)
     plan = [(s, next(roles) if s.type in _MEASURED else None) for s in sections]
     stop = threading.Event()
-    errors: list[tuple[Section, BaseException]] = []
-    crc: list[int | None] = [None]
+    errors: list[tuple[Section | None, BaseException]] = []
+    lane_result: list[int | None] = []  # the CRC (or None), appended as the lane's last act
 
     def crc_and_pcr2_lane() -> None:
-        reader = _Window(f.fileno())
-        c = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
-        for s, role in plan:
-            if c is not None:
-                c = _crc32(s.header_bytes(), c)
-            if role != "app" and c is None:
-                continue
-            try:
+        s: Section | None = None
+        try:
+            reader = _Window(f.fileno())
+            c = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
+            for s, role in plan:
+                if c is not None:
+                    c = _crc32(s.header_bytes(), c)
+                if role != "app" and c is None:
+                    continue
                 for piece in reader.slices(s.data_offset, s.size, stop):
                     if role == "app":
                         pcrs.h2.update(piece)
                     if c is not None:
                         c = _crc32(piece, c)
-            except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                errors.append((s, e))
-                stop.set()
-                return
-        crc[0] = c
+            if not stop.is_set():
+                lane_result.append(c)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append((s, e))
+            stop.set()
 
     needed = with_crc or "app" in pcrs.roles
     lane = threading.Thread(target=crc_and_pcr2_lane, daemon=True, name="eif-crc-pcr2")
-    finished = False
+    started = finished = False
     try:
         if needed:
             lane.start()
+            started = True
         reader = _Window(f.fileno())
         for s, role in plan:
             if role is None:
@@ -648,22 +654,26 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
     finally:
         if not finished:
             stop.set()  # Ctrl-C or an unexpected error: the lane stops at its next window
-        if needed:
+        if started:
             try:
                 lane.join()
             except BaseException:
                 stop.set()
                 raise
+    if not errors and (stop.is_set() or (needed and not lane_result)):
+        # A stopped lane measured only part of the file: never return that as a result.
+        errors.append((None, RuntimeError("the measuring pass stopped before the end")))
     if errors:
         s, e = errors[0]
         if not isinstance(e, OSError):
             raise e
-        raise _fail(path, f"section {s.index}", f"read failed: {e}") from None
+        where = f"section {s.index}" if s is not None else "header"
+        raise _fail(path, where, f"read failed: {e}") from None
     pcr8 = None
     if eif.signature_raw is not None:
         cert_pem, _cose = _decode_signature_section(path, eif.signature_raw)
         pcr8 = pcr_for_certificate_der(_first_cert_der(path, cert_pem))
-    return pcrs.result(pcr8), crc[0]
+    return pcrs.result(pcr8), lane_result[0] if lane_result else None
 
 
 def measure_eif(path: Path | str) -> Measurements:
@@ -674,8 +684,8 @@ def measure_eif(path: Path | str) -> Measurements:
     ext(SHA384(DER of the signing certificate)); sections are hashed in table order, as
     QEMU's loader does (which is the order above for every EIF nitro-cli writes). The PCR1
     state is a copy of PCR0's after ramdisk 0; PCR0's and PCR2's chains over the application
-    ramdisks run on two threads fed the same 2 MiB windows, so memory stays flat (three
-    windows) whatever the file size.
+    ramdisks run on two threads, each reading its own 2 MiB windows, so memory stays flat
+    (one window per thread) whatever the file size.
     Raises ``NitroError(E35)`` for an invalid EIF.
     """
     m, _ = measure_and_check(path, with_crc=False)

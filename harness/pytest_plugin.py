@@ -81,6 +81,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "scenario: a YAML scenario collected by nitro-harness")
     config.addinivalue_line("markers", "slow: boots a real QEMU guest (every YAML scenario has it)")
     config.stash[_SKIP_CACHE_KEY] = {}
+    unknown = [k for k in config.getini("nitro_harness_kernels") if k not in scn.KERNELS]
+    if unknown or not config.getini("nitro_harness_kernels"):
+        raise pytest.UsageError(f"ini option nitro_harness_kernels: {unknown or 'empty'}: "
+                                f"each must be one of {', '.join(scn.KERNELS)}")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         index = int(re.sub(r"\D", "", worker) or 0)
@@ -331,6 +335,8 @@ class ScenarioFile(pytest.File):
             item.add_marker(pytest.mark.scenario)
             # Scenarios boot real guests: the project's `slow` marker lets `-m "not slow"` skip them.
             item.add_marker(pytest.mark.slow)
+            # `-k kernel_debian` / `-k "not kernel_debian"` pick a kernel (ids only show debian).
+            item.extra_keyword_matches.add(f"kernel_{case.kernel}")
             for requirement in case.requires:
                 item.add_marker(getattr(pytest.mark, f"requires_{requirement}"))
             for marker in case.data.get("markers") or []:

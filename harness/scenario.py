@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -513,18 +513,24 @@ def image_for_kernel(image: str, kernel: str) -> str:
                      f"kernel: unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
 
 
-def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
-    """``case`` run on ``kernel``, or None when the kernel does not change it.
+def kernel_of_image(image: str) -> str:
+    """The kernel a recipe name implies: ``debian`` for ``<image>-debian``, else ``nitro``."""
+    return "debian" if image.endswith("-debian") else "nitro"
 
-    An ``eif:`` scenario boots its own file and an image that already names a kernel variant
-    (``hello-debian``) is what it is: both run once, as the ``nitro`` case. Otherwise the
-    case's image (and every image its steps build) becomes :func:`image_for_kernel`'s.
+
+def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
+    """``case`` run on ``kernel``, or None when it does not run there.
+
+    A case whose image names its kernel (``hello-debian``) runs only on that kernel, as it is.
+    A case of a Nitro-kernel image runs as it is on ``nitro`` and, on ``debian``, boots
+    :func:`image_for_kernel`'s twin (and every image its steps build is swapped the same way)
+    with ``kernel=debian`` added to its id. ``eif:`` cases are left to :func:`load_scenarios`.
     """
+    image = case.data["image"]
+    if kernel_of_image(image) != "nitro":
+        return replace(case, kernel=kernel) if kernel == kernel_of_image(image) else None
     if kernel == "nitro":
         return case
-    image = case.data.get("image")
-    if not image or image_for_kernel(image, kernel) == image:
-        return None
     data = copy.deepcopy(case.data)
     data["image"] = image_for_kernel(image, kernel)
     suffix = f"kernel={kernel}"
@@ -536,11 +542,17 @@ def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
 def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("nitro",)) -> list[Scenario]:
     """Load, validate and expand every scenario document of a YAML file.
 
-    Returns the cases in file order, each case once per kernel of ``kernels`` where the kernel
-    applies (:func:`for_kernel`). Raises :class:`ScenarioError` (E03) for YAML syntax errors,
-    schema violations (with file, line and key), unknown placeholders and duplicate names, and
-    NitroError E19 when the file cannot be read, E03 for an unknown kernel. Nothing is booted.
+    Returns the cases in file order, each case once per kernel of ``kernels`` where it runs
+    (:func:`for_kernel`); an ``eif:`` case boots its own file whatever the kernel, so it runs
+    once, on the first kernel; a case that another kernel's expansion already produced (same
+    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for YAML syntax
+    errors, schema violations (with file, line and key), unknown placeholders and duplicate
+    names, and NitroError E19 when the file cannot be read, E03 for an unknown kernel or none.
+    Nothing is booted.
     """
+    kernels = list(dict.fromkeys(kernels))
+    if not kernels:
+        raise NitroError(ErrorCode.InvalidArgument, f"kernel: no kernel chosen (known: {', '.join(KERNELS)})")
     for kernel in kernels:
         image_for_kernel("hello", kernel)  # E03 before any work for an unknown kernel
     path = Path(path)
@@ -569,8 +581,14 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
                                 + ("" if "name" in doc else " (give each document a 'name')"))
         seen[name] = doc.line
         for case in expand(doc, path):
+            if "image" not in case.data:
+                scenarios.append(replace(case, kernel=kernels[0]))
+                continue
             scenarios.extend(c for c in (for_kernel(case, k) for k in kernels) if c is not None)
-    return scenarios
+    unique: dict[tuple[str, str], Scenario] = {}
+    for case in scenarios:  # matrix {image: [hello, hello-debian]} on both kernels: one each
+        unique.setdefault((case.name, case.to_yaml()), case)
+    return list(unique.values())
 
 
 def step_kind(step: dict) -> tuple[str, dict]:

@@ -589,8 +589,8 @@ def test_random_corruptions_never_escape_as_tracebacks(tmp_path, parts):
 
 def test_read_failure_in_either_lane_is_one_error_and_no_thread_is_left(tmp_path, parts,
                                                                         monkeypatch):
-    # The PCR0 lane (this thread) and the CRC/PCR2 lane (a worker) read on their own; a short
-    # read in either ends both and surfaces as one E35 line naming the section.
+    # The PCR0 lane (the caller's thread) and the CRC/PCR2 lane (thread "eif-crc-pcr2") read on
+    # their own; end of file in either ends both and surfaces as one E35 line naming the section.
     import threading
 
     data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
@@ -598,13 +598,52 @@ def test_read_failure_in_either_lane_is_one_error_and_no_thread_is_left(tmp_path
     p = write(tmp_path, data)
     monkeypatch.setenv("NITRO_HARNESS_EIF_NO_MMAP", "1")
     real = os.preadv
-    for victim in (len(parts["kernel"]), len(parts["app"])):
-        def short(fd, bufs, pos, _n=victim):
-            got = real(fd, bufs, pos)
-            return got - 1 if got == _n else got
-        monkeypatch.setattr(eif.os, "preadv", short)
+    for lane, section in (("MainThread", 0), ("eif-crc-pcr2", 3)):
+        def eof(fd, bufs, pos, _lane=lane, _size=len(parts["kernel" if section == 0 else "app"])):
+            if threading.current_thread().name == _lane and len(bufs[0]) == _size:
+                return 0  # the file ends here for this reader
+            return real(fd, bufs, pos)
+        monkeypatch.setattr(eif.os, "preadv", eof)
         before = threading.active_count()
-        with pytest.raises(NitroError, match=r"section \d: read failed: file shrank") as ei:
+        with pytest.raises(NitroError, match=rf"section {section}: read failed: file shrank") as ei:
             eif.measure_and_check(p)
         assert ei.value.code == ErrorCode.EifParsingError
         assert threading.active_count() == before
+
+
+def test_short_reads_are_retried_not_reported(tmp_path, parts, monkeypatch):
+    # Network and FUSE file systems may return less than asked before the end of the file.
+    data, crc = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
+                          (RAMDISK, parts["boot"]), (RAMDISK, parts["app"])])
+    p = write(tmp_path, data)
+    monkeypatch.setenv("NITRO_HARNESS_EIF_NO_MMAP", "1")
+    real = os.preadv
+
+    def half(fd, bufs, pos):
+        view = bufs[0]
+        return real(fd, [view[:max(1, len(view) // 2)]], pos)
+
+    monkeypatch.setattr(eif.os, "preadv", half)
+    m, e = eif.measure_and_check(p)
+    assert e.crc_computed == crc and m.pcr2 == ext(sha(parts["app"]))
+
+
+def test_worker_failure_outside_reading_is_raised_not_a_partial_result(tmp_path, parts,
+                                                                       monkeypatch):
+    # Anything that ends the CRC/PCR2 lane early must surface: a partial PCR2 or a missing CRC
+    # returned as a result would be a wrong measurement.
+    import threading
+
+    data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
+                        (RAMDISK, parts["boot"]), (RAMDISK, parts["app"])])
+    p = write(tmp_path, data)
+    real = eif.Section.header_bytes
+
+    def fail_in_lane(self):
+        if threading.current_thread().name == "eif-crc-pcr2" and self.index == 3:
+            raise MemoryError("injected")
+        return real(self)
+
+    monkeypatch.setattr(eif.Section, "header_bytes", fail_in_lane)
+    with pytest.raises(MemoryError, match="injected"):
+        eif.measure_and_check(p)

@@ -353,19 +353,51 @@ def test_kernels_run_each_case_on_the_debian_twin_of_its_image(tmp_path):
         ("a[cpu_count=2]", "python", "nitro"),
         ("a[cpu_count=2,kernel=debian]", "python-debian", "debian"),
         ("b", None, "nitro"),
-        ("c", "hello-debian", "nitro"),
+        ("c", "hello-debian", "debian"),
     ]
-    assert [c.id for c in scn.load_scenarios(path, kernels=("debian",))] == [
-        "a[cpu_count=1,kernel=debian]", "a[cpu_count=2,kernel=debian]"]
+    assert [(c.id, c.kernel) for c in scn.load_scenarios(path, kernels=("debian",))] == [
+        ("a[cpu_count=1,kernel=debian]", "debian"), ("a[cpu_count=2,kernel=debian]", "debian"),
+        ("b", "debian"), ("c", "debian")]
+    assert [c.id for c in scn.load_scenarios(path, kernels=("nitro", "nitro"))] == [
+        "a[cpu_count=1]", "a[cpu_count=2]", "b"]
     assert "image: python-debian" in cases[1].to_yaml()
     # Every shipped scenario image has its Debian-kernel twin recipe.
     from harness.images.recipes import recipe_path
     for shipped in sorted((REPO / "scenarios").glob("*.yaml")):
         for case in scn.load_scenarios(shipped, kernels=("debian",)):
-            assert recipe_path(case.data["image"]).is_file(), case.id
+            if "image" in case.data:
+                assert recipe_path(case.data["image"]).is_file(), case.id
     with pytest.raises(NitroError, match="kernel: unknown kernel 'ubuntu'") as info:
         scn.load_scenarios(path, kernels=("ubuntu",))
     assert info.value.code == ErrorCode.InvalidArgument
+    with pytest.raises(NitroError, match="kernel: no kernel chosen"):
+        scn.load_scenarios(path, kernels=())
+
+
+def test_debian_twin_recipes_differ_only_in_kernel():
+    # The Debian-kernel cases must test the same root filesystem and application.
+    import yaml
+
+    for twin in sorted((REPO / "images" / "recipes").glob("*-debian.yaml")):
+        nitro = yaml.safe_load((twin.parent / twin.name.replace("-debian", "")).read_text())
+        debian = yaml.safe_load(twin.read_text())
+        differs = {k for k in set(nitro) | set(debian) if nitro.get(k) != debian.get(k)}
+        assert differs <= {"name", "kernel"}, (twin.name, differs)
+
+
+def test_a_matrix_over_both_twins_runs_each_image_once_per_kernel(tmp_path):
+    path = write(tmp_path, """
+        name: m
+        image: hello
+        matrix:
+          image: [hello, hello-debian]
+        steps: [{sleep: 1}]
+        """)
+    cases = scn.load_scenarios(path, kernels=("nitro", "debian"))
+    assert [(c.id, c.data["image"], c.kernel) for c in cases] == [
+        ("m[image=hello]", "hello", "nitro"),
+        ("m[image=hello,kernel=debian]", "hello-debian", "debian"),
+    ]
 
 
 def test_matrix_value_of_the_wrong_type_points_at_the_value(tmp_path):

@@ -72,7 +72,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.select:
         cases = [c for c in cases if args.select in c.id]
     if not cases:
-        raise NitroError(ErrorCode.InvalidArgument, f"no scenario case matches -k {args.select!r}")
+        if args.select:
+            raise NitroError(ErrorCode.InvalidArgument, f"no scenario case matches -k {args.select!r}")
+        raise NitroError(ErrorCode.InvalidArgument,
+                         f"no scenario case runs on kernel {', '.join(args.kernels or ['nitro'])}")
     root = Path(args.artifacts_dir) if args.artifacts_dir else Path(tempfile.mkdtemp(prefix="nitro-harness-run-"))
     root.mkdir(parents=True, exist_ok=True)
     progress(f"running {len(cases)} scenario case(s); artifacts under {root}")

@@ -355,13 +355,16 @@ def _code_digest() -> str:
 
 
 def _toolchain_id() -> str:
-    try:
-        gcc = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        gcc = "none"
+    """Compiler, linker and C library versions: what decides a static program's bytes."""
+    def first_line(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return "none"
+        return (out.strip().splitlines() or ["none"])[0]
+
     libc = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else "unknown"
-    return f"gcc {gcc}; {libc}"
+    return f"gcc {first_line(['gcc', '-dumpfullversion'])}; {first_line(['ld', '--version'])}; {libc}"
 
 
 def program_source_dir(name: str) -> Path:
