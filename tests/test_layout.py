@@ -40,3 +40,29 @@ def test_explicit_layout_wins_and_bad_names_fail(tmp_path):
     assert choose_layout(kernel, "nitro").name == "nitro"
     with pytest.raises(NitroError):
         choose_layout(kernel, "pc")
+
+
+def test_explicit_layout_reaches_the_engine_from_cli_and_scenarios(tmp_path):
+    # Issue 8 item 2: the layout is chosen per EIF, or by an explicit option (run-enclave
+    # --layout, a scenario's enclave.layout, EnclaveConfig(layout=...)).
+    from harness import scenario as scn
+    from harness.cli import build_parser
+    from harness.cli.enclave_commands import _config_from_args
+
+    eif = tmp_path / "x.eif"
+    eif.write_bytes(b"")
+    args = build_parser("run-enclave").parse_args(
+        ["run-enclave", "--eif-path", str(eif), "--memory", "512", "--cpu-count", "2", "--layout", "nitro"])
+    config, _ = _config_from_args(args)
+    assert config.layout == "nitro"
+    args = build_parser("run-enclave").parse_args(
+        ["run-enclave", "--eif-path", str(eif), "--memory", "512", "--cpu-count", "2"])
+    assert _config_from_args(args)[0].layout == "auto"
+
+    path = tmp_path / "s.yaml"
+    path.write_text("image: hello\nenclave: {layout: acpi}\nsteps: [{sleep: 1}]\n")
+    assert scn.load_scenarios(path)[0].enclave["layout"] == "acpi"
+    path.write_text("image: hello\nenclave:\n  layout: pci\nsteps: [{sleep: 1}]\n")
+    with pytest.raises(scn.ScenarioError) as info:
+        scn.load_scenarios(path)
+    assert info.value.line == 3 and "enclave.layout" in info.value.message

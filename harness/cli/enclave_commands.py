@@ -20,6 +20,7 @@ from harness.cli import print_json, progress
 from harness.enclave import EnclaveConfig
 from harness.enclave_process import control_request
 from harness.errors import ErrorCode, NitroError
+from harness.layout import LAYOUTS
 from harness.registry import Registry
 
 # nitro-cli's --config JSON keys (snake_case) -> EnclaveConfig fields.
@@ -46,6 +47,9 @@ def register(subparsers) -> None:
     run.add_argument("--cpu-mode", choices=allocator.CPU_MODES, default=os.environ.get("NITRO_HARNESS_CPU_MODE", "auto"))
     run.add_argument("--nsm", choices=("auto", "harness", "qemu", "none"), default="auto")
     run.add_argument("--heartbeat-timeout", type=float, help="seconds (default: nitro-cli's formula)")
+    run.add_argument("--layout", choices=LAYOUTS, default="auto",
+                     help="machine layout (harness extension): nitro = no ACPI, devices on the kernel "
+                          "command line; acpi = ACPI discovery; auto = from the kernel's embedded config")
     run.add_argument("--accel", choices=("kvm", "tcg"), help="default: the doctor's choice")
     run.set_defaults(func=run_enclave)
 
@@ -117,6 +121,7 @@ def _config_from_args(args) -> tuple[EnclaveConfig, bool]:
         nsm=args.nsm,
         cpu_mode=args.cpu_mode,
         heartbeat_timeout=args.heartbeat_timeout,
+        layout=args.layout,
     )
     if config.cpu_count is not None and config.cpu_ids:
         raise NitroError(ErrorCode.ConflictingArgument, "both --cpu-count and --cpu-ids were given")
