@@ -607,10 +607,14 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
     errors: list[tuple[Section | None, BaseException]] = []
     lane_result: list[int | None] = []  # the CRC (or None), appended as the lane's last act
 
+    # The lane reads through its own descriptor and closes it itself: after a Ctrl-C the
+    # caller may close ``f`` while the lane finishes its last window.
+    lane_fd = os.dup(f.fileno())
+
     def crc_and_pcr2_lane() -> None:
         s: Section | None = None
         try:
-            reader = _Window(f.fileno())
+            reader = _Window(lane_fd)
             c = _crc32(eif.header.pack()[:HEADER_CRC_SPAN], 0) if with_crc else None
             for s, role in plan:
                 if c is not None:
@@ -627,6 +631,8 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append((s, e))
             stop.set()
+        finally:
+            os.close(lane_fd)
 
     needed = with_crc or "app" in pcrs.roles
     lane = threading.Thread(target=crc_and_pcr2_lane, daemon=True, name="eif-crc-pcr2")
@@ -654,6 +660,8 @@ def _measure_open(path: Path, f: BinaryIO, eif: Eif, *,
     finally:
         if not finished:
             stop.set()  # Ctrl-C or an unexpected error: the lane stops at its next window
+        if not started:
+            os.close(lane_fd)
         if started:
             try:
                 lane.join()
