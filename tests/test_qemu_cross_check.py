@@ -183,12 +183,47 @@ def boot_on_harness(eif: Path, work: Path, ready: str, shell: bool) -> str:
         enclave.terminate()
 
 
-def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_path):
-    eif = recipe_eif("python")
-    expected = measure_eif(eif)
-    # Unix socket paths must stay under 108 bytes: a short private directory.
+@contextlib.contextmanager
+def nitro_enclave_workdir(tmp_path: Path):
+    """A short private directory for the nitro-enclave boot's sockets (Unix socket paths must
+    stay under 108 bytes); its console log and QEMU stderr are kept with the test's artifacts."""
     work = Path(tempfile.mkdtemp(prefix="nxc-"))
     try:
+        yield work
+    finally:
+        for name in ("console.log", "qemu.stderr"):
+            with contextlib.suppress(OSError):
+                shutil.copyfile(work / name, tmp_path / f"nitro-enclave-{name}")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def assert_pcrs_equal_measure_eif(qemu_pcrs: dict[int, str], eif: Path, context: str) -> None:
+    """PCR0-2 served by QEMU's NSM equal the harness's measure_eif of the same file."""
+    assert sorted(qemu_pcrs) == [0, 1, 2], f"{qemu_pcrs}\n{context}"
+    # QEMU's NSM serves the EIF's PCRs (not debug-mode zeros): a zero PCR would mean nothing
+    # was measured.
+    for index in (0, 1, 2):
+        assert qemu_pcrs[index] != "00" * 48, f"PCR{index} from QEMU's NSM is all zeros"
+    expected = measure_eif(eif)
+    harness_pcrs = {0: expected.pcr0.hex(), 1: expected.pcr1.hex(), 2: expected.pcr2.hex()}
+    assert qemu_pcrs == harness_pcrs, f"QEMU nitro-enclave: {qemu_pcrs}\nharness measure_eif: {harness_pcrs}"
+
+
+def assert_same_init_steps(qemu_console: str, harness_console: str, application: str) -> list[str]:
+    """init's step lines are the same on both machines and end with starting ``application``."""
+    qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
+    assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
+    assert qemu_steps and qemu_steps[-1].startswith(f"starting application{application}"), qemu_steps
+    assert qemu_steps == harness_steps, (
+        "init's steps differ between QEMU's nitro-enclave machine and the harness:\n"
+        f"qemu:    {qemu_steps}\nharness: {harness_steps}"
+    )
+    return qemu_steps
+
+
+def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_path):
+    eif = recipe_eif("python")
+    with nitro_enclave_workdir(tmp_path) as work:
         def shell_then_pcrs(console: Console) -> dict[int, str]:
             assert console.exec("true", timeout=60).status == 0
             return read_pcrs(console)
@@ -196,52 +231,22 @@ def test_python_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_p
         qemu_pcrs, qemu_console, heartbeat_s = boot_on_qemu_nitro_enclave(
             qemu_path, eif, work, READY, shell_then_pcrs
         )
-        assert sorted(qemu_pcrs) == [0, 1, 2], qemu_pcrs
-        # QEMU's NSM serves the EIF's PCRs (not debug-mode zeros): a zero PCR would mean
-        # nothing was measured.
-        for index in (0, 1, 2):
-            assert qemu_pcrs[index] != "00" * 48, f"PCR{index} from QEMU's NSM is all zeros"
-        harness_pcrs = {0: expected.pcr0.hex(), 1: expected.pcr1.hex(), 2: expected.pcr2.hex()}
-        assert qemu_pcrs == harness_pcrs, (
-            f"QEMU nitro-enclave: {qemu_pcrs}\nharness measure_eif: {harness_pcrs}"
-        )
-
+        assert_pcrs_equal_measure_eif(qemu_pcrs, eif, "nsm_tool.py on QEMU's NSM")
         harness_console = boot_on_harness(eif, tmp_path / "harness", READY, shell=True)
-        qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
-        assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
-        assert qemu_steps and qemu_steps[-1].startswith("starting application"), qemu_steps
-        assert qemu_steps == harness_steps, (
-            "init's steps differ between QEMU's nitro-enclave machine and the harness:\n"
-            f"qemu:    {qemu_steps}\nharness: {harness_steps}"
-        )
-        print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {qemu_steps}")
-    finally:
-        # Keep the nitro-enclave boot's console log and QEMU stderr with the test's artifacts.
-        for name in ("console.log", "qemu.stderr"):
-            with contextlib.suppress(OSError):
-                shutil.copyfile(work / name, tmp_path / f"nitro-enclave-{name}")
-        shutil.rmtree(work, ignore_errors=True)
+        steps = assert_same_init_steps(qemu_console, harness_console, "")
+        print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {steps}")
 
 
 def test_hello_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_path):
     """hello prints PCR0-2 with nsm-pcr before its first greeting: on QEMU's machine they are
     QEMU's measurement and must equal measure_eif's; init's steps must match the harness's."""
     eif = recipe_eif("hello")
-    expected = measure_eif(eif)
     greeting = r"\[   1\] Hello from the enclave side!"
-    work = Path(tempfile.mkdtemp(prefix="nxc-"))
-    try:
+    with nitro_enclave_workdir(tmp_path) as work:
         _, qemu_console, heartbeat_s = boot_on_qemu_nitro_enclave(qemu_path, eif, work, greeting)
         qemu_pcrs = pcrs_from_console(qemu_console)
-        assert sorted(qemu_pcrs) == [0, 1, 2], (
-            f"nsm-pcr's lines on QEMU's console: {qemu_pcrs}\n" + qemu_console[-3000:]
-        )
-        for index in (0, 1, 2):
-            assert qemu_pcrs[index] != "00" * 48, f"PCR{index} from QEMU's NSM is all zeros"
-        harness_pcrs = {0: expected.pcr0.hex(), 1: expected.pcr1.hex(), 2: expected.pcr2.hex()}
-        assert qemu_pcrs == harness_pcrs, (
-            f"QEMU nitro-enclave: {qemu_pcrs}\nharness measure_eif: {harness_pcrs}"
-        )
+        assert_pcrs_equal_measure_eif(qemu_pcrs, eif, "nsm-pcr's lines on QEMU's console:\n"
+                                      + qemu_console[-3000:])
         # The PCR lines come before the greeting, which is unchanged.
         assert qemu_console.index('{"index": 0,') < re.search(greeting, qemu_console).start()
 
@@ -251,16 +256,5 @@ def test_hello_image_pcrs_and_console_match_qemu_nitro_enclave(qemu_path, tmp_pa
         # vhost-user-device boots the harness's enclave without an NSM (nsm: auto).
         if probe_qemu(qemu_path).vhost_user_device:
             assert sorted(pcrs_from_console(harness_console)) == [0, 1, 2], harness_console[-3000:]
-        qemu_steps, harness_steps = init_steps(qemu_console), init_steps(harness_console)
-        assert any(s.startswith("heartbeat: sent") for s in qemu_steps), qemu_steps
-        assert qemu_steps and qemu_steps[-1].startswith("starting application: '/usr/bin/hello'"), qemu_steps
-        assert qemu_steps == harness_steps, (
-            "init's steps differ between QEMU's nitro-enclave machine and the harness:\n"
-            f"qemu:    {qemu_steps}\nharness: {harness_steps}"
-        )
-        print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {qemu_steps}")
-    finally:
-        for name in ("console.log", "qemu.stderr"):
-            with contextlib.suppress(OSError):
-                shutil.copyfile(work / name, tmp_path / f"nitro-enclave-{name}")
-        shutil.rmtree(work, ignore_errors=True)
+        steps = assert_same_init_steps(qemu_console, harness_console, ": '/usr/bin/hello'")
+        print(f"nitro-enclave heartbeat after {heartbeat_s:.1f} s; PCRs {qemu_pcrs}; steps {steps}")
