@@ -97,6 +97,33 @@ class LeanRing:
         return out
 
 
+class Drainer:
+    """Reads and counts everything arriving on ``sock`` on a thread until :meth:`stop`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            self.received += len(chunk)
+
+    def stop(self) -> None:
+        """Stop reading and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+
 def _setup(tmp: str):
     dev = VsockDevice(CID)
     be = VhostUserBackend(os.path.join(tmp, "vs.sock"), dev, offer_config=True)
@@ -147,22 +174,7 @@ def bench_guest_to_parent(payload: int, seconds: float) -> tuple[float, float]:
         # the free tx descriptors: ids the helper never handed out are reused by LeanRing
         hdr = HEADER.pack(CID, 3, 1000, 5000, payload, 1, Op.RW, 0, 1 << 18, 0)
         tx = LeanRing(fe, txq, 44 + payload, writable=False, content=hdr + os.urandom(payload))
-        got = [0]
-        stop = threading.Event()
-
-        def drain() -> None:
-            user.settimeout(0.5)
-            while not stop.is_set():
-                try:
-                    c = user.recv(1 << 20)
-                except TimeoutError:
-                    continue
-                if not c:
-                    break
-                got[0] += len(c)
-
-        th = threading.Thread(target=drain)
-        th.start()
+        drainer = Drainer(user)
         sent = 0
         peer_fwd = 0
         credit_window = dev.buf_alloc
@@ -183,13 +195,12 @@ def bench_guest_to_parent(payload: int, seconds: float) -> tuple[float, float]:
             rxq.kick()
             if k == 0:
                 rxq.wait_call(0.01)
-        while got[0] < sent * payload and time.perf_counter() < end + 5:
+        while drainer.received < sent * payload and time.perf_counter() < end + 5:
             time.sleep(0.001)
         dt = time.perf_counter() - t0
-        stop.set()
-        th.join()
+        drainer.stop()
         user.close()
-        return got[0] / dt / 1e6, sent / dt
+        return drainer.received / dt / 1e6, sent / dt
     finally:
         _teardown(dev, be, fe)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,22 +267,7 @@ def bench_socketpair(chunk: int, seconds: float) -> float:
     """Reference: MB/s of a bare Python socketpair copy with ``chunk``-byte sends."""
     a, b = socket.socketpair()
     data = os.urandom(chunk)
-    got = [0]
-    stop = threading.Event()
-
-    def drain() -> None:
-        b.settimeout(0.5)
-        while not stop.is_set():
-            try:
-                c = b.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not c:
-                break
-            got[0] += len(c)
-
-    th = threading.Thread(target=drain)
-    th.start()
+    drainer = Drainer(b)
     t0 = time.perf_counter()
     end = t0 + seconds
     while time.perf_counter() < end:
@@ -279,10 +275,9 @@ def bench_socketpair(chunk: int, seconds: float) -> float:
             a.sendall(data)
     dt = time.perf_counter() - t0
     a.close()
-    stop.set()
-    th.join()
+    drainer.stop()
     b.close()
-    return got[0] / dt / 1e6
+    return drainer.received / dt / 1e6
 
 
 def bench_qemu(nbytes: int, qemu: str | None = None) -> tuple[float, float] | None:

@@ -20,7 +20,7 @@ from harness.errors import ErrorCode, NitroError
 from harness.qemu import BootProbe, QemuInfo
 
 from test_host import fake_cpus, fake_hugepages, interleaved, write
-from test_qemu_probe import expected_build_dir
+from test_qemu_probe import built_qemu  # noqa: F401 - the fixture, shared
 
 INTEL_NO_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu lm hypervisor\n"
 INTEL_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu vmx lm\n"
@@ -183,14 +183,6 @@ def test_report_nitro_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     check = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel"]
     assert check.status == "ok"
     assert check.detail == f"{cache / 'kernel-6.12.2-bbbb'} (6.12.2-new, with nsm.ko)"
-
-
-@pytest.fixture(scope="module")
-def built_qemu() -> Path:
-    binary = expected_build_dir() / "bin" / "qemu-system-x86_64"
-    if not (binary.parent.parent / ".complete").is_file():
-        pytest.skip(f"patched QEMU not built yet at {binary}: run scripts/build-qemu.sh")
-    return binary
 
 
 def test_report_with_real_qemu_on_fake_host(built_qemu: Path, tmp_path: Path) -> None:

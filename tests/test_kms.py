@@ -649,17 +649,17 @@ def tls_server(pki, tmp_path_factory):
         yield srv, ca
 
 
+def tls_client(srv, ca):
+    """boto3's KMS client for the TLS server, as Alice."""
+    return boto3.client("kms", endpoint_url=f"https://localhost:{srv.port}", region_name=REGION,
+                        verify=str(ca), aws_access_key_id=ALICE.access_key_id,
+                        aws_secret_access_key=ALICE.secret_access_key)
+
+
 def test_boto3_over_tls(tls_server):
     srv, ca = tls_server
     assert srv.endpoint_url.startswith("https://127.0.0.1:")
-    client = boto3.client(
-        "kms",
-        endpoint_url=f"https://localhost:{srv.port}",
-        region_name=REGION,
-        verify=str(ca),
-        aws_access_key_id=ALICE.access_key_id,
-        aws_secret_access_key=ALICE.secret_access_key,
-    )
+    client = tls_client(srv, ca)
     assert len(client.generate_random(NumberOfBytes=16)["Plaintext"]) == 16
 
 
@@ -685,14 +685,7 @@ def run_guest_client(srv, ca, *args: str) -> subprocess.CompletedProcess:
 
 def test_guest_client_decrypts_through_tls_sigv4_and_cms(tls_server, pki, recipient_key, tmp_path):
     srv, ca = tls_server
-    admin = boto3.client(
-        "kms",
-        endpoint_url=f"https://localhost:{srv.port}",
-        region_name=REGION,
-        verify=str(ca),
-        aws_access_key_id=ALICE.access_key_id,
-        aws_secret_access_key=ALICE.secret_access_key,
-    )
+    admin = tls_client(srv, ca)
     key = admin.create_key(Policy=enclave_policy(IMAGE_PCR0.hex()))["KeyMetadata"]["KeyId"]
     blob = base64.b64encode(admin.encrypt(KeyId=key, Plaintext=b"kmstool secret")["CiphertextBlob"]).decode()
     (tmp_path / "doc.bin").write_bytes(document(pki, recipient_key))

@@ -228,7 +228,8 @@ def resolve(names: Iterable[str], *, skip: Iterable[str] = (), what: str = "debs
     return sorted(chosen.values(), key=lambda p: p.name)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -274,7 +275,7 @@ def fetch(packages: Iterable[DebPackage]) -> dict[str, Path]:
                     raise NitroError(ErrorCode.EifBuildingError,
                                      f"apt-get download: no file for {pkg.name}={pkg.version}")
                 got = cands[0]
-            digest = _sha256_file(got)
+            digest = sha256_file(got)
             if digest != pkg.sha256:
                 raise NitroError(ErrorCode.EifBuildingError,
                                  f"{got.name}: SHA256 {digest} does not match apt's index "

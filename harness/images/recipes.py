@@ -303,14 +303,6 @@ def list_recipes() -> list[Recipe]:
 # --- hashing helpers --------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tree_digest(root: Path, skip: Callable[[Path], bool] = lambda p: False) -> str:
     """SHA-256 over a directory's names, types, modes, link targets and file contents."""
     h = hashlib.sha256()
@@ -326,7 +318,7 @@ def _tree_digest(root: Path, skip: Callable[[Path], bool] = lambda p: False) -> 
             if stat.S_ISLNK(st.st_mode):
                 h.update(os.readlink(p).encode())
             elif stat.S_ISREG(st.st_mode):
-                h.update(_sha256_file(p).encode())
+                h.update(debian.sha256_file(p).encode())
             h.update(b"\n")
     return h.hexdigest()
 
@@ -845,7 +837,7 @@ class Inputs:
             p = r.resolve(rel)
             if not p.exists():
                 raise _fail(r.path, f"application.{kind}: {p} does not exist")
-            app[kind] = _sha256_file(p) if p.is_file() else _tree_digest(p)
+            app[kind] = debian.sha256_file(p) if p.is_file() else _tree_digest(p)
         guest = (_tree_digest(guest_dir(), _guest_skip)
                  if r.rootfs.get("guest") and guest_dir().is_dir() else None)
         return {
@@ -858,7 +850,7 @@ class Inputs:
             "kernel": (self.kernel_pkg.key() if self.kernel_pkg is not None
                        else prebuilt_kernel_key(prebuilt_kernel_dir(r))),
             "debs": [p.key() for p in self.debs],
-            "wheels": {w.name: _sha256_file(w) for w in self.wheels},
+            "wheels": {w.name: debian.sha256_file(w) for w in self.wheels},
             "application": app,
             "guest": guest,
             "cmd": self.cmd,
@@ -1160,9 +1152,9 @@ def prebuilt_kernel_dir(r: Recipe) -> Path:
 
 def prebuilt_kernel_key(d: Path) -> dict[str, str]:
     """Cache-key part of a prebuilt kernel: the directory and its files' SHA256."""
-    key = {"directory": str(d), "bzImage": _sha256_file(d / "bzImage")}
+    key = {"directory": str(d), "bzImage": debian.sha256_file(d / "bzImage")}
     if (d / "nsm.ko").is_file():
-        key["nsm.ko"] = _sha256_file(d / "nsm.ko")
+        key["nsm.ko"] = debian.sha256_file(d / "nsm.ko")
     return key
 
 
