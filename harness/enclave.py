@@ -172,8 +172,15 @@ class Enclave:
         enclave = cls(config, **kwargs)
         try:
             enclave._start()
-        except BaseException:
-            enclave.terminate()
+        except BaseException as first:
+            # The first error is the one reported: a clean-up failure after it (a back end that
+            # would not stop) is added to its details, never put in its place.
+            try:
+                enclave.terminate()
+            except Exception as cleanup:
+                if isinstance(first, NitroError):
+                    first.details = "\n".join(
+                        x for x in (first.details, f"while releasing: {cleanup}") if x)
             raise
         return enclave
 
@@ -282,7 +289,10 @@ class Enclave:
                     self.end_reason = "the enclave's VM exited (the application ended and init rebooted)"
                 else:
                     self.end_reason = f"QEMU ended with status {status}; {self.machine.stderr_excerpt()}"
-            self.terminate()
+            try:
+                self.terminate()
+            except NitroError as err:  # released; a stuck thread is recorded, not thrown away
+                self.end_reason += f" ({err.message})"
             return
 
     def _find_qemu(self):
@@ -530,13 +540,16 @@ class Enclave:
                 self.state = "TERMINATING"
                 with contextlib.suppress(Exception):
                     self._write_record()
+        stuck: list[str] = []
         try:
             if self.machine is not None:
                 self.machine.shutdown()
         finally:
             for backend in self._backends:
-                with contextlib.suppress(Exception):
-                    backend.stop()
+                try:
+                    backend.stop()  # releases its fds and guest memory even when it fails
+                except Exception as e:
+                    stuck.append(str(e))
             if self.vsock is not None:
                 with contextlib.suppress(Exception):
                     self.vsock.close()
@@ -553,6 +566,11 @@ class Enclave:
             finally:
                 self.state = "EMPTY"
                 self._released.set()
+        if stuck:
+            # Everything is released, but a thread is still running: say so rather than
+            # report a clean terminate.
+            raise NitroError(ErrorCode.UnspecifiedError,
+                             f"enclave {self.enclave_id}: released, but " + "; ".join(stuck))
 
     def _keep_artifacts(self) -> None:
         if not self.artifacts_dir or not self.state_dir or not self.state_dir.exists():

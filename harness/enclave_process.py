@@ -70,10 +70,14 @@ class Supervisor:
                         continue
                     if request.get("op") == "terminate":
                         with conn:
-                            self.enclave.terminate()
+                            try:
+                                self.enclave.terminate()
+                                reply = {"Terminated": True}
+                            except NitroError as err:  # released, but something kept running
+                                reply = _error(int(err.code), err.message, err.details)
                             self.stop.set()
                             with contextlib.suppress(OSError):
-                                conn.sendall(b'{"Terminated": true}\n')
+                                conn.sendall(json.dumps(reply).encode() + b"\n")
                         return
                     threading.Thread(target=self._handle, args=(conn, request), daemon=True).start()
         finally:

@@ -275,22 +275,31 @@ class QemuMachine:
     def shutdown(self, grace: float = 5.0) -> None:
         """End QEMU (QMP quit, then SIGKILL after ``grace`` seconds) and release everything.
 
-        Safe against a second Ctrl-C: whatever interrupts the wait, QEMU is killed and every
-        socket and file is still released before the interruption propagates.
+        Never raises once QEMU is gone: a QEMU that ignores ``quit`` (or never opened QMP, so no
+        ``quit`` could be sent and waiting would only burn the grace period) is killed, and
+        that is the end of it. Safe against a second Ctrl-C: whatever interrupts the wait,
+        QEMU is killed and every socket and file is still released before the interruption
+        propagates.
         """
         try:
             if self.process and self.process.poll() is None:
+                asked = False
                 if self.qmp is not None:
                     with contextlib.suppress(Exception):
                         self.qmp.settimeout(2)
                         self.qmp.cmd("quit")
+                        asked = True
                 try:
-                    self.process.wait(grace)
-                except BaseException:
-                    with contextlib.suppress(ProcessLookupError):
-                        self.process.kill()
-                    self.process.wait()
-                    raise
+                    if asked:
+                        self.process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    pass  # it did not quit in time: killed below
+                finally:
+                    # Reached on a timeout, without QMP, and on Ctrl-C alike.
+                    if self.process.poll() is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            self.process.kill()
+                        self.process.wait()
         finally:
             if self.qmp is not None:
                 with contextlib.suppress(Exception):

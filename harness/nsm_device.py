@@ -38,6 +38,7 @@ class NsmDevice(VirtioDevice):
 
     device_id = NSM_DEVICE_ID
     num_queues = 1
+    queue_names = ("request",)
     #: Largest ring accepted; QEMU's ``vq_size`` picks the actual size.
     queue_size = 1024
     device_features = 0
@@ -48,6 +49,8 @@ class NsmDevice(VirtioDevice):
         self._request_chain: DescriptorChain | None = None  # a request awaiting its buffer
         self._inflight: deque[tuple[int, DescriptorChain | None, DescriptorChain]] = deque()
         self._generation = 0
+        #: Exceptions the NSM model raised while answering (bounded; the guest got InternalError).
+        self.worker_errors: deque[str] = deque(maxlen=16)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -103,40 +106,53 @@ class NsmDevice(VirtioDevice):
     # -- internals ---------------------------------------------------------------------------
 
     def _submit(self, request: DescriptorChain | None, response: DescriptorChain, data: bytes) -> None:
+        entry = (self._generation, request, response)
         with self._lock:
-            generation = self._generation
-            self._inflight.append((generation, request, response))
+            self._inflight.append(entry)
         if self._executor is None:  # not started through a back end (direct use in tests)
-            self._complete(generation, self.nsm.handle(data))
+            self._complete(entry, self._answer(data, response.writable_len))
             return
         capacity = response.writable_len
 
         def work() -> None:
-            answer = self.nsm.handle(data)
-            if len(answer) > capacity:
-                answer = encode_response(ErrorResponse(NsmErrorCode.BufferTooSmall))
+            # Always complete the chain taken, whatever happens: a request left without its
+            # answer would make the next answer land in the wrong buffer.
+            answer = self._answer(data, capacity)
             backend = self.backend
             if backend is not None and backend.running:
-                backend.call_soon(lambda: self._complete(generation, answer))
+                backend.call_soon(lambda: self._complete(entry, answer))
 
         self._executor.submit(work)
 
-    def _complete(self, generation: int, answer: bytes) -> None:
+    def _answer(self, data: bytes, capacity: int) -> bytes:
+        """The response bytes for request ``data``: the NSM's answer, BufferTooSmall when it
+        does not fit ``capacity``, InternalError (recorded in ``worker_errors``) when the NSM
+        model itself raised (docs/nsm.md#error-codes)."""
+        try:
+            answer = self.nsm.handle(data)
+        except Exception as e:  # a harness bug: the guest gets an error, the test a record
+            self.worker_errors.append(f"NSM request handling raised {type(e).__name__}: {e}")
+            answer = encode_response(ErrorResponse(NsmErrorCode.InternalError))
+        if len(answer) > capacity:
+            answer = encode_response(ErrorResponse(NsmErrorCode.BufferTooSmall))
+        return answer
+
+    def _complete(self, entry: tuple, answer: bytes) -> None:
         with self._lock:
-            if generation != self._generation or not self._inflight:
-                return  # the ring was stopped meanwhile
-            _, request, response = self._inflight.popleft()
+            # This request's own chains, never the next one's (matched by identity).
+            for k, held in enumerate(self._inflight):
+                if held is entry:
+                    del self._inflight[k]
+                    break
+            else:
+                return  # the ring was stopped meanwhile: the chains are void
         if self.backend is None:
             return
+        _, request, response = entry
         queue = self.backend.queues[0]
         if request is not None:
             queue.push(request, 0)
-        if len(answer) > response.writable_len:
-            answer = encode_response(ErrorResponse(NsmErrorCode.BufferTooSmall))
         written = response.write(answer)
         queue.push(response, written)
         self.requests += 1
         queue.notify()
-
-
-__all__ = ["NSM_DEVICE_ID", "NsmDevice", "MAX_RESPONSE_SIZE"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import mmap
@@ -28,6 +29,7 @@ import os
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -297,10 +299,13 @@ class DescriptorChain:
     released by :meth:`VirtQueue.push` (or :meth:`release`); do not keep them afterwards.
     """
 
-    __slots__ = ("head", "readable", "writable", "written", "readable_len", "writable_len")
+    __slots__ = ("head", "readable", "writable", "written", "readable_len", "writable_len",
+                 "generation")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]):
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 generation: int = 0):
         self.head = head
+        self.generation = generation  # the ring session it was popped in (VirtQueue.generation)
         self.readable = readable
         self.writable = writable
         self.written = 0
@@ -351,7 +356,19 @@ class VirtQueue:
     ring; ``notify()`` signals the call eventfd (unless the driver set NO_INTERRUPT).
     Malformed rings (descriptor loops, bad indirect tables, addresses outside RAM) raise
     VhostUserError (virtio 1.x 2.7.5.3).
+
+    Ownership invariant (docs/vhost-user.md#used-ring-invariant): between ``pop`` and ``push`` a
+    head belongs to the device, and only the chain object that popped it may return it, once.
+    The queue records which chain holds each head; ``push`` of a chain that does not hold its
+    head (a double return, a stale chain, a chain of another queue) raises VhostUserError
+    naming the queue, the head and the last operations, instead of writing an id the driver
+    would reject ("id N is not a head") or, worse, accept for the wrong buffer. A chain popped
+    before the ring was stopped or re-based belongs to an older ``generation`` and is dropped
+    silently on push: the driver reset that ring and forgot the buffer.
     """
+
+    #: Operations remembered per queue for the error message of a broken invariant.
+    HISTORY = 16
 
     def __init__(self, backend: "VhostUserBackend", index: int, max_size: int):
         self.backend = backend
@@ -369,6 +386,28 @@ class VirtQueue:
         self.enabled = False
         self._desc = self._avail = self._used = None  # (mmap, offset)
         self.pending_push = 0  # used entries since the last notify
+        self.generation = 0  # bumped whenever the ring is stopped or re-based
+        self._holders: list[DescriptorChain | None] = []  # head -> the chain that holds it
+        self.outstanding = 0  # heads popped and not yet pushed
+        self.history: collections.deque[tuple] = collections.deque(maxlen=self.HISTORY)
+
+    @property
+    def name(self) -> str:
+        """The queue's name for messages: its index and the device's name for it (``0 (rx)``)."""
+        names = getattr(self.backend.device, "queue_names", ())
+        return f"{self.index} ({names[self.index]})" if self.index < len(names) else str(self.index)
+
+    def reset_ownership(self, why: str) -> None:
+        """Forget every held head: the ring was stopped, re-based or re-sized (loop thread).
+
+        Chains popped before keep their old generation and are dropped by :meth:`push`."""
+        self.generation += 1
+        self._holders = [None] * self.num if self.num else []
+        self.outstanding = 0
+        self.history.append(("reset", why, self.last_avail_idx, self.used_idx))
+
+    def _history_text(self) -> str:
+        return "; ".join(" ".join(str(x) for x in op) for op in self.history)
 
     @property
     def ready(self) -> bool:
@@ -419,6 +458,13 @@ class VirtQueue:
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= n:
             raise VhostUserError(f"queue {self.index}: head descriptor {head} >= ring size {n}")
+        if len(self._holders) != n:
+            self._holders = [None] * n
+        if self._holders[head] is not None:
+            raise VhostUserError(
+                f"queue {self.name}: the driver made head {head} available at avail index "
+                f"{last} while the device still holds it (last operations: "
+                f"{self._history_text()})")
         table = self.backend.memory
         dmm, do = self._desc
         readable: list[memoryview] = []
@@ -460,7 +506,11 @@ class VirtQueue:
             i = nxt
             if i >= limit:
                 raise VhostUserError(f"queue {self.index}: next descriptor {i} out of range")
-        return DescriptorChain(head, readable, writable)
+        chain = DescriptorChain(head, readable, writable, self.generation)
+        self._holders[head] = chain
+        self.outstanding += 1
+        self.history.append(("pop", head, last))
+        return chain
 
     def push(self, chain: DescriptorChain, length: int | None = None) -> None:
         """Return ``chain`` to the driver with ``length`` bytes written (default: chain.written).
@@ -470,10 +520,23 @@ class VirtQueue:
         if length is None:
             length = chain.written
         chain.release()
-        if self._used is None:
-            return  # ring stopped under us: nothing to return it to
+        if self._used is None or chain.generation != self.generation:
+            # The ring was stopped (or re-based) since the pop: the driver forgot the buffer.
+            self.history.append(("drop-stale", chain.head, chain.generation))
+            return
+        head = chain.head
+        holders = self._holders
+        if head >= len(holders) or holders[head] is not chain:
+            why = ("returned already" if head < len(holders) and holders[head] is None
+                   else "held by another chain")
+            raise VhostUserError(
+                f"queue {self.name}: the device returned head {head}, which it does not hold "
+                f"({why}; last operations: {self._history_text()})")
+        holders[head] = None
+        self.outstanding -= 1
         mm, o = self._used
         u = self.used_idx
+        self.history.append(("push", head, u, length))
         _USED_ELEM.pack_into(mm, o + 4 + 8 * (u % self.num), chain.head, length)
         u = (u + 1) & 0xFFFF
         # x86 and the guest see stores in order; the element is visible before the index.
@@ -503,7 +566,8 @@ class VirtioDevice:
     """Base class for a device model served over vhost-user.
 
     Subclasses set ``device_id`` (virtio device ID, e.g. 19 vsock, 33 NSM), ``num_queues``,
-    ``queue_size`` (largest ring accepted) and ``device_features`` (device-specific feature
+    ``queue_names`` (for messages), ``queue_size`` (largest ring accepted) and
+    ``device_features`` (device-specific feature
     bits only; the back end adds VERSION_1, INDIRECT_DESC and PROTOCOL_FEATURES). Callbacks run
     on the back end's loop thread:
 
@@ -517,6 +581,7 @@ class VirtioDevice:
 
     device_id: int = 0
     num_queues: int = 1
+    queue_names: tuple[str, ...] = ()
     queue_size: int = 1024
     device_features: int = 0
 
@@ -680,12 +745,24 @@ class VhostUserBackend:
         t = self._thread
         if t is not None and t.is_alive():
             self._wake()
-            if threading.current_thread() is not t:
-                t.join(timeout)
-                if t.is_alive():
-                    raise VhostUserError(f"vhost-user loop for {self.socket_path} did not stop "
-                                         f"in {timeout} s")
-            return  # the loop thread tears down when it exits
+            if threading.current_thread() is t:
+                return  # the loop thread tears down when it exits
+            t.join(timeout)
+            if not t.is_alive():
+                return
+            # The loop is stuck in a callback. Release everything anyway (its fds, sockets and
+            # guest memory), so nothing leaks, and say what is still running.
+            where = _thread_location(t)
+            conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)  # unblocks a recv/send on the connection
+            t.join(1.0)
+            if t.is_alive():
+                self._teardown()
+            raise VhostUserError(
+                f"vhost-user loop for {self.socket_path} did not stop in {timeout:g} s (thread "
+                f"{t.name} still running in {where}); its sockets and guest memory were released")
         self._teardown()
 
     @property
@@ -808,6 +885,8 @@ class VhostUserBackend:
                                 t.fn()
                             except Exception as e:
                                 self._callback_failed(e)
+        except Exception as e:  # e.g. the selector closed by a forced stop: end quietly
+            self._fail(f"vhost-user loop for {self.socket_path} ended: {type(e).__name__}: {e}")
         finally:
             self._teardown()
 
@@ -889,6 +968,7 @@ class VhostUserBackend:
         for q in self.queues:
             was = q.started
             self._stop_queue(q)
+            q.reset_ownership("rings stopped")
             if was:
                 self.device.on_queue_stop(q.index)
         for q in self.queues:
@@ -1045,11 +1125,13 @@ class VhostUserBackend:
                     f"SET_VRING_NUM: queue {i} size {num} is not a power of two in "
                     f"[1, {q.max_size}]")
             q.num = num
+            q.reset_ownership("SET_VRING_NUM")
         elif req == R.SET_VRING_BASE:
             self._expect(req, payload, 8, fds)
             i, base = _VRING_STATE.unpack(payload)
             q = self._queue(i, req)
             q.last_avail_idx = base & 0xFFFF
+            q.reset_ownership("SET_VRING_BASE")
         elif req == R.SET_VRING_ADDR:
             self._expect(req, payload, 40, fds)
             i, _fl, desc, used, avail, _log = _VRING_ADDR.unpack(payload)
@@ -1067,6 +1149,7 @@ class VhostUserBackend:
             was = q.started
             self._stop_queue(q)
             q.enabled = False
+            q.reset_ownership("GET_VRING_BASE")
             if was:
                 self.device.on_queue_stop(i)
             self._reply(req, _VRING_STATE.pack(i, q.last_avail_idx))
@@ -1183,6 +1266,17 @@ class VhostUserBackend:
                 pass
         if q.ready:
             self.device.on_kick(q.index)
+
+
+def _thread_location(t: threading.Thread) -> str:
+    """Where thread ``t`` runs now (``file:line in function``), for a stuck-loop message."""
+    frame = sys._current_frames().get(t.ident or -1)
+    if frame is None:
+        return "an unknown place"
+    stdlib = os.path.dirname(os.__file__)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(stdlib):
+        frame = frame.f_back  # the caller blocked in threading/socket is the useful place
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 def _close_quiet(fd: int) -> None:

@@ -257,6 +257,7 @@ class VsockDevice(VirtioDevice):
 
     device_id = VIRTIO_ID_VSOCK
     num_queues = 2  # rx, tx: QEMU keeps the event queue to itself
+    queue_names = ("rx", "tx")
     queue_size = 1024
     device_features = VIRTIO_VSOCK_F_STREAM
 

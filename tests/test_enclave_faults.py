@@ -91,3 +91,20 @@ def test_device_back_end_crash_ends_the_enclave(registry):
         _no_leftovers(registry, enclave)
     finally:
         enclave.terminate()
+
+
+def test_failed_start_reports_its_own_error_not_the_shutdown(registry, monkeypatch):
+    # QEMU runs but never opens QMP: the start fails with E36 naming that, and the shutdown
+    # that follows (no QMP, so no quit could be sent) kills QEMU without raising over it.
+    from harness.machine import MachineError, QemuMachine
+
+    def no_qmp(self, timeout):
+        raise MachineError("QEMU did not open QMP within 0.1 s: injected")
+
+    monkeypatch.setattr(QemuMachine, "_accept_qmp", no_qmp)
+    with pytest.raises(NitroError) as err:
+        Enclave.start(EnclaveConfig(eif_path=recipe_eif("hello"), memory_mib=256, cpu_count=1),
+                      registry=registry)
+    assert err.value.code == ErrorCode.EnclaveBootFailure
+    assert "QEMU did not open QMP within 0.1 s: injected" in err.value.message
+    _no_leftovers(registry)

@@ -74,3 +74,20 @@ def test_icount_only_for_acpi_guests_under_tcg(tmp_path):
     assert option_values(build_command(spec(tmp_path, acpi=True)), "-icount") == ["shift=auto"]
     assert "-icount" not in build_command(spec(tmp_path, acpi=False))
     assert "-icount" not in build_command(spec(tmp_path, accel="kvm", acpi=True))
+
+
+def test_shutdown_without_qmp_kills_qemu_and_never_raises(tmp_path):
+    # QEMU that never opened QMP cannot be asked to quit: the shutdown kills it at once and
+    # returns, so a failed start reports its own error rather than a shutdown timeout.
+    import subprocess
+    import time
+
+    from harness.machine import QemuMachine
+
+    machine = QemuMachine(spec(tmp_path))
+    machine.process = subprocess.Popen(["sleep", "60"])
+    started = time.monotonic()
+    machine.shutdown(grace=0.5)
+    machine.shutdown(grace=0.5)  # idempotent
+    assert machine.process.poll() == -9
+    assert time.monotonic() - started < 5

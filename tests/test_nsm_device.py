@@ -284,3 +284,29 @@ def test_guest_nsm_tool_bench_and_errors(nsm_client, capsys):
     assert tool.main(["attest", "--public-key", "0a0b", "--nonce", "01"]) == 0
     attested = json.loads(capsys.readouterr().out)
     assert attested["public_key"] == "0a0b" and attested["nonce"] == "01"
+
+
+def test_a_request_whose_handling_raises_gets_internal_error_and_replies_do_not_shift(served):
+    # A bug in the NSM model must cost that one request an InternalError, never shift later
+    # answers into earlier requests' buffers (completion is matched to its own chains).
+    nsm, device, _, _, queue = served
+    real = nsm.handle
+    calls = []
+
+    def flaky(data: bytes) -> bytes:
+        calls.append(data)
+        if len(calls) == 1:
+            raise RuntimeError("injected model failure")
+        return real(data)
+
+    nsm.handle = flaky
+    first, second, third = send(queue, [encode_request(DescribePCR(0)),
+                                        encode_request(DescribePCR(1)),
+                                        encode_request(DescribePCR(2))])
+    assert decode_response(first) == ErrorResponse(NsmErrorCode.InternalError)
+    assert decode_response(second).data == MEASUREMENTS.pcr1
+    assert decode_response(third).data == MEASUREMENTS.pcr2
+    assert list(device.worker_errors) == ["NSM request handling raised RuntimeError: injected model failure"]
+    # and the device keeps serving in order afterwards
+    (again,) = send(queue, [encode_request(DescribePCR(0))])
+    assert decode_response(again).data == MEASUREMENTS.pcr0

@@ -374,3 +374,119 @@ def test_trace_records_messages(sock_path):
                          "GET_QUEUE_NUM", "SET_OWNER", "GET_FEATURES"]
     assert "SET_MEM_TABLE" in names
     assert [r for r in rec if r["name"] == "SET_MEM_TABLE"][0]["fds"] == 1
+
+
+class HoldingDevice(EchoDevice):
+    """Test device: queue 0's chains are popped on kick and held until the test returns them."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def on_kick(self, i):
+        if i == 0:
+            q = self.backend.queues[0]
+            while (chain := q.pop()) is not None:
+                self.held.append(chain)
+
+
+@pytest.fixture
+def holding(sock_path):
+    dev = HoldingDevice()
+    be = VhostUserBackend(sock_path, dev, offer_config=True)
+    be.start()
+    fe = FakeFrontend(sock_path)
+    assert be.wait_connected(5)
+    fe.handshake()
+    q0, _ = fe.start_queues([8, 8])
+    yield dev, be, fe, q0
+    fe.close()
+    be.stop()
+
+
+def _wait_held(dev, n):
+    deadline = time.monotonic() + 5
+    while len(dev.held) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(dev.held) == n
+
+
+def test_returning_a_head_twice_is_refused_with_the_queue_head_and_history(holding):
+    dev, be, fe, q0 = holding
+    h = q0.add([b"a"], [8])
+    q0.kick()
+    _wait_held(dev, 1)
+    q = be.queues[0]
+    chain = dev.held[0]
+    dev.run_on_loop(lambda: q.push(chain, 0))
+    assert q0.wait_used(1) and [x[0] for x in q0.collect()] == [h]
+    with pytest.raises(NitroError) as exc:
+        dev.run_on_loop(lambda: q.push(chain, 0))  # the double return the driver would reject
+    msg = str(exc.value)
+    assert f"queue 0: the device returned head {h}, which it does not hold (returned already" in msg
+    assert f"pop {h} 0" in msg and f"push {h} 0 0" in msg  # the last operations on that queue
+    assert q0.used_idx() == 1  # nothing was written for the refused return
+
+
+def test_a_chain_popped_before_the_ring_was_stopped_is_dropped_not_returned(holding):
+    dev, be, fe, q0 = holding
+    q0.add([b"a"], [8])
+    q0.kick()
+    _wait_held(dev, 1)
+    stale = dev.held.pop()
+    assert fe.stop_queues()[0] == 1  # GET_VRING_BASE: the driver forgets the buffer
+    q = be.queues[0]
+    dev.run_on_loop(lambda: q.push(stale, 0))
+    assert q0.used_idx() == 0 and q.history[-1][0] == "drop-stale"
+    assert q.outstanding == 0
+
+
+def test_a_driver_reoffering_a_held_head_is_a_clear_error(holding):
+    dev, be, fe, q0 = holding
+    h = q0.add([b"a"], [8])
+    q0.kick()
+    _wait_held(dev, 1)
+    q0.add_raw([], head=h)  # the same head published again while the device holds it
+    q0.kick()
+    assert be.disconnected.wait(5)
+    assert f"driver made head {h} available at avail index 1 while the device still holds it" \
+        in be.error
+
+
+def test_a_stuck_loop_is_reported_by_stop_and_its_resources_are_released(sock_path):
+    # A device callback that never returns: stop() says where the loop is stuck and still
+    # releases the socket, fds and guest memory instead of pretending it stopped.
+    before = _fds()
+    release = threading.Event()
+    armed = threading.Event()
+
+    class StuckDevice(EchoDevice):
+        def on_kick(self, i):
+            if armed.is_set():
+                release.wait(30)
+
+    dev = StuckDevice()
+    be = VhostUserBackend(sock_path, dev, offer_config=True)
+    be.start()
+    fe = FakeFrontend(sock_path)
+    assert be.wait_connected(5)
+    fe.handshake()
+    q0, _ = fe.start_queues([8, 8])
+    armed.set()
+    q0.add([b"a"], [8])
+    q0.kick()
+    time.sleep(0.3)
+    try:
+        with pytest.raises(NitroError) as exc:
+            be.stop(timeout=0.5)
+        assert "did not stop in 0.5 s" in str(exc.value)
+        assert "still running in test_vhost_user.py:" in str(exc.value)
+        assert "in on_kick" in str(exc.value)
+        assert not os.path.exists(sock_path)
+        assert be.memory is None
+    finally:
+        release.set()
+        be._thread.join(5)
+        fe.close()
+    assert not be._thread.is_alive()
+    assert not (_fds() - before), "fd leak"

@@ -269,6 +269,10 @@ def terminate_enclave(args) -> int:
                 ErrorCode.EnclaveProcessConnectionFailure,
                 f"enclave {record.enclave_id}: the enclave process closed without confirming",
             )
+        answer = json.loads(reply) if reply.lstrip().startswith("{") else {}
+        if isinstance(answer.get("error"), dict):
+            err = answer["error"]
+            raise NitroError(ErrorCode(err["code"]), err["message"], err.get("details"))
         _wait_gone(record.pid, 30)
         results.append({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": True})
     if args.all:
