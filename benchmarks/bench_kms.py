@@ -131,7 +131,9 @@ def _rate(port: int, request: bytes, count: int) -> float:
 
 def _breakdown(pki, document: bytes, count: int) -> list[tuple[str, float]]:
     """Milliseconds per step, in-process."""
-    from harness import attestation, cms, kms_policy
+    from harness import attestation
+    from harness.kms import cms
+    from harness.kms import policy as kms_policy
 
     doc = attestation.verify_document(document, roots=[pki.root_certificate])
     policy = kms_policy.default_key_policy(ACCOUNT)

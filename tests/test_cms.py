@@ -1,4 +1,4 @@
-"""CiphertextForRecipient (SPEC 8): our BER writer against real KMS blobs and real openssl."""
+"""CiphertextForRecipient (docs/kms.md): our BER writer against real KMS blobs and real openssl."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from harness import cms
+from harness.kms import cms
 
 VECTORS = Path(__file__).parent / "vectors" / "kms"
 GUEST_CLIENT = Path(__file__).parents[1] / "images" / "guest" / "kms_client.py"
@@ -74,7 +74,7 @@ def test_writer_keeps_real_kms_ber_structure(rsa_key):
     real = (VECTORS / "input_ber.der").read_bytes()
     ours = cms.build_ciphertext_for_recipient(b"x" * 40, spki(rsa_key))
     assert cms.ber_structure(ours).shape() == cms.ber_structure(real).shape()
-    # Indefinite where SPEC 8 says so: ContentInfo, [0], EnvelopedData, EncryptedContentInfo,
+    # Indefinite where docs/kms.md says so: ContentInfo, [0], EnvelopedData, EncryptedContentInfo,
     # [0] encryptedContent; definite RecipientInfos SET and content AlgorithmIdentifier.
     root = cms.ber_structure(ours)
     enveloped = root.children[1].children[0]

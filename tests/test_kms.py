@@ -1,4 +1,4 @@
-"""KMS emulator (SPEC 8) driven by real clients: boto3, raw HTTP, the guest kms_client, openssl."""
+"""KMS emulator (docs/kms.md) driven by real clients: boto3, raw HTTP, the guest kms_client, openssl."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from harness import attestation, cms
+from harness import attestation
 from harness.errors import NitroError
-from harness.kms import KmsCredential, KmsServer, ensure_tls_identity
+from harness.kms import KmsCredential, KmsServer, cms, ensure_tls_identity
 from harness.pki import Pki
 
 ACCOUNT = "111122223333"
@@ -483,7 +483,7 @@ def test_recipient_operations_return_only_ciphertext_for_recipient(kms, key_id, 
 
 
 def test_pcr0_policy_cases(kms, pki, recipient_key):
-    """SPEC 8 / issue 7's four cases at the KMS level: right image allowed, host without
+    """The four PCR0 policy cases of docs/kms.md at the KMS level: right image allowed, host without
     attestation denied, another image denied, debug mode denied unless 96 zeros are listed."""
     key = kms.create_key(Policy=enclave_policy(IMAGE_PCR0.hex().upper()))["KeyMetadata"]["KeyId"]
     blob = kms.encrypt(KeyId=key, Plaintext=b"only for the image")["CiphertextBlob"]

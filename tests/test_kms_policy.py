@@ -1,4 +1,4 @@
-"""Key policy evaluation (SPEC 8), case by case."""
+"""Key policy evaluation (docs/kms.md), case by case."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.kms_policy import (
+from harness.kms.policy import (
     PolicyError,
     RequestContext,
     default_key_policy,

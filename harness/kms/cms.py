@@ -1,6 +1,6 @@
 """CiphertextForRecipient: the CMS EnvelopedData that KMS returns to an attested enclave.
 
-SPEC 8 fixes the bytes. Real KMS writes BER, not DER: ContentInfo, its ``[0]``, EnvelopedData,
+docs/kms.md fixes the bytes. Real KMS writes BER, not DER: ContentInfo, its ``[0]``, EnvelopedData,
 EncryptedContentInfo and the ``[0]`` encryptedContent use indefinite lengths (``30 80`` /
 ``a0 80`` ... ``00 00``) while the RecipientInfos SET, the KeyTransRecipientInfo and every
 AlgorithmIdentifier use definite lengths. The Nitro Enclaves SDK's parser
@@ -55,7 +55,7 @@ __all__ = [
     "ber_structure",
 ]
 
-# DER encodings of the OIDs and AlgorithmIdentifiers SPEC 8 fixes.
+# DER encodings of the OIDs and AlgorithmIdentifiers docs/kms.md fixes.
 _OID_ENVELOPED_DATA = bytes.fromhex("06092a864886f70d010703")  # 1.2.840.113549.1.7.3
 _OID_DATA = bytes.fromhex("06092a864886f70d010701")  # 1.2.840.113549.1.7.1
 _OID_AES256_CBC = bytes.fromhex("060960864801650304012a")  # 2.16.840.1.101.3.4.1.42
@@ -72,7 +72,7 @@ _OAEP_SHA256 = rsa_padding.OAEP(
 class CmsError(ValueError):
     """A CiphertextForRecipient that cannot be built, parsed or decrypted.
 
-    The message names the field and the rule (SPEC 8) that failed.
+    The message names the field and the rule (docs/kms.md) that failed.
     """
 
 
@@ -92,7 +92,7 @@ def _tlv(tag: int, content: bytes) -> bytes:
 def _oaep_algorithm_identifier() -> bytes:
     """RSAES-OAEP AlgorithmIdentifier with SHA-256 and MGF1-SHA-256, NULL hash parameters.
 
-    SPEC 8: parameters are written with NULLs, as in the real KMS blobs (``30 3c ...``); the
+    docs/kms.md: parameters are written with NULLs, as in the real KMS blobs (``30 3c ...``); the
     pSourceAlgorithm is left at its DEFAULT (omitted).
     """
     hash_field = _tlv(0xA0, _SHA256_ALG)  # [0] hashAlgorithm
@@ -104,7 +104,7 @@ def subject_key_identifier(spki_der: bytes) -> bytes:
     """Return the rid KMS writes for a recipient: SHA-256 of its DER SubjectPublicKeyInfo.
 
     ``spki_der``: the attestation document's ``public_key`` (DER SPKI). 32 bytes out.
-    Source: SPEC 8 (the SDK's kmstool matches the recipient by this digest).
+    Source: docs/kms.md (the SDK's kmstool matches the recipient by this digest).
     """
     return hashlib.sha256(spki_der).digest()
 
@@ -116,7 +116,7 @@ def _load_rsa_spki(spki_der: bytes) -> rsa.RSAPublicKey:
         raise CmsError(f"recipient public_key: not a DER SubjectPublicKeyInfo ({err})") from None
     if not isinstance(key, rsa.RSAPublicKey):
         raise CmsError(
-            "recipient public_key: must be an RSA key (SPEC 8: KeyEncryptionAlgorithm RSAES_OAEP_SHA_256)"
+            "recipient public_key: must be an RSA key (docs/kms.md: KeyEncryptionAlgorithm RSAES_OAEP_SHA_256)"
         )
     return key
 
@@ -133,7 +133,7 @@ def build_ciphertext_for_recipient(
     ``recipient_spki_der``: RSA public key as DER SubjectPublicKeyInfo (the attestation
     document's ``public_key``; RSA-2048 in the SDK, any RSA size accepted here).
     ``random_bytes(n)``: source of the 32-byte content key and 16-byte IV (tests may pin it).
-    Returns the BER bytes laid out exactly as SPEC 8 (see the module docstring).
+    Returns the BER bytes laid out exactly as docs/kms.md says (see the module docstring).
     Raises :class:`CmsError` when the key is not an RSA SPKI.
     """
     public_key = _load_rsa_spki(recipient_spki_der)
@@ -201,7 +201,7 @@ def parse_ciphertext_for_recipient(blob: bytes) -> EnvelopedData:
 
     Accepts real KMS output (``tests/vectors/kms/input_ber*.der``) and this module's own.
     Raises :class:`CmsError` naming the field when the blob is not a ContentInfo holding an
-    EnvelopedData with KeyTransRecipientInfos and AES-CBC content (SPEC 8).
+    EnvelopedData with KeyTransRecipientInfos and AES-CBC content (docs/kms.md).
     """
     try:
         info = asn1_cms.ContentInfo.load(bytes(blob), strict=True)
@@ -264,7 +264,7 @@ def decrypt_ciphertext_for_recipient(blob: bytes, private_key: rsa.RSAPrivateKey
     """Decrypt a CiphertextForRecipient with the enclave's RSA private key.
 
     Picks the recipient whose subjectKeyIdentifier equals SHA-256 of ``private_key``'s public
-    SPKI (SPEC 8), unwraps the content key with RSAES-OAEP (SHA-256/MGF1-SHA-256) and removes
+    SPKI (docs/kms.md), unwraps the content key with RSAES-OAEP (SHA-256/MGF1-SHA-256) and removes
     AES-CBC + PKCS#7. Returns the plaintext bytes. Raises :class:`CmsError` when no recipient
     matches the key, the algorithms are not KMS's, or the key or padding is wrong.
     """
@@ -321,7 +321,7 @@ class BerNode:
     def shape(self) -> tuple:
         """Tags and length forms, without lengths: ``(tag, indefinite, (child shapes...))``.
 
-        Two blobs with equal shapes use the same BER structure (SPEC 8's mix of
+        Two blobs with equal shapes use the same BER structure (docs/kms.md's mix of
         indefinite and definite lengths)."""
         return (self.tag, self.indefinite, tuple(child.shape() for child in self.children))
 
@@ -329,7 +329,7 @@ class BerNode:
 def ber_structure(blob: bytes) -> BerNode:
     """Walk ``blob`` as BER (single-byte tags) and return its TLV tree.
 
-    Used to check that a CiphertextForRecipient keeps SPEC 8's indefinite/definite layout.
+    Used to check that a CiphertextForRecipient keeps docs/kms.md's indefinite/definite layout.
     Raises :class:`CmsError` on truncation, a bad length, or trailing bytes.
     """
 

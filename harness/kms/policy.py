@@ -1,6 +1,6 @@
 """IAM-style key policy evaluation for the KMS emulator.
 
-SPEC 8 and AWS's IAM policy evaluation logic, restricted to what a KMS key policy decides:
+docs/kms.md and AWS's IAM policy evaluation logic, restricted to what a KMS key policy decides:
 
 * A statement applies when its ``Principal``/``NotPrincipal``, ``Action``/``NotAction``,
   ``Resource``/``NotResource`` and every ``Condition`` match the request.
@@ -16,7 +16,7 @@ SPEC 8 and AWS's IAM policy evaluation logic, restricted to what a KMS key polic
   (``...Not...``), satisfies ``ForAllValues:`` and fails ``ForAnyValue:``; ``IfExists`` makes
   an absent key pass. ``Null: {"k": "true"}`` holds when ``k`` is absent.
 
-The request's keys are built by the caller (``harness.kms``): ``aws:PrincipalArn``,
+The request's keys are built by the caller (:mod:`harness.kms.service`): ``aws:PrincipalArn``,
 ``kms:EncryptionContext:<key>``, ``kms:RecipientAttestation:ImageSha384`` and
 ``kms:RecipientAttestation:PCR<n>`` (lower-case hex, only from a verified attestation document).
 
@@ -343,7 +343,7 @@ def evaluate(policy: str | Mapping[str, Any], ctx: RequestContext) -> Decision:
 
     ``policy``: JSON text or a dict from :func:`parse_policy`; ``ctx``: the request.
     Returns a :class:`Decision`. Raises :class:`PolicyError` if the policy is malformed.
-    Source: SPEC 8 ("explicit Deny beats Allow") and AWS IAM's evaluation logic.
+    Source: docs/kms.md ("explicit Deny beats Allow") and AWS IAM's evaluation logic.
     """
     doc = parse_policy(policy) if not isinstance(policy, Mapping) else policy
     keys: dict[str, list[str]] = {}

@@ -1,0 +1,283 @@
+"""KMS key management operations: create, describe, list, enable/disable, deletion, key policy, tags.
+
+One function per operation, ``(service, decoded params, caller) -> response dict``, registered
+by KMS name in :data:`OPERATIONS`. Keys are SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys of AWS_KMS
+origin, the kind an enclave's data keys come from (docs/kms.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+
+from harness.kms import policy
+from harness.kms.credentials import Caller
+from harness.kms.store import require_usable
+from harness.kms.wire import KmsError, Validation, paginate
+
+if TYPE_CHECKING:
+    from harness.kms.service import KmsService
+
+__all__ = ["OPERATIONS", "check_new_policy", "metadata"]
+
+
+def metadata(svc: KmsService, key: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``KeyMetadata`` KMS answers for ``key`` (DeletionDate only while pending deletion)."""
+    meta = {
+        "AWSAccountId": svc.account_id,
+        "KeyId": key["KeyId"],
+        "Arn": key["Arn"],
+        "CreationDate": key["CreationDate"],
+        "Enabled": key["KeyState"] == "Enabled",
+        "Description": key["Description"],
+        "KeyUsage": "ENCRYPT_DECRYPT",
+        "KeyState": key["KeyState"],
+        "Origin": "AWS_KMS",
+        "KeyManager": "CUSTOMER",
+        "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
+        "KeySpec": "SYMMETRIC_DEFAULT",
+        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        "MultiRegion": False,
+    }
+    if key["KeyState"] == "PendingDeletion":
+        meta["DeletionDate"] = key["DeletionDate"]
+        meta["PendingDeletionWindowInDays"] = key["PendingWindowInDays"]
+    return meta
+
+
+def check_new_policy(text: str, caller: Caller, key_arn: str, bypass: bool) -> None:
+    """Parse a key policy (MalformedPolicyDocumentException) and, unless ``bypass``
+    (BypassPolicyLockoutSafetyCheck), apply KMS's lockout check: the policy must still let
+    ``caller`` call kms:PutKeyPolicy."""
+    try:
+        doc = policy.parse_policy(text)
+    except policy.PolicyError as err:
+        raise KmsError("MalformedPolicyDocumentException", str(err)) from None
+    if bypass:
+        return
+    ctx = policy.RequestContext(
+        "kms:PutKeyPolicy", caller.principal_arn, key_arn, {"aws:PrincipalArn": caller.principal_arn}
+    )
+    if not policy.evaluate(doc, ctx).allowed:
+        raise KmsError(
+            "MalformedPolicyDocumentException",
+            "The new key policy will not allow you to update the key policy in the future.",
+        )
+
+
+def create_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """CreateKey: a new Enabled key with 32 random bytes; the default key policy unless one is given."""
+    usage = p.get("KeyUsage", "ENCRYPT_DECRYPT")
+    spec = p.get("KeySpec", p.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
+    if usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT":
+        raise KmsError(
+            "UnsupportedOperationException",
+            f"The KMS emulator supports only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys, not {spec}/{usage}",
+        )
+    if p.get("Origin", "AWS_KMS") != "AWS_KMS" or p.get("CustomKeyStoreId") or p.get("MultiRegion"):
+        raise KmsError(
+            "UnsupportedOperationException",
+            "The KMS emulator supports only AWS_KMS-origin single-Region keys",
+        )
+    key_id = str(uuid.uuid4())
+    arn = svc.store.arn(key_id)
+    key_policy = p.get("Policy")
+    if key_policy is not None:
+        check_new_policy(key_policy, caller, arn, bool(p.get("BypassPolicyLockoutSafetyCheck")))
+    else:
+        key_policy = policy.default_key_policy(svc.account_id)
+    key = {
+        "KeyId": key_id,
+        "Arn": arn,
+        "CreationDate": time.time(),
+        "Description": p.get("Description", ""),
+        "KeyState": "Enabled",
+        "Policy": key_policy,
+        "Tags": {t["TagKey"]: t["TagValue"] for t in p.get("Tags", [])},
+        "Material": base64.b64encode(os.urandom(32)).decode(),
+    }
+    with svc.store.lock:
+        svc.store.keys[key_id] = key
+        svc.store.save()
+    return {"KeyMetadata": metadata(svc, key)}
+
+
+def describe_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """DescribeKey: the key's metadata (by id, ARN or alias)."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"])
+    svc.authorize(key, "DescribeKey", caller)
+    return {"KeyMetadata": metadata(svc, key)}
+
+
+def list_keys(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """ListKeys: every key, oldest first, paginated."""
+    with svc.store.lock:
+        svc.store.sweep()
+        keys = sorted(svc.store.keys.values(), key=lambda k: (k["CreationDate"], k["KeyId"]))
+    entries = [{"KeyId": k["KeyId"], "KeyArn": k["Arn"]} for k in keys]
+    page, marker = paginate(entries, p)
+    return {"Keys": page, "NextMarker": marker, "Truncated": marker is not None}
+
+
+def _set_state(svc: KmsService, p: dict[str, Any], caller: Caller, action: str, new_state: str):
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, action, caller)
+        if key["KeyState"] == "PendingDeletion":
+            require_usable(key)
+        key["KeyState"] = new_state
+        svc.store.save()
+    return {}
+
+
+def enable_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """EnableKey: Disabled -> Enabled (KMSInvalidStateException while pending deletion)."""
+    return _set_state(svc, p, caller, "EnableKey", "Enabled")
+
+
+def disable_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """DisableKey: Enabled -> Disabled (KMSInvalidStateException while pending deletion)."""
+    return _set_state(svc, p, caller, "DisableKey", "Disabled")
+
+
+def schedule_key_deletion(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """ScheduleKeyDeletion: PendingDeletion for PendingWindowInDays (7..30, default 30) days."""
+    days = p.get("PendingWindowInDays", 30)
+    if not 7 <= days <= 30:
+        # The model allows 1..365; KMS itself enforces 7..30 for customer keys.
+        check = Validation()
+        check.add("PendingWindowInDays", days, "Member must have value between 7 and 30")
+        check.raise_if_any()
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "ScheduleKeyDeletion", caller)
+        if key["KeyState"] == "PendingDeletion":
+            raise KmsError("KMSInvalidStateException", f"{key['Arn']} is pending deletion.")
+        key.update(
+            KeyState="PendingDeletion", DeletionDate=time.time() + days * 86400, PendingWindowInDays=days
+        )
+        svc.store.save()
+    return {
+        "KeyId": key["Arn"],
+        "DeletionDate": key["DeletionDate"],
+        "KeyState": "PendingDeletion",
+        "PendingWindowInDays": days,
+    }
+
+
+def cancel_key_deletion(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """CancelKeyDeletion: PendingDeletion -> Disabled, as KMS leaves it."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "CancelKeyDeletion", caller)
+        if key["KeyState"] != "PendingDeletion":
+            raise KmsError("KMSInvalidStateException", f"{key['Arn']} is not pending deletion.")
+        # KMS leaves a key whose deletion was cancelled Disabled.
+        key["KeyState"] = "Disabled"
+        key.pop("DeletionDate", None)
+        key.pop("PendingWindowInDays", None)
+        svc.store.save()
+    return {"KeyId": key["Arn"]}
+
+
+def _check_policy_name(p: Mapping[str, Any]) -> str:
+    name = p.get("PolicyName", "default")
+    if name != "default":
+        raise KmsError(
+            "NotFoundException",
+            f"No such policy exists: {name} (a KMS key has one policy, named 'default')",
+        )
+    return name
+
+
+def get_key_policy(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """GetKeyPolicy: the key's one policy, named ``default``."""
+    name = _check_policy_name(p)
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+    svc.authorize(key, "GetKeyPolicy", caller)
+    return {"Policy": key["Policy"], "PolicyName": name}
+
+
+def put_key_policy(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """PutKeyPolicy: replace the policy after the parse and lockout checks (:func:`check_new_policy`)."""
+    _check_policy_name(p)
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "PutKeyPolicy", caller)
+        check_new_policy(p["Policy"], caller, key["Arn"], bool(p.get("BypassPolicyLockoutSafetyCheck")))
+        key["Policy"] = p["Policy"]
+        svc.store.save()
+    return {}
+
+
+def list_key_policies(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """ListKeyPolicies: always ``["default"]``."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+    svc.authorize(key, "ListKeyPolicies", caller)
+    return {"PolicyNames": ["default"], "Truncated": False}
+
+
+def update_key_description(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """UpdateKeyDescription."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "UpdateKeyDescription", caller)
+        key["Description"] = p["Description"]
+        svc.store.save()
+    return {}
+
+
+def tag_resource(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """TagResource: add or overwrite tags."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "TagResource", caller)
+        key.setdefault("Tags", {}).update({t["TagKey"]: t["TagValue"] for t in p["Tags"]})
+        svc.store.save()
+    return {}
+
+
+def untag_resource(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """UntagResource: remove tags by name (absent names are no error)."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+        svc.authorize(key, "UntagResource", caller)
+        for name in p["TagKeys"]:
+            key.setdefault("Tags", {}).pop(name, None)
+        svc.store.save()
+    return {}
+
+
+def list_resource_tags(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """ListResourceTags: tags sorted by name, paginated."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+    svc.authorize(key, "ListResourceTags", caller)
+    tags = [{"TagKey": k, "TagValue": v} for k, v in sorted(key.get("Tags", {}).items())]
+    page, marker = paginate(tags, p)
+    return {"Tags": page, "NextMarker": marker, "Truncated": marker is not None}
+
+
+OPERATIONS = {
+    "CreateKey": create_key,
+    "DescribeKey": describe_key,
+    "ListKeys": list_keys,
+    "EnableKey": enable_key,
+    "DisableKey": disable_key,
+    "ScheduleKeyDeletion": schedule_key_deletion,
+    "CancelKeyDeletion": cancel_key_deletion,
+    "GetKeyPolicy": get_key_policy,
+    "PutKeyPolicy": put_key_policy,
+    "ListKeyPolicies": list_key_policies,
+    "UpdateKeyDescription": update_key_description,
+    "TagResource": tag_resource,
+    "UntagResource": untag_resource,
+    "ListResourceTags": list_resource_tags,
+}
