@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -26,12 +25,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from harness import cose
+from harness.cose import COSE_SIGN1_TAG, sig_structure  # noqa: F401 - part of this module's API
 
 #: The COSE protected header every NSM document carries: {1 (alg): -35 (ES384)}.
-PROTECTED_ES384 = bytes.fromhex("a1013822")
-#: COSE_Sign1 tag; AWS omits it, verifiers accept it (SPEC 7).
-COSE_SIGN1_TAG = 18
+PROTECTED_ES384 = cose.protected_header(cose.ES384)
 #: Payload keys in the order the NSM writes them.
 PAYLOAD_KEYS = (
     "module_id",
@@ -134,18 +133,9 @@ def encode_payload(
     return (b"\xbf" + body + b"\xff") if indefinite else (b"\xa9" + body)
 
 
-def sig_structure(protected: bytes, payload: bytes) -> bytes:
-    """The COSE Sig_structure the signature covers: ``["Signature1", protected, h'', payload]``
-    (RFC 9052 4.4; SPEC 7)."""
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
 def sign_payload(key: ec.EllipticCurvePrivateKey, payload: bytes) -> bytes:
     """Return the untagged COSE_Sign1 document for ``payload`` signed ES384 with ``key``."""
-    der = key.sign(sig_structure(PROTECTED_ES384, payload), ec.ECDSA(hashes.SHA384()))
-    r, s = decode_dss_signature(der)
-    signature = r.to_bytes(48, "big") + s.to_bytes(48, "big")
-    return cbor2.dumps([PROTECTED_ES384, {}, payload, signature])
+    return cose.sign1(key, payload, cose.ES384)
 
 
 def build_document(
@@ -286,21 +276,10 @@ def decode_document(data: bytes) -> AttestationDocument:
     ``certificate``. Source: SPEC 7.
     """
     try:
-        outer = cbor2.loads(bytes(data))
-    except Exception as err:  # cbor2 raises several types for malformed input
-        raise _fail("structure", f"not CBOR: {err}") from None
-    if isinstance(outer, cbor2.CBORTag):
-        if outer.tag != COSE_SIGN1_TAG:
-            raise _fail("structure", f"CBOR tag {outer.tag} is not COSE_Sign1 (18)")
-        outer = outer.value
-    # cbor2 decodes a tagged array as a tuple (and maps inside as frozendict).
-    if not isinstance(outer, (list, tuple)) or len(outer) != 4:
-        raise _fail("structure", "not a COSE_Sign1 array of 4 elements")
-    protected, unprotected, payload, signature = outer
-    if not isinstance(protected, bytes) or not isinstance(unprotected, Mapping):
-        raise _fail("structure", "COSE_Sign1 headers must be a bstr and a map")
-    if not isinstance(payload, bytes) or not isinstance(signature, bytes):
-        raise _fail("structure", "COSE_Sign1 payload and signature must be byte strings")
+        sign1 = cose.decode_sign1(data)
+    except cose.CoseError as err:
+        raise _fail("structure", str(err)) from None
+    protected, payload, signature = sign1.protected, sign1.payload, sign1.signature
     try:
         header = cbor2.loads(protected) if protected else {}
     except Exception:
@@ -487,16 +466,8 @@ def verify_document(
     if not leaf.not_valid_before_utc <= ts_floor <= leaf.not_valid_after_utc:
         raise _fail("timestamp", f"document timestamp {_iso(doc.timestamp)} is outside its leaf's validity")
 
-    r = int.from_bytes(doc.signature[:48], "big")
-    s = int.from_bytes(doc.signature[48:], "big")
-    try:
-        leaf.public_key().verify(  # type: ignore[union-attr]
-            encode_dss_signature(r, s),
-            sig_structure(doc.protected, doc.payload),
-            ec.ECDSA(hashes.SHA384()),
-        )
-    except (InvalidSignature, ValueError):
-        raise _fail("signature", "COSE_Sign1 ES384 signature does not verify with the leaf key") from None
+    if not cose.signature_valid(leaf.public_key(), doc.protected, doc.payload, doc.signature, cose.ES384):
+        raise _fail("signature", "COSE_Sign1 ES384 signature does not verify with the leaf key")
 
     doc = _with_verification(doc, root, when)
     if expect is not None:

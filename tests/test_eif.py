@@ -1,5 +1,6 @@
-"""EIF reading, measuring, writing, signing and unpacking (SPEC 1, SPEC 2), with values
-computed independently in the test (struct + hashlib + zlib), never by the code under test."""
+"""EIF reading, measuring, writing, signing and unpacking (docs/eif-format.md, docs/pcrs.md),
+with values computed independently in the test (struct + hashlib + zlib), never by the code
+under test."""
 
 import datetime
 import hashlib
@@ -18,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from harness import eif
 from harness.cli import main
+from harness.eif import measurement, reader
 from harness.errors import ErrorCode, NitroError
 
 KERNEL, CMDLINE, RAMDISK, SIGNATURE, METADATA = 1, 2, 3, 4, 5
@@ -87,7 +89,7 @@ def test_hand_assembled_pcrs_and_crc(tmp_path, parts):
     assert m.pcr8 is None
     e = eif.read_eif(p)
     assert e.crc_ok is True and e.crc_computed == crc
-    # SPEC 1: for a gapless file the CRC is crc32(file[0:544] + file[548:]).
+    # docs/eif-format.md: for a gapless file the CRC is crc32(file[0:544] + file[548:]).
     assert crc == zlib.crc32(data[:544] + data[548:])
     assert e.sequential_notes == [] and e.metadata == {"ImageName": "h"}
     m2, e2 = eif.measure_and_check(p)
@@ -108,8 +110,8 @@ def test_pcr2_without_customer_ramdisk(tmp_path, parts):
 
 
 def test_multiple_application_ramdisks_and_chunk_boundaries(tmp_path, parts, monkeypatch):
-    monkeypatch.setattr(eif, "CHUNK_SIZE", 4096)  # many chunks, odd offsets for the mmap path
-    monkeypatch.setattr(eif, "_SLICE", 1000)  # slices that do not divide a window
+    monkeypatch.setattr(measurement, "CHUNK_SIZE", 4096)  # many chunks, odd offsets for mmap
+    monkeypatch.setattr(measurement, "_SLICE", 1000)  # slices that do not divide a window
     r2, r3 = os.urandom(40001), os.urandom(3)
     data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
                         (RAMDISK, parts["boot"]), (RAMDISK, parts["app"]), (RAMDISK, r2),
@@ -302,7 +304,7 @@ def test_sign_then_verify(tmp_path, parts, curve, alg, hname, size):
     assert (ms.pcr0, ms.pcr1, ms.pcr2) == (m.pcr0, m.pcr1, m.pcr2)
     e = eif.read_eif(signed)
     assert e.crc_ok and e.sections[-1].type == eif.SectionType.SIGNATURE
-    # SPEC 1 structure, decoded independently.
+    # The signature section of docs/eif-format.md, decoded independently.
     sec = cbor2.loads(e.signature_raw)
     assert isinstance(sec, list) and len(sec) == 1
     assert bytes(sec[0]["signing_certificate"]) == pem
@@ -429,7 +431,7 @@ def test_describe_warns_where_nitro_cli_would_disagree(tmp_path, parts, capsys):
 
 
 def test_oversized_metadata_section_refused(tmp_path, parts, monkeypatch):
-    monkeypatch.setattr(eif, "MAX_METADATA_SIZE", 10)
+    monkeypatch.setattr(reader, "MAX_METADATA_SIZE", 10)
     data, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
                         (METADATA, b'{"ImageName": "long"}'), (RAMDISK, parts["boot"])])
     with pytest.raises(NitroError, match=r"section 2 \(metadata\) size: 21 bytes exceeds"):
@@ -530,7 +532,7 @@ def test_unmappable_file_falls_back_to_reads(tmp_path, parts, monkeypatch):
     def refuse(*_a, **_k):
         raise OSError(19, "No such device")  # what mmap says on files that cannot be mapped
 
-    monkeypatch.setattr(eif.mmap, "mmap", refuse)
+    monkeypatch.setattr(measurement.mmap, "mmap", refuse)
     m, e = eif.measure_and_check(p)
     assert e.crc_ok and m.pcr2 == ext(sha(parts["app"]))
 
@@ -603,7 +605,7 @@ def test_read_failure_in_either_lane_is_one_error_and_no_thread_is_left(tmp_path
             if threading.current_thread().name == _lane and len(bufs[0]) == _size:
                 return 0  # the file ends here for this reader
             return real(fd, bufs, pos)
-        monkeypatch.setattr(eif.os, "preadv", eof)
+        monkeypatch.setattr(measurement.os, "preadv", eof)
         before = threading.active_count()
         with pytest.raises(NitroError, match=rf"section {section}: read failed: file shrank") as ei:
             eif.measure_and_check(p)
@@ -623,7 +625,7 @@ def test_short_reads_are_retried_not_reported(tmp_path, parts, monkeypatch):
         view = bufs[0]
         return real(fd, [view[:max(1, len(view) // 2)]], pos)
 
-    monkeypatch.setattr(eif.os, "preadv", half)
+    monkeypatch.setattr(measurement.os, "preadv", half)
     m, e = eif.measure_and_check(p)
     assert e.crc_computed == crc and m.pcr2 == ext(sha(parts["app"]))
 

@@ -329,12 +329,15 @@ def _code_digest() -> str:
 
     Computed once per process: the code that runs is the code loaded, even if the files
     change on disk meanwhile."""
+    import harness.cose
     import harness.cpio
     import harness.eif
     import harness.images.ramdisk
     h = hashlib.sha256()
-    for mod in (harness.cpio, harness.eif, harness.images.ramdisk, debian, sys.modules[__name__]):
+    for mod in (harness.cpio, harness.cose, harness.images.ramdisk, debian, sys.modules[__name__]):
         h.update(Path(mod.__file__).read_bytes())
+    for path in sorted(Path(harness.eif.__file__).parent.glob("*.py")):  # a package: every module
+        h.update(path.read_bytes())
     try:
         import harness.images.docker_archive as da
         h.update(Path(da.__file__).read_bytes())
