@@ -509,7 +509,7 @@ class VirtQueue:
         chain = DescriptorChain(head, readable, writable, self.generation)
         self._holders[head] = chain
         self.outstanding += 1
-        self.history.append(("pop", head, last))
+        self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
         return chain
 
     def push(self, chain: DescriptorChain, length: int | None = None) -> None:
@@ -530,13 +530,14 @@ class VirtQueue:
             why = ("returned already" if head < len(holders) and holders[head] is None
                    else "held by another chain")
             raise VhostUserError(
-                f"queue {self.name}: the device returned head {head}, which it does not hold "
-                f"({why}; last operations: {self._history_text()})")
+                f"queue {self.name}: {sys._getframe(1).f_code.co_name} returned head {head}, "
+                f"which the device does not hold ({why}; last operations: "
+                f"{self._history_text()})")
         holders[head] = None
         self.outstanding -= 1
         mm, o = self._used
         u = self.used_idx
-        self.history.append(("push", head, u, length))
+        self.history.append(("push", head, u, length, sys._getframe(1).f_code.co_name))
         _USED_ELEM.pack_into(mm, o + 4 + 8 * (u % self.num), chain.head, length)
         u = (u + 1) & 0xFFFF
         # x86 and the guest see stores in order; the element is visible before the index.

@@ -423,8 +423,8 @@ def test_returning_a_head_twice_is_refused_with_the_queue_head_and_history(holdi
     with pytest.raises(NitroError) as exc:
         dev.run_on_loop(lambda: q.push(chain, 0))  # the double return the driver would reject
     msg = str(exc.value)
-    assert f"queue 0: the device returned head {h}, which it does not hold (returned already" in msg
-    assert f"pop {h} 0" in msg and f"push {h} 0 0" in msg  # the last operations on that queue
+    assert f"queue 0: <lambda> returned head {h}, which the device does not hold (returned already" in msg
+    assert f"pop {h} 0 on_kick" in msg and f"push {h} 0 0 <lambda>" in msg  # the last operations on that queue
     assert q0.used_idx() == 1  # nothing was written for the refused return
 
 
