@@ -32,9 +32,16 @@ from typing import Any
 import pytest
 
 from harness import scenario as scn
+from harness.enclave_factory import (
+    DEFAULT_ENCLAVE,
+    EnclaveFactory,
+    ParentListener,
+    RunningEnclave,
+    resolve_eif,
+)
 from harness.errors import NitroError
 
-#: Default image of the ``enclave``/``eif`` fixtures (issue 4: the hello image).
+#: Default image of the ``enclave``/``eif`` fixtures: the hello image.
 DEFAULT_IMAGE = "hello"
 
 #: First CID of xdist worker N's range is CID_RANGE_BASE + N * CID_RANGE_SIZE (below that, the
@@ -197,7 +204,7 @@ def nitro_artifacts(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture
-def enclave_factory(request: pytest.FixtureRequest, nitro_artifacts: Path) -> Iterator[Callable[..., Any]]:
+def enclave_factory(request: pytest.FixtureRequest, nitro_artifacts: Path) -> Iterator[Callable[..., RunningEnclave]]:
     """A function starting enclaves: ``enclave_factory(image="hello", memory_mib=512, ...)`` or
     ``enclave_factory(EnclaveConfig(...))`` -> a running ``harness.enclave.Enclave``.
 
@@ -205,10 +212,10 @@ def enclave_factory(request: pytest.FixtureRequest, nitro_artifacts: Path) -> It
     survives. Boot failures raise the engine's NitroError (E36 with the console tail, ...).
     """
     config = request.config
-    factory = scn.EnclaveFactory(nitro_artifacts, qemu=config.getoption("--qemu"),
+    factory = EnclaveFactory(nitro_artifacts, qemu=config.getoption("--qemu"),
                                  accel=config.getoption("--accel"), cids=_cids(config))
 
-    def start(enclave_config: Any = None, /, **settings: Any) -> Any:
+    def start(enclave_config: Any = None, /, **settings: Any) -> RunningEnclave:
         if enclave_config is None and "image" not in settings and "eif" not in settings:
             settings["image"] = DEFAULT_IMAGE
         return factory.start(enclave_config, **settings)
@@ -240,28 +247,28 @@ def _enclave_settings(request: pytest.FixtureRequest) -> dict[str, Any]:
 def eif(request: pytest.FixtureRequest) -> Path:
     """Path of the EIF the test's enclave boots (marker/param ``image=`` recipe or ``eif=`` path)."""
     settings = _enclave_settings(request)
-    return scn.resolve_eif(settings.get("image", None if "eif" in settings else DEFAULT_IMAGE),
+    return resolve_eif(settings.get("image", None if "eif" in settings else DEFAULT_IMAGE),
                            settings.get("eif"), Path(str(request.node.path)).parent)
 
 
 @pytest.fixture
-def enclave(request: pytest.FixtureRequest, enclave_factory: Callable[..., Any]) -> Any:
+def enclave(request: pytest.FixtureRequest, enclave_factory: Callable[..., RunningEnclave]) -> RunningEnclave:
     """A booted enclave (defaults: hello image, 2 vCPUs, 512 MiB, debug mode), terminated after.
 
     Configure with ``@pytest.mark.enclave(image="python", memory_mib=1024)`` or
     ``@pytest.mark.parametrize("enclave", [{"cpu_count": 1}], indirect=True)``.
     """
-    settings = dict(scn.DEFAULT_ENCLAVE) | _enclave_settings(request)
+    settings = dict(DEFAULT_ENCLAVE) | _enclave_settings(request)
     if "cpu_ids" in settings and "cpu_count" not in _enclave_settings(request):
         settings.pop("cpu_count")
     image, eif_path = settings.pop("image", None), settings.pop("eif", None)
-    path = scn.resolve_eif(image or (None if eif_path else DEFAULT_IMAGE), eif_path,
+    path = resolve_eif(image or (None if eif_path else DEFAULT_IMAGE), eif_path,
                            Path(str(request.node.path)).parent)
     return enclave_factory(eif=path, **settings)
 
 
 @pytest.fixture
-def nsm(enclave: Any) -> Any:
+def nsm(enclave: RunningEnclave) -> Any:
     """The enclave's emulated NSM (``harness.nsm.Nsm``); skips when this QEMU cannot host it."""
     if enclave.nsm is None:
         pytest.skip(f"no NSM in this enclave: {getattr(enclave, 'nsm_status', 'unknown reason')}")
@@ -275,7 +282,7 @@ class ParentVsock:
     ``listen(port)`` -> a listener whose ``accept(timeout)`` returns the guest's connection.
     """
 
-    def __init__(self, enclave: Any):
+    def __init__(self, enclave: RunningEnclave):
         self.enclave = enclave
 
     @property
@@ -287,13 +294,13 @@ class ParentVsock:
         """Connect to the enclave's vsock ``port``; raises OSError when refused (RST)."""
         return self.enclave.vsock_connect(port, timeout=timeout)
 
-    def listen(self, port: int) -> Any:
+    def listen(self, port: int) -> ParentListener:
         """Listen on the parent's vsock ``port`` for the enclave to connect to CID 3."""
         return self.enclave.vsock_listen(port)
 
 
 @pytest.fixture
-def parent_vsock(enclave: Any) -> ParentVsock:
+def parent_vsock(enclave: RunningEnclave) -> ParentVsock:
     """The parent's vsock endpoints of the ``enclave`` fixture."""
     return ParentVsock(enclave)
 
@@ -364,7 +371,7 @@ class ScenarioItem(pytest.Item):
         """Boot, run the steps, terminate; fail with the runner's report, skip on StepSkipped."""
         config = self.config
         artifacts = artifacts_dir_for(self)
-        factory = scn.EnclaveFactory(artifacts, qemu=config.getoption("--qemu"),
+        factory = EnclaveFactory(artifacts, qemu=config.getoption("--qemu"),
                                      accel=config.getoption("--accel"), cids=_cids(config))
         self.result = scn.ScenarioRunner(self.scenario, factory, artifacts_dir=artifacts).run()
         for step in self.result.steps:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from harness import scenario as scn
 from harness.cli import progress
+from harness.enclave_factory import EnclaveFactory
 from harness.errors import ErrorCode, NitroError
 
 #: Exit status when at least one scenario case failed (pytest's convention).
@@ -90,7 +91,7 @@ def run_command(args: argparse.Namespace) -> int:
         Path(args.json_file).write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
     if not args.artifacts_dir and not any(r.artifacts and r.artifacts.exists() for r in results):
         shutil.rmtree(root, ignore_errors=True)
-    return EXIT_FAILED if any(r.status == "failed" for r in results) else 0
+    return EXIT_FAILED if any(r.status == scn.Status.FAILED for r in results) else 0
 
 
 def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: argparse.Namespace,
@@ -101,7 +102,7 @@ def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: arg
         if requirement not in skip_cache:
             skip_cache[requirement] = scn.requirement_skip_reason(requirement, qemu=args.qemu, accel=args.accel)
         if skip_cache[requirement]:
-            result = scn.ScenarioResult(case, status="skipped", message=skip_cache[requirement] or "")
+            result = scn.ScenarioResult(case, status=scn.Status.SKIPPED, message=skip_cache[requirement] or "")
             progress(f"    skipped: {result.message}")
             return result
     folder = root / f"{number:03d}-{case.id.replace('/', '_')}"
@@ -123,10 +124,10 @@ def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: arg
             sys.stderr.write("\r\033[K")
         progress(f"{head} {mark} ({step.elapsed:.1f}s)")
 
-    factory = scn.EnclaveFactory(folder, qemu=args.qemu, accel=args.accel)
+    factory = EnclaveFactory(folder, qemu=args.qemu, accel=args.accel)
     result = scn.ScenarioRunner(case, factory, artifacts_dir=folder, on_step=on_step).run()
     progress(f"    {result.status} in {result.elapsed:.1f}s ({steps_total} top-level steps)")
-    if result.status == "passed" and not args.keep_artifacts:
+    if result.status == scn.Status.PASSED and not args.keep_artifacts:
         shutil.rmtree(folder, ignore_errors=True)
         result.artifacts = None
     return result
