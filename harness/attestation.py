@@ -1,8 +1,8 @@
 """Attestation documents: build them as the NSM signs them, and verify any document (AWS's too).
 
-SPEC 7. A document is an untagged COSE_Sign1 ``[protected = bstr(a1 01 38 22) i.e. {1: -35},
-unprotected = {}, payload = bstr(map), signature = bstr(r || s, 96 bytes)]`` signed with ES384
-by the leaf certificate in the payload. The payload map has exactly 9 keys in this order:
+docs/attestation.md. A document is an untagged COSE_Sign1 ``[protected = bstr(a1 01 38 22)
+i.e. {1: -35}, unprotected = {}, payload = bstr(map), signature = bstr(r || s, 96 bytes)]``
+signed with ES384 by the leaf certificate in the payload. The payload map has exactly 9 keys in this order:
 module_id, digest, timestamp, pcrs, certificate, cabundle, public_key, user_data, nonce. The
 outer map is definite (``a9``, AWS until ~2025-04) or indefinite (``bf .. ff``, AWS since
 ~2025-07); ``pcrs`` and ``cabundle`` are always definite.
@@ -51,7 +51,7 @@ CHECKS = (
     "structure",  # CBOR / COSE_Sign1 shape
     "algorithm",  # protected header is not {1: -35}
     "fields",  # payload keys, types and sizes
-    "certificate",  # a certificate does not parse or is not P-384 / ecdsa-with-SHA384
+    "certificate",  # certificate / cabundle[i] does not fully decode, or is not P-384 / ecdsa-with-SHA384
     "chain",  # an issuer signature or name link is broken
     "root",  # the chain does not end at a pinned root
     "constraints",  # basicConstraints / pathlen / keyUsage
@@ -81,8 +81,8 @@ class AttestationError(Exception):
 
 
 def aws_root_g1() -> x509.Certificate:
-    """The AWS Nitro Enclaves Root G1 certificate shipped in ``harness/data`` (SPEC 7: DER
-    SHA-256 641a0321...bb5b)."""
+    """The AWS Nitro Enclaves Root G1 certificate shipped in ``harness/data``
+    (docs/attestation.md: DER SHA-256 641a0321...bb5b)."""
     pem = resources.files("harness").joinpath("data/aws_nitro_root_g1.pem").read_bytes()
     return x509.load_pem_x509_certificate(pem)
 
@@ -113,9 +113,9 @@ def encode_payload(
     indefinite: bool = True,
     digest: str = "SHA384",
 ) -> bytes:
-    """Encode the 9-key payload map exactly as the NSM does (SPEC 7): keys in order, ``pcrs``
-    a definite map with ascending keys, ``cabundle`` a definite array; the outer map definite
-    (``a9``) or indefinite (``bf ... ff``)."""
+    """Encode the 9-key payload map exactly as the NSM does (docs/attestation.md): keys in
+    order, ``pcrs`` a definite map with ascending keys, ``cabundle`` a definite array; the outer
+    map definite (``a9``) or indefinite (``bf ... ff``)."""
     values: dict[str, Any] = {
         "module_id": module_id,
         "digest": digest,
@@ -150,7 +150,7 @@ def build_document(
     indefinite: bool = True,
     fresh_leaf: bool = False,
 ) -> bytes:
-    """Sign an attestation document as the NSM of enclave ``module_id`` would (SPEC 7).
+    """Sign an attestation document as the NSM of enclave ``module_id`` would (docs/attestation.md).
 
     ``pki`` is a :class:`harness.pki.Pki`; ``pcrs`` maps index -> 48-byte value (the NSM passes
     0..15, already zeroed for debug mode); ``timestamp`` is a datetime or Unix milliseconds
@@ -182,7 +182,7 @@ def build_document(
 class Expectations:
     """Policy checked after the cryptographic checks. ``pcrs`` maps index -> expected 48-byte
     value; ``nonce``/``user_data``/``public_key`` must equal the document's when given;
-    debug-mode documents (PCR0 all zero, SPEC 2) are rejected unless ``allow_debug``."""
+    debug-mode documents (PCR0 all zero, docs/pcrs.md) are rejected unless ``allow_debug``."""
 
     pcrs: dict[int, bytes] = field(default_factory=dict)
     nonce: bytes | None = None
@@ -219,7 +219,7 @@ class AttestationDocument:
 
     @property
     def debug_mode(self) -> bool:
-        """True when PCR0 is all zero: how a debug-mode enclave's document looks (SPEC 2)."""
+        """True when PCR0 is all zero: how a debug-mode enclave's document looks (docs/pcrs.md)."""
         pcr0 = self.pcrs.get(0)
         return pcr0 is not None and not any(pcr0)
 
@@ -273,7 +273,7 @@ def decode_document(data: bytes) -> AttestationDocument:
 
     Accepts the untagged form and tag 18, definite and indefinite payload maps. Raises
     :class:`AttestationError` with check ``structure``, ``algorithm``, ``fields`` or
-    ``certificate``. Source: SPEC 7.
+    ``certificate``. Source: docs/attestation.md.
     """
     try:
         sign1 = cose.decode_sign1(data)
@@ -348,13 +348,28 @@ def decode_document(data: bytes) -> AttestationDocument:
     )
 
 
+def _one_line(err: Exception) -> str:
+    """The first line of ``err``'s text (cryptography's parse errors can span lines)."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
 def _parse_cert(der: bytes, where: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
+        # cryptography decodes names, validity and extensions lazily, on first access: touch
+        # each now, so a malformed one fails here as ``certificate`` naming the field and not
+        # later, in the chain checks, as a bare ValueError.
+        _ = (cert.serial_number, cert.issuer, cert.subject, cert.extensions)
+        _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.signature)
         key = cert.public_key()
         algorithm = cert.signature_hash_algorithm
-    except Exception as err:  # malformed DER surfaces as ValueError or others
-        raise _fail("certificate", f"{where} does not parse as X.509 DER: {err}") from None
+    except Exception as err:  # malformed DER surfaces as ValueError, DuplicateExtension, ...
+        raise _fail("certificate", f"{where} does not parse as X.509 DER: {_one_line(err)}") from None
+    if cert.serial_number <= 0:
+        # cryptography only warns about this today and will refuse to load it later; decide
+        # here so the verdict does not change with its version.
+        raise _fail("certificate", f"{where} serial number is not positive (RFC 5280 4.1.2.2)")
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise _fail("certificate", f"{where} key is not EC P-384")
     if not isinstance(algorithm, hashes.SHA384) or cert.signature_algorithm_oid.dotted_string != "1.2.840.10045.4.3.3":
@@ -402,7 +417,9 @@ def verify_document(
     """Verify ``data`` and return the decoded document; raise :class:`AttestationError` naming
     the first failed check otherwise.
 
-    Order (SPEC 7): decode and type-check; build the chain ``[leaf, cabundle reversed]`` and
+    Order (docs/attestation.md): decode and type-check (``structure``, ``algorithm``,
+    ``fields``, and ``certificate`` for a certificate that does not fully decode, naming it:
+    ``certificate`` or ``cabundle[i]``); build the chain ``[leaf, cabundle reversed]`` and
     check each link's signature (``chain``); the top must be signed by one of ``roots`` (default:
     the AWS root G1) and ``cabundle[0]`` must be that root byte for byte (``root``; the
     bundle's own root is never trusted); CA and leaf constraints and key usage

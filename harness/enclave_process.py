@@ -5,7 +5,7 @@
 ``{"ok": <run-enclave output>}`` once the heartbeat arrived, or ``{"error": {"code", "message",
 "details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a control
 socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or because the
-application exited and init rebooted the VM (SPEC 3: the enclave then terminates).
+application exited and init rebooted the VM (docs/boot.md: the enclave then terminates).
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
@@ -158,12 +158,14 @@ def main() -> int:
                 qemu=request.get("qemu"),
                 artifacts_dir=Path(request["artifacts_dir"]) if request.get("artifacts_dir") else None,
             )
-        except NitroError as err:
+        except Exception as exc:  # noqa: BLE001 - reported to the CLI as its Exx, never a traceback
+            from harness.cli import as_nitro_error
+
+            err = exc if isinstance(exc, NitroError) else as_nitro_error(exc)
+            if err is None:
+                err = NitroError(ErrorCode.UnspecifiedError, f"{type(exc).__name__}: {exc}")
             _answer(result_out, _error(err.code.value, err.message, err.details))
-            return err.code.value
-        except Exception as err:  # noqa: BLE001 - reported to the CLI as E00, never a traceback
-            _answer(result_out, _error(0, f"{type(err).__name__}: {err}"))
-            return 1
+            return err.code.exit_status
         _answer(
             result_out,
             {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control)},

@@ -1,10 +1,12 @@
 """Attestation commands: ``attest``, ``verify-attestation`` and ``pki init|show|export-root``.
 
-Exit statuses (SPEC 9 numbering): a document that fails verification exits with E59
-(EIFSignatureCheckerError, nitro-cli's code for "a signature or certificate did not check out"),
-and the message starts with the name of the failed check (``certificate-expired: ...``,
-``signature: ...``, see :data:`harness.attestation.CHECKS`); unreadable files E19
-(FileOperationFailure); malformed option values E03 (InvalidArgument).
+Exit statuses (docs/nitro-cli.md numbering): a document that fails verification exits with
+E59 (EIFSignatureCheckerError, nitro-cli's code for "a signature or certificate did not check
+out"), and the message starts with the name of the failed check (``certificate-expired: ...``,
+``certificate: cabundle[1] does not parse ...``, ``signature: ...``, see
+:data:`harness.attestation.CHECKS`); unreadable files E19 (FileOperationFailure); malformed
+option values E03 (InvalidArgument), among them a nonce, user data or public key longer than a
+document may carry.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def register(subparsers) -> None:
         help="sign the attestation document an enclave of this EIF would get, without booting",
     )
     a.add_argument("--eif-path", required=True, type=Path)
-    a.add_argument("--debug-mode", action="store_true", help="PCR0/1/2/8 read as zero (SPEC 2)")
+    a.add_argument("--debug-mode", action="store_true", help="PCR0/1/2/8 read as zero (docs/pcrs.md)")
     a.add_argument("--parent-role", metavar="ARN", help="IAM role ARN of the parent (PCR3)")
     a.add_argument("--instance-id", metavar="ID", help="parent instance ID (PCR4 and the enclave ID)")
     a.add_argument("--enclave-id", metavar="ID", help="module_id (default <instance-id>-enc<16 hex>)")
@@ -58,7 +60,7 @@ def register(subparsers) -> None:
     v.set_defaults(func=verify_attestation)
 
     p = subparsers.add_parser("pki", help="the harness PKI that signs attestation documents")
-    psub = p.add_subparsers(dest="pki_command", metavar="COMMAND")
+    psub = p.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
     for name, helptext, func in (
         ("init", "create the root CA (or keep the existing one)", pki_init),
         ("show", "print the root's identity as JSON", pki_show),
@@ -71,12 +73,6 @@ def register(subparsers) -> None:
             sp.add_argument("--force", action="store_true", help="replace an existing root")
         if name == "export-root":
             sp.add_argument("--output", type=Path, help="file to write (default: stdout)")
-    p.set_defaults(func=lambda args: _usage(p))
-
-
-def _usage(parser) -> int:
-    parser.print_help()
-    return ErrorCode.MissingArgument.value
 
 
 # -- parsing helpers -----------------------------------------------------------------------------
@@ -92,9 +88,32 @@ def _hex(value: str | None, option: str) -> bytes | None:
         raise NitroError(ErrorCode.InvalidArgument, f"{option} {value!r}: not hexadecimal") from None
 
 
+def _field(value: bytes | None, option: str, field: str) -> bytes | None:
+    """Check ``value`` for the document's ``field`` (nonce, user_data or public_key), given as
+    ``option``, against the size a document may carry.
+
+    docs/attestation.md: each of these fields is at most
+    :data:`harness.attestation.MAX_OPTIONAL_FIELD` (1024) bytes, and every verifier (this
+    harness's, the KMS emulator's) rejects a longer one. The real NSM signs longer ones (its
+    documentation says 512 for nonce and user data, see :data:`harness.nsm.STRICT_LIMITS`), so
+    the limit is checked here, before signing or verifying, as E03 naming the option.
+    """
+    from harness.attestation import MAX_OPTIONAL_FIELD
+
+    if value is not None and len(value) > MAX_OPTIONAL_FIELD:
+        raise NitroError(
+            ErrorCode.InvalidArgument,
+            f"{option}: {len(value)} bytes, more than the {MAX_OPTIONAL_FIELD} bytes an "
+            f"attestation document's {field} may carry",
+        )
+    return value
+
+
 def _time(value: str, option: str) -> dt.datetime:
     try:
         return dt.datetime.fromtimestamp(float(value), dt.timezone.utc)
+    except (OverflowError, OSError):
+        raise NitroError(ErrorCode.InvalidArgument, f"{option} {value!r}: out of range") from None
     except ValueError:
         pass
     try:
@@ -165,9 +184,11 @@ def attest(args) -> int:
     from harness.nsm import NsmState
     from harness.pki import Pki
 
-    nonce = _hex(args.nonce, "--nonce")
-    user_data = _hex(args.user_data, "--user-data")
-    public_key = _read(args.public_key, "public key") if args.public_key else None
+    nonce = _field(_hex(args.nonce, "--nonce"), "--nonce", "nonce")
+    user_data = _field(_hex(args.user_data, "--user-data"), "--user-data", "user_data")
+    public_key = None
+    if args.public_key:
+        public_key = _field(_read(args.public_key, "public key"), f"--public-key {args.public_key}", "public_key")
     timestamp = _time(args.timestamp, "--timestamp") if args.timestamp else None
     measurements = measure_eif(args.eif_path)
     if args.instance_id is not None:
@@ -241,9 +262,11 @@ def verify_attestation(args) -> int:
         pcrs[int(index)] = digest
     expect = Expectations(
         pcrs=pcrs,
-        nonce=_hex(args.nonce, "--nonce"),
-        user_data=_hex(args.user_data, "--user-data"),
-        public_key=_read(args.public_key, "public key") if args.public_key else None,
+        nonce=_field(_hex(args.nonce, "--nonce"), "--nonce", "nonce"),
+        user_data=_field(_hex(args.user_data, "--user-data"), "--user-data", "user_data"),
+        public_key=_field(_read(args.public_key, "public key"), f"--public-key {args.public_key}", "public_key")
+        if args.public_key
+        else None,
         allow_debug=args.allow_debug,
     )
     data = _document_bytes(args.file)

@@ -10,7 +10,6 @@ came from the cache, measurements (nitro-cli's Measurements object), kernel, pac
 from __future__ import annotations
 
 import argparse
-import sys
 
 from harness.cli import print_json, progress
 
@@ -45,7 +44,7 @@ def register(subparsers) -> None:
     """Add ``images build`` and ``images list`` to the top-level sub-command parser."""
     images = subparsers.add_parser("images", help="build and list the harness's enclave images")
     sub = images.add_subparsers(dest="images_command", metavar="COMMAND",
-                                parser_class=type(images))
+                                parser_class=type(images), required=True)
     b = sub.add_parser("build", help="build (or reuse from the cache) the EIF of a recipe")
     b.add_argument("name", metavar="NAME", help="recipe name (images/recipes/NAME.yaml) or path")
     b.add_argument("--output-file", metavar="F", help="also copy the EIF to F")
@@ -56,9 +55,3 @@ def register(subparsers) -> None:
     b.set_defaults(func=_build)
     ls = sub.add_parser("list", help="list recipes and cached images")
     ls.set_defaults(func=_list)
-
-    def _usage(_args: argparse.Namespace) -> int:
-        images.print_help(sys.stderr)
-        return 1  # E01 MissingArgument, as for any command given without its sub-command
-
-    images.set_defaults(func=_usage)

@@ -1,7 +1,7 @@
 """``kms serve`` (the KMS emulator, standalone) and ``vsock-proxy`` (nitro-cli's arguments).
 
-SPEC 8. ``kms serve`` prints one JSON object (EndpointUrl, Region, AccountId, StateFile) on
-stdout once it listens, then serves until interrupted; keys persist in ``--state``.
+docs/kms.md. ``kms serve`` prints one JSON object (EndpointUrl, Region, AccountId, StateFile)
+on stdout once it listens, then serves until interrupted; keys persist in ``--state``.
 ``vsock-proxy [-4|-6] [-w N] [--config FILE] <local_port> <remote_addr> <remote_port>`` checks
 the allowlist and refuses an off-list destination before listening.
 """
@@ -22,7 +22,7 @@ from harness.errors import ErrorCode, NitroError
 def register(subparsers) -> None:
     """Add ``kms`` (with ``serve``) and ``vsock-proxy`` to the top-level sub-commands."""
     kms = subparsers.add_parser("kms", help="KMS emulator with attestation-aware key policies")
-    kms_sub = kms.add_subparsers(dest="kms_command", metavar="COMMAND", parser_class=type(kms))
+    kms_sub = kms.add_subparsers(dest="kms_command", metavar="COMMAND", parser_class=type(kms), required=True)
     serve = kms_sub.add_parser("serve", help="serve the KMS emulator (AWS JSON 1.1) until interrupted")
     serve.add_argument("--host", default="127.0.0.1", help="listening address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="listening port (default 0: ephemeral, printed)")
@@ -59,10 +59,9 @@ def register(subparsers) -> None:
         "--bad-attestation-exception",
         default="ValidationException",
         choices=["ValidationException", "AccessDeniedException"],
-        help="error for a bad, unsigned or expired attestation document (SPEC 8: AWS's is undocumented)",
+        help="error for a bad, unsigned or expired attestation document (docs/kms.md: AWS's is undocumented)",
     )
     serve.set_defaults(func=_serve)
-    kms.set_defaults(func=lambda args: _missing_subcommand(kms))
 
     proxy = subparsers.add_parser(
         "vsock-proxy", help="forward vsock connections to an allowlisted TCP server"
@@ -87,10 +86,6 @@ def register(subparsers) -> None:
         "--listen-unix", metavar="PATH", help="harness extension: listen on a Unix socket instead of vsock"
     )
     proxy.set_defaults(func=_vsock_proxy)
-
-
-def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
-    raise NitroError(ErrorCode.MissingArgument, f"{parser.prog}: a command is required (serve)")
 
 
 def _load_credentials(path: str) -> list[Any]:
