@@ -1,8 +1,11 @@
 """Building the pieces of an enclave image: ramdisks, nitro-cli blob directories, image tarballs.
 
-SPEC 3 describes what nitro-cli puts in the two ramdisks. ``ramdisk`` builds them
+docs/boot.md describes what nitro-cli puts in the two ramdisks. ``ramdisk`` builds them
 deterministically (same inputs, same bytes, same PCRs); ``blobs`` finds nitro-cli's blob
 directory (kernel, cmdline, init, nsm.ko); ``docker_archive`` turns a ``docker save`` or OCI
-image-layout tarball into a root filesystem plus Cmd/Env. Recipes for the images the harness
-ships live beside them.
+image-layout tarball into a root filesystem plus Cmd/Env; ``debian`` fetches and unpacks
+Debian packages. Building the images the harness ships from their recipes: ``recipe``
+(loading and validating recipe files), ``static_programs`` (init, nsm-pcr), ``kernel``,
+``rootfs``, ``cache`` (the input-hash image cache) and ``recipes``, the front
+(``build_image``) that also re-exports their public names.
 """

@@ -1,0 +1,185 @@
+"""Image recipes: finding, loading and validating the YAML files that say how to build an EIF.
+
+A recipe (``images/recipes/<name>.yaml``) names a kernel (a Debian package or a prebuilt
+directory), the kernel modules init loads, the command line, and the application's root
+filesystem (Debian packages, inline files, PyPI wheels, the harness's guest helpers, static
+programs, a ``docker save``/OCI tarball or a directory), plus cmd and env. Every field is
+described in ``harness/data/recipe_schema.yaml`` (JSON Schema, checked with ``jsonschema``)::
+
+    name: hello
+    kernel: {directory: "{cache}/kernel-current", nsm: nsm}
+    rootfs:
+      debs: [busybox-static]
+      busybox_links: true
+      programs: {/usr/bin/nsm-pcr: nsm-pcr}
+      files: [{path: /usr/bin/hello, mode: 0755, content: "..."}]
+    cmd: [/usr/bin/hello]
+
+This module also knows where the sources a recipe names live (``images/``: recipes, guest
+helpers, static programs) and holds the conventions every image-building step shares: progress
+goes to a :data:`Log` callable, and every failure is
+``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>")`` (:func:`fail`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import yaml
+
+from harness.errors import ErrorCode, NitroError
+
+#: AWS's x86_64 blob command line (docs/boot.md), the default ``kernel.cmdline``.
+AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8042.nomux "
+               "i8042.nopnp i8042.dumbkbd random.trust_cpu=on")
+
+#: The schema every recipe is checked against (shipped as package data).
+RECIPE_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "data" / "recipe_schema.yaml"
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: Receives one progress line at a time (e.g. ``print`` or a logger's ``info``).
+Log = Callable[[str], None]
+
+
+def nolog(_msg: str) -> None:
+    """The default :data:`Log`: progress lines go nowhere."""
+
+
+def fail(where: Path | str, rule: str) -> NitroError:
+    """The error of a failed image build: E48 EifBuildingError, ``"<where>: <rule>"``."""
+    return NitroError(ErrorCode.EifBuildingError, f"{where}: {rule}")
+
+
+# --- where recipes and the sources they name live ---------------------------------------
+
+
+def images_dir() -> Path:
+    """The repository's ``images/`` directory (``$NITRO_HARNESS_IMAGES_DIR`` overrides it)."""
+    env = os.environ.get("NITRO_HARNESS_IMAGES_DIR")
+    return Path(env) if env else _REPO_ROOT / "images"
+
+
+def recipes_dir() -> Path:
+    """Directory of the recipes the harness ships (``images/recipes``)."""
+    return images_dir() / "recipes"
+
+
+def guest_dir() -> Path:
+    """Directory of the guest-side helpers copied into images (``images/guest``)."""
+    return images_dir() / "guest"
+
+
+def program_source_dir(name: str) -> Path:
+    """Directory of a static program's source (``images/<name>``: ``<name>.c``, a Makefile)."""
+    return images_dir() / name
+
+
+def recipe_path(name: str | Path) -> Path:
+    """Return the recipe file for ``name``: an existing ``.yaml``/``.yml`` path, else
+    ``images/recipes/<name>.yaml``. Raises NitroError(E48) listing the known recipes."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p.resolve()
+    cand = recipes_dir() / f"{name}.yaml"
+    if cand.is_file():
+        return cand
+    known = ", ".join(sorted(x.stem for x in recipes_dir().glob("*.yaml"))) or "none"
+    raise fail(name, f"recipe: no such recipe file or name (known recipes: {known})")
+
+
+# --- schema and loading -----------------------------------------------------------------
+
+
+def _load_schema() -> dict[str, Any]:
+    with open(RECIPE_SCHEMA_PATH, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+#: JSON Schema (draft 7) of a recipe file, loaded from :data:`RECIPE_SCHEMA_PATH`.
+RECIPE_SCHEMA: dict[str, Any] = _load_schema()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A loaded, validated recipe. ``raw`` is the parsed YAML; ``path`` its file; ``base``
+    the directory relative paths are resolved against (the recipe's own directory)."""
+
+    name: str
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def base(self) -> Path:
+        """Directory that relative paths in the recipe are relative to."""
+        return self.path.parent
+
+    @property
+    def kernel(self) -> dict[str, Any]:
+        """The ``kernel:`` mapping with defaults filled in (AWS's command line, nsm)."""
+        k = {"modules": [], "nsm": "nsm", "cmdline": AWS_CMDLINE}
+        k.update(self.raw.get("kernel") or {})
+        return k
+
+    @property
+    def rootfs(self) -> dict[str, Any]:
+        """The ``rootfs:`` mapping (empty when absent)."""
+        return dict(self.raw.get("rootfs") or {})
+
+    @property
+    def application(self) -> dict[str, str]:
+        """The ``application:`` mapping (empty when absent)."""
+        return dict(self.raw.get("application") or {})
+
+    def resolve(self, rel: str) -> Path:
+        """Resolve a path written in the recipe (relative to the recipe's directory)."""
+        p = Path(os.path.expanduser(rel))
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load and validate a recipe by name (``images/recipes/<name>.yaml``) or path.
+
+    Raises NitroError(E48) naming the file and the offending field for unreadable YAML,
+    schema violations (``harness/data/recipe_schema.yaml``; the first error by field path),
+    a kernel that is not exactly one of package/directory, kernel.modules with a prebuilt
+    kernel, or a ``rootfs.programs`` entry naming no program or a path also in rootfs.files.
+    """
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise fail(path, f"recipe: cannot read YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise fail(path, "recipe: the file must hold a mapping")
+    errors = sorted(jsonschema.Draft7Validator(RECIPE_SCHEMA).iter_errors(raw),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise fail(path, f"{where}: {e.message}")
+    kernel = raw.get("kernel") or {}
+    if ("package" in kernel) == ("directory" in kernel):
+        raise fail(path, "kernel: give exactly one of package (a Debian kernel package) or "
+                   "directory (a prebuilt bzImage and nsm.ko)")
+    if "directory" in kernel and kernel.get("modules"):
+        raise fail(path, "kernel.modules: only with kernel.package (a prebuilt kernel's "
+                   "drivers are built in)")
+    rootfs = raw.get("rootfs") or {}
+    file_paths = {os.path.normpath(f["path"]) for f in rootfs.get("files", [])}
+    for guest_path, program in (rootfs.get("programs") or {}).items():
+        if os.path.normpath(guest_path) in file_paths:
+            raise fail(path, f"rootfs.programs: {guest_path}: also listed in rootfs.files")
+        if not (program_source_dir(program) / f"{program}.c").is_file():
+            raise fail(path, f"rootfs.programs: {guest_path}: no program {program!r} "
+                       f"({program_source_dir(program)}/{program}.c not found)")
+    return Recipe(name=raw.get("name") or path.stem, path=path, raw=raw)
+
+
+def list_recipes() -> list[Recipe]:
+    """Every recipe under ``images/recipes`` (sorted by name); invalid ones raise."""
+    return [load_recipe(p) for p in sorted(recipes_dir().glob("*.yaml"))]
