@@ -1,4 +1,4 @@
-"""Boot-to-heartbeat benchmark, side by side with its references (issues 4 and 8).
+"""Boot-to-heartbeat benchmark, side by side with its references.
 
 Reports, in one run, alternating the contenders so host load hits them alike:
 

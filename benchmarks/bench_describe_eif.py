@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: ``nitro-harness describe-eif`` on a 1 GiB EIF against ``openssl dgst -sha384``.
 
-Issue 2 target: describe-eif (PCR0, PCR1, PCR2 and the CRC, all from one read) takes no more
+Target: describe-eif (PCR0, PCR1, PCR2 and the CRC, all from one read) takes no more
 wall time than a single OpenSSL SHA-384 pass over the same file, with peak memory < 64 MiB.
 Both run as child processes, alternately, several rounds, with the file in the page cache
 (a warm-up read first), so the comparison is side by side on the same machine state. Prints

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: the Python vsock back end's ceiling on a synthetic queue, beside references.
 
-Issue 4 asks that the back end never be the bottleneck of a TCG guest and that its ceiling be
-reported. This script drives :class:`harness.vsock.VsockDevice` through the real vhost-user
+The back end must never be the bottleneck of a TCG guest, and its ceiling is worth
+knowing. This script drives :class:`harness.vsock.VsockDevice` through the real vhost-user
 protocol with the fake front end from ``tests/vhost_user_frontend.py`` (memfd guest RAM, split
 rings, eventfds) and a lean in-process guest driver that reuses pre-built descriptors, so the
 numbers are the back end's packet handling plus the parent socket, not QEMU's. The guest

@@ -6,7 +6,7 @@ Nitro reserves whole host cores and hugepage memory for enclaves through
 path); without one, the pool is every whole core except CPU 0's and the memory budget is what
 the host has available.
 
-CPU modes (a harness extension, SPEC 9 has only the strict one):
+CPU modes (a harness extension; nitro-cli has only the strict one, docs/nitro-cli.md#cpu-pool):
 
 - ``strict``: as Nitro. Enclave vCPUs get dedicated pool CPUs; too many is E22.
 - ``shared``: when the pool is smaller than the request (2-core CI runners have a pool of one
@@ -15,8 +15,8 @@ CPU modes (a harness extension, SPEC 9 has only the strict one):
 - ``auto`` (default): strict when the request fits, else shared.
 
 Optional harness key ``hugepage_size`` (``2M`` or ``1G``) asks for hugepage-backed guest memory;
-it is used when enough pages of that size are reserved and free (SPEC 9: Nitro always uses
-hugepages; here the choice is explicit because CI hosts reserve none).
+it is used when enough pages of that size are reserved and free (docs/nitro-cli.md#cpu-pool: Nitro
+always uses hugepages; here the choice is explicit because CI hosts reserve none).
 """
 
 from __future__ import annotations
@@ -130,9 +130,10 @@ def allocate_cpus(
 ) -> CpuAllocation:
     """Choose host CPUs for an enclave's vCPUs.
 
-    SPEC 9: both or neither of ``cpu_count``/``cpu_ids`` is E02/E01; a CPU id given twice is
-    E20; a CPU outside the pool (CPU 0's core included) is E21; more CPUs than the pool has free
-    is E22 in strict mode. ``busy`` are CPUs dedicated to other running strict-mode enclaves.
+    docs/nitro-cli.md#validation-rules: both or neither of ``cpu_count``/``cpu_ids`` is E02/E01; a
+    CPU id given twice is E20; a CPU outside the pool (CPU 0's core included) is E21; more CPUs
+    than the pool has free is E22 in strict mode. ``busy`` are CPUs dedicated to other running
+    strict-mode enclaves.
     """
     if mode not in CPU_MODES:
         raise NitroError(ErrorCode.InvalidArgument, f"--cpu-mode {mode}: must be one of {CPU_MODES}")
@@ -185,8 +186,9 @@ def check_memory(
 ) -> None:
     """Apply nitro-cli's memory rules.
 
-    SPEC 9: below 64 MiB is rejected (E26), memory under 4 x the EIF size is E26 (the minimum is
-    reported in MiB, rounded up), and more than the allocator budget left is E27.
+    docs/nitro-cli.md#validation-rules: below 64 MiB is rejected (E26), memory under 4 x the EIF
+    size is E26 (the minimum is reported in MiB, rounded up), and more than the allocator budget
+    left is E27.
     """
     minimum = max(MIN_MEMORY_MIB, math.ceil(4 * eif_size / (1 << 20)))
     if memory_mib < minimum:
@@ -213,7 +215,8 @@ def host_memory_budget_mib(meminfo: str = "/proc/meminfo") -> int:
 
 
 def parse_memory(text: str) -> int:
-    """Parse ``--memory`` into MiB: a number of MiB or with suffix M, G or T (SPEC 9).
+    """Parse ``--memory`` into MiB: a number of MiB or with suffix M, G or T
+    (docs/nitro-cli.md#run-enclave).
 
     Raises NitroError E03 for anything else.
     """

@@ -1,10 +1,11 @@
 """An enclave's serial console: capture, log file, expectations and a command shell.
 
-QEMU's only serial port is a Unix-socket chardev the harness listens on (SPEC 3: console only in
-debug mode on Nitro; the harness always keeps the log for diagnostics and artifacts, and only the
-CLI's ``console`` command enforces debug mode). A reader thread appends every byte to
-``console.log`` and to memory; :meth:`Console.expect` matches a success pattern and fails at once
-on a failure pattern (QEMU functional tests' pairing), instead of waiting for a timeout.
+QEMU's only serial port is a Unix-socket chardev the harness listens on (docs/boot.md#isolation:
+console only in debug mode on Nitro; the harness always keeps the log for diagnostics and
+artifacts, and only the CLI's ``console`` command enforces debug mode). A reader thread appends
+every byte to ``console.log`` and to memory; :meth:`Console.expect` matches a success pattern and
+fails at once on a failure pattern (QEMU functional tests' pairing), instead of waiting for a
+timeout.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Deterministic newc (``070701``) cpio archives, written the way linuxkit writes them.
 
-SPEC 3 (linuxkit's cpio details, to match nitro-cli's ramdisks byte for byte): magic ``070701``;
-inode numbers start at 721 and count up (the trailer takes the next one); nlink 2 for
-directories, 1 otherwise; devmajor/devminor written as 3/1; check 0; hex fields lower case;
-header+name and data each padded to 4 bytes; a ``TRAILER!!!`` entry, then the archive padded
-with zeros to a multiple of 512 bytes. Entries the harness creates get mtime 1492533000
-(2017-04-18 16:30:00 UTC) and owner 0:0 unless told otherwise.
+docs/boot.md#archive-format (linuxkit's cpio details, to match nitro-cli's ramdisks byte for byte):
+magic ``070701``; inode numbers start at 721 and count up (the trailer takes the next one); nlink 2
+for directories, 1 otherwise; devmajor/devminor written as 3/1; check 0; hex fields lower case;
+header+name and data each padded to 4 bytes; a ``TRAILER!!!`` entry, then the archive padded with
+zeros to a multiple of 512 bytes. Entries the harness creates get mtime 1492533000 (2017-04-18
+16:30:00 UTC) and owner 0:0 unless told otherwise.
 
 Determinism: :func:`write_cpio` sorts entries by path components (a directory is followed by
 its contents), so the same set of entries always gives the same bytes whatever order they were
@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 MAGIC = b"070701"
-#: First inode number linuxkit's writer hands out (SPEC 3; also Linux's gen_init_cpio).
+#: First inode number linuxkit's writer hands out (docs/boot.md#archive-format; also Linux's
+#: gen_init_cpio).
 FIRST_INODE = 721
-#: mtime of entries linuxkit creates itself: 2017-04-18 16:30:00 UTC (SPEC 3).
+#: mtime of entries linuxkit creates itself: 2017-04-18 16:30:00 UTC (docs/boot.md#archive-format).
 LINUXKIT_MTIME = 1492533000
-#: devmajor/devminor every linuxkit header carries (SPEC 3).
+#: devmajor/devminor every linuxkit header carries (docs/boot.md#archive-format).
 DEV_MAJOR, DEV_MINOR = 3, 1
 TRAILER = "TRAILER!!!"
 HEADER_SIZE = 110
@@ -175,7 +176,7 @@ def _header(ino: int, mode: int, uid: int, gid: int, nlink: int, mtime: int, siz
 
 
 class CpioWriter:
-    """Streaming newc writer with linuxkit's numbering and padding (SPEC 3).
+    """Streaming newc writer with linuxkit's numbering and padding (docs/boot.md#archive-format).
 
     Use :func:`write_cpio` for a whole sorted archive; use this class directly only when
     entries arrive already in the wanted order. ``out`` is a binary file object opened for
@@ -238,7 +239,7 @@ def write_cpio(out: BinaryIO, entries: Iterable[Entry], *, add_parents: bool = T
 
     Entries are sorted by :func:`sort_key`. With ``add_parents`` every missing parent
     directory is created (0755, owner 0:0, ``parent_mtime``). Raises :class:`CpioError` on
-    duplicate names or a non-directory used as a parent. Source: SPEC 3.
+    duplicate names or a non-directory used as a parent. Source: docs/boot.md#archive-format.
     """
     by_name: dict[str, Entry] = {}
     for e in entries:
@@ -283,9 +284,10 @@ def entries_from_directory(root: Path | str, prefix: str = "", *,
                            keep_owner: bool = True) -> list[Entry]:
     """Return entries for everything below ``root`` (not ``root`` itself), names under ``prefix``.
 
-    Files are streamed at write time; their mode, mtime and (with ``keep_owner``) uid/gid are
-    kept, as linuxkit keeps an image's metadata (SPEC 3). Hard links become relative symlinks
-    to the first path seen (SPEC 3). Sockets are skipped; FIFOs are kept.
+    Files are streamed at write time; their mode, mtime and (with ``keep_owner``) uid/gid are kept,
+    as linuxkit keeps an image's metadata (docs/boot.md#archive-format). Hard links become relative
+    symlinks to the first path seen (docs/boot.md#image-changes). Sockets are skipped; FIFOs are
+    kept.
     """
     root = Path(root)
     out: list[Entry] = []

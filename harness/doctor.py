@@ -1,10 +1,10 @@
 """The doctor: can this host run enclaves, how, and what to do about each missing piece.
 
-Two things live here (issue 3 item 4):
+Two things live here:
 
 - :func:`choose_accelerator` -- KVM only when ``/dev/kvm`` opens AND the CPU exposes ``vmx``
   or ``svm`` AND a probe boot under KVM succeeds; otherwise TCG, with the reason
-  (DESIGN.md Environment: these hosts have a paravirtual ``/dev/kvm`` without vmx/svm).
+  (docs/architecture.md#accelerator: these hosts have a paravirtual ``/dev/kvm`` without vmx/svm).
 - :func:`diagnose` -- the full report (:class:`Report`): QEMU path and version, whether it
   accepts ``vhost-user-device`` (the NSM needs it), ``vhost-user-vsock-device``, ``microvm``,
   ``nitro-enclave``; qboot; accelerator; ``/dev/vhost-vsock``; hugepages; CPU topology and
@@ -75,7 +75,7 @@ def choose_accelerator(
 ) -> tuple[str, str]:
     """Pick the accelerator for enclave boots: ``("kvm" | "tcg", reason)``.
 
-    Rule (DESIGN.md Environment, issue 3): KVM only when ``/dev/kvm`` opens, the CPU exposes
+    Rule (docs/architecture.md#accelerator): KVM only when ``/dev/kvm`` opens, the CPU exposes
     ``vmx`` or ``svm``, QEMU has the ``kvm`` accelerator, and a probe boot under KVM
     (:func:`harness.qemu.probe_boot`, guest code in a microvm) succeeds; the probe is only
     attempted when the first three hold. Otherwise TCG, and ``reason`` says which condition
@@ -222,7 +222,8 @@ def _qemu_checks(info: QemuInfo, from_env: bool) -> list[Check]:
     else:
         checks.append(Check(
             "vhost-user-device", FAIL,
-            f"not creatable: {info.vhost_user_device_detail} (the NSM needs it; SPEC 5)",
+            f"not creatable: {info.vhost_user_device_detail} "
+            "(the NSM needs it; docs/vhost-user.md#generic-device)",
             rebuild,
         ))
     checks.append(

@@ -1,13 +1,14 @@
 """One enclave's whole life: checks, resources, IDs, CID, devices, boot, heartbeat, terminate.
 
 The engine every front end drives (the CLI's supervising process, the pytest plugin, scenarios).
-:meth:`Enclave.start` does what ``nitro-cli run-enclave`` does, in order: read and measure the
-EIF (SPEC 1-2), apply the CPU and memory rules (SPEC 9), take a slot and a CID in the runtime
-directory, start the vsock device (parent = CID 3, heartbeat listener on port 9000 bound before
-QEMU starts) and the NSM over vhost-user, boot QEMU (:mod:`harness.machine`) and wait for the
-heartbeat with nitro-cli's timeout. Any failure on the way releases everything already taken
-and raises :class:`~harness.errors.NitroError` (E36 carries the console's last lines and the log
-path). :meth:`Enclave.terminate` is idempotent and leaves no process, socket or memory file.
+:meth:`Enclave.start` does what ``nitro-cli run-enclave`` does, in order: read and measure the EIF
+(docs/eif-format.md, docs/pcrs.md#image-pcrs), apply the CPU and memory rules
+(docs/nitro-cli.md#validation-rules), take a slot and a CID in the runtime directory, start the
+vsock device (parent = CID 3, heartbeat listener on port 9000 bound before QEMU starts) and the NSM
+over vhost-user, boot QEMU (:mod:`harness.machine`) and wait for the heartbeat with nitro-cli's
+timeout. Any failure on the way releases everything already taken and raises
+:class:`~harness.errors.NitroError` (E36 carries the console's last lines and the log path).
+:meth:`Enclave.terminate` is idempotent and leaves no process, socket or memory file.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ __all__ = [
 ]
 
 HEARTBEAT_PORT = 9000
-# SPEC 9: nitro-cli waits 90 s per started 6 GiB of EIF plus 90 s per started 100 GiB of memory.
+# docs/boot.md#heartbeat-wait: nitro-cli waits 90 s per started 6 GiB of EIF plus 90 s per
+# started 100 GiB of memory.
 _HEARTBEAT_UNIT_S = 90
 
 
 def heartbeat_timeout(eif_size: int, memory_mib: int) -> float:
-    """nitro-cli's heartbeat wait in seconds (SPEC 3): 90 x ceil(EIF/6 GiB) + 90 x ceil(mem/100 GiB)."""
+    """nitro-cli's heartbeat wait in seconds (docs/boot.md#heartbeat-wait):
+    90 x ceil(EIF/6 GiB) + 90 x ceil(mem/100 GiB)."""
     return float(
         _HEARTBEAT_UNIT_S * math.ceil(eif_size / (6 << 30))
         + _HEARTBEAT_UNIT_S * math.ceil(memory_mib / (100 * 1024))
@@ -222,7 +225,8 @@ class Enclave:
             self.slot = self.registry.allocate_slot()
             self.vcpu_cpus = cpus.vcpu_cpus
             self.cpu_mode = cpus.mode
-            # SPEC 9: <instance id>-enc<slot in lower-case hex> (16 digits as in module_id, SPEC 7).
+            # docs/nitro-cli.md#enclave-ids: <instance id>-enc<slot in lower-case hex> (16 digits,
+            # as in module_id).
             self.enclave_id = f"{self.instance_id}-enc{self.slot:016x}"
             # Named by slot, not by enclave ID: Unix socket paths must stay under 108 bytes.
             self.state_dir = self.registry.root / f"enc{self.slot}"
@@ -272,8 +276,9 @@ class Enclave:
         self._monitor.start()
 
     def _watch(self) -> None:
-        """End the enclave when its VM exits or a device back end fails (SPEC 3: an exiting
-        application reboots the VM, which ends the enclave), recording why in ``end_reason``."""
+        """End the enclave when its VM exits or a device back end fails (docs/boot.md#enclave-end:
+        an exiting application reboots the VM, which ends the enclave), recording why in
+        ``end_reason``."""
         assert self.machine is not None
         while not self._terminated:
             status = self.machine.wait(0.2)
@@ -331,7 +336,8 @@ class Enclave:
         self.vsock = VsockDevice(
             self.cid, trace=lambda event: trace_file.write(json.dumps(event) + "\n")
         )
-        # SPEC 3: nitro-cli listens for the heartbeat before it starts the enclave.
+        # docs/boot.md#heartbeat-wait: nitro-cli listens for the heartbeat before it starts the
+        # enclave.
         self._heartbeat = self.vsock.heartbeat(HEARTBEAT_PORT)
         backend = VhostUserBackend(self.state_dir / "vsock.sock", self.vsock, offer_config=True)
         backend.start()
@@ -461,7 +467,8 @@ class Enclave:
     def exec(self, command: str, *, timeout: float = 60.0) -> ExecResult:
         """Run a shell command over the console of a debug-mode enclave (see Console.exec).
 
-        Raises NitroError E44 when the enclave is not in debug mode (SPEC 9: no console then).
+        Raises NitroError E44 when the enclave is not in debug mode (no console then:
+        docs/nitro-cli.md#console).
         """
         if not self.debug_mode:
             raise NitroError(
@@ -510,11 +517,13 @@ class Enclave:
         )
 
     def describe(self) -> dict:
-        """This enclave as one entry of nitro-cli's describe-enclaves output (SPEC 9)."""
+        """This enclave as one entry of nitro-cli's describe-enclaves output
+        (docs/nitro-cli.md#describe-enclaves)."""
         return self._record().describe()
 
     def run_info(self) -> dict:
-        """nitro-cli's run-enclave output (SPEC 9): the describe fields up to MemoryMiB."""
+        """nitro-cli's run-enclave output (docs/nitro-cli.md#run-enclave): the describe fields up to
+        MemoryMiB."""
         keys = ("EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB")
         info = self.describe()
         return {k: info[k] for k in keys}

@@ -5,7 +5,8 @@
 ``{"ok": <run-enclave output>}`` once the heartbeat arrived, or ``{"error": {"code", "message",
 "details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a control
 socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or because the
-application exited and init rebooted the VM (docs/boot.md: the enclave then terminates).
+application exited and init rebooted the VM (docs/boot.md#enclave-end: the enclave
+then terminates).
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after

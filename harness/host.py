@@ -6,10 +6,10 @@ and ``<root>/dev/...`` so tests can build a fake tree under a temporary director
 
 Rules followed:
 
-- SPEC 9 / nitro-cli's allocator: enclave CPUs are whole cores (every hyper-thread sibling of a
-  chosen CPU goes with it) and never CPU 0 or its siblings; :func:`default_enclave_pool`
-  computes the CPUs that satisfy that on this host.
-- DESIGN.md "Environment": KVM only where ``/dev/kvm`` opens *and* the CPU exposes ``vmx``
+- nitro-cli's allocator (docs/nitro-cli.md#cpu-pool): enclave CPUs are whole cores (every
+  hyper-thread sibling of a chosen CPU goes with it) and never CPU 0 or its siblings;
+  :func:`default_enclave_pool` computes the CPUs that satisfy that on this host.
+- docs/architecture.md#accelerator: KVM only where ``/dev/kvm`` opens *and* the CPU exposes ``vmx``
   or ``svm`` (a paravirtual ``/dev/kvm`` without them cannot run a stock kernel);
   :func:`kvm_status` collects the facts, ``harness.doctor.choose_accelerator`` decides.
 """
@@ -210,9 +210,9 @@ def cpu_topology(root: str | os.PathLike[str] = "/") -> list[Cpu]:
 def default_enclave_pool(root: str | os.PathLike[str] = "/") -> list[int]:
     """The CPUs an enclave may take on this host: whole cores, never CPU 0's core.
 
-    Shape: sorted CPU ids. Rule (SPEC 9, nitro-cli's allocator): a core qualifies only if all
-    of its online threads are offered together, and the core holding CPU 0 (CPU 0 and its
-    siblings) is reserved for the parent. Example: 2 cores x 1 thread -> ``[1]``;
+    Shape: sorted CPU ids. Rule (nitro-cli's allocator, docs/nitro-cli.md#cpu-pool): a core
+    qualifies only if all of its online threads are offered together, and the core holding CPU 0
+    (CPU 0 and its siblings) is reserved for the parent. Example: 2 cores x 1 thread -> ``[1]``;
     4 cores x 2 threads (siblings 0/4, 1/5, 2/6, 3/7) -> ``[1, 2, 3, 5, 6, 7]``; a single
     core -> ``[]``. Raises what :func:`cpu_topology` raises.
     """
@@ -349,7 +349,7 @@ def _probe_node(path: Path) -> tuple[DeviceNode, int | None]:
 
 @dataclass(frozen=True)
 class KvmStatus:
-    """What the host offers for KVM (DESIGN.md Environment).
+    """What the host offers for KVM (docs/architecture.md#accelerator).
 
     ``device``: the ``/dev/kvm`` probe; ``api_version``: ``KVM_GET_API_VERSION`` (12) when the
     node is a real character device that answered, else ``None``; ``cpu_virt_flag``: ``"vmx"``
@@ -411,7 +411,7 @@ def vhost_vsock_status(root: str | os.PathLike[str] = "/") -> DeviceNode:
     """Probe ``<root>/dev/vhost-vsock`` (kernel vhost-vsock).
 
     Informational: the harness serves vsock itself over vhost-user (it must: kernel
-    vhost-vsock cannot present the parent as CID 3, DESIGN.md Environment).
+    vhost-vsock cannot present the parent as CID 3, docs/architecture.md#vsock-on-the-host).
     """
     node, fd = _probe_node(_path(root, "/dev/vhost-vsock"))
     if fd is not None:

@@ -1,9 +1,10 @@
 """The machine layout an EIF's kernel expects: Nitro's (no ACPI) or ACPI discovery.
 
-SPEC 3/5: AWS's enclave kernels run on a machine without PCI or ACPI; the Nitro hypervisor
-announces the vsock and NSM virtio-mmio devices with ``virtio_mmio.device=`` entries appended to
-the EIF's own command line. Such kernels are built with ``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``.
-Debian's cloud kernel lacks that option and finds virtio-mmio devices only through ACPI.
+docs/boot.md#machine-layout: AWS's enclave kernels run on a machine without PCI or ACPI; the Nitro
+hypervisor announces the vsock and NSM virtio-mmio devices with ``virtio_mmio.device=`` entries
+appended to the EIF's own command line. Such kernels are built with
+``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``. Debian's cloud kernel lacks that option and finds
+virtio-mmio devices only through ACPI.
 
 The harness reads the kernel's embedded configuration (``CONFIG_IKCONFIG``: a gzip stream
 between the markers ``IKCFG_ST`` and ``IKCFG_ED`` inside the bzImage's compressed payload)

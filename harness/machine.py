@@ -1,12 +1,12 @@
 """One QEMU microVM shaped like a Nitro enclave: command line, launch, QMP, vCPU pinning, stop.
 
-DESIGN "What makes it faithful" 5 and SPEC 3/5: a ``microvm`` with qboot, ``-nodefaults`` (no
-network, no disk, no display), guest RAM as a shared memfd (vhost-user back ends map it),
-preallocated and locked, optionally hugepage-backed; the EIF's kernel, command line and
-concatenated ramdisks; ``-no-reboot`` so init's reboot after the application exits ends the VM as
-on Nitro; the serial console and QMP on Unix sockets the harness listens on. QEMU starts paused
-(``-S``) with its whole process on the non-enclave CPUs; once QMP reports the vCPU thread ids
-each is pinned to its enclave CPU and the guest is resumed, so no QEMU thread but a vCPU ever
+docs/architecture.md#faithfulness (point 5) and docs/boot.md#qemu-machine: a ``microvm`` with
+qboot, ``-nodefaults`` (no network, no disk, no display), guest RAM as a shared memfd (vhost-user
+back ends map it), preallocated and locked, optionally hugepage-backed; the EIF's kernel, command
+line and concatenated ramdisks; ``-no-reboot`` so init's reboot after the application exits ends
+the VM as on Nitro; the serial console and QMP on Unix sockets the harness listens on. QEMU starts
+paused (``-S``) with its whole process on the non-enclave CPUs; once QMP reports the vCPU thread
+ids each is pinned to its enclave CPU and the guest is resumed, so no QEMU thread but a vCPU ever
 runs on an enclave CPU.
 
 Finding and probing the QEMU binary lives in :mod:`harness.qemu`; the accelerator choice in
@@ -97,8 +97,9 @@ def build_command(spec: MachineSpec) -> list[str]:
         "-m", f"{spec.memory_mib}M",
         "-object", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
-        # SPEC 3: AWS's command line reboots through the keyboard controller (reboot=k,
-        # i8042.*); microvm has none, and without it init's reboot would never end the VM.
+        # docs/boot.md#enclave-end: AWS's command line reboots through the keyboard controller
+        # (reboot=k, i8042.*); microvm has none, and without it init's reboot would never end the
+        # VM.
         "-device", "i8042",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),

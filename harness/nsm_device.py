@@ -1,12 +1,13 @@
 """The NSM as a virtio device (ID 33, one queue) served over vhost-user.
 
-SPEC 5 and 6: QEMU attaches it with ``-device vhost-user-device,virtio-id=33,chardev=...,
-num_vqs=1,vq_size=N`` (a QEMU whose vhost-user-device is user-creatable); the guest's upstream
-Linux ``nsm`` driver binds to it and creates /dev/nsm. Per command that driver makes TWO
-descriptor chains available, the request (device-readable, at most 0x1000 bytes) first and
-then the 0x3000-byte response buffer (device-writable); the device returns both, the request
-with length 0 and the response with its CBOR length. A chain carrying both parts (as other
-drivers may send) is answered in place. The driver's hwrng issues GetRandom at boot.
+docs/nsm.md#device and docs/vhost-user.md#generic-device: QEMU attaches it with
+``-device vhost-user-device,virtio-id=33,chardev=...,num_vqs=1,vq_size=N`` (a QEMU whose
+vhost-user-device is user-creatable); the guest's upstream Linux ``nsm`` driver binds to it and
+creates /dev/nsm. Per command that driver makes TWO descriptor chains available, the request
+(device-readable, at most 0x1000 bytes) first and then the 0x3000-byte response buffer
+(device-writable); the device returns both, the request with length 0 and the response with its
+CBOR length. A chain carrying both parts (as other drivers may send) is answered in place. The
+driver's hwrng issues GetRandom at boot.
 
 Do not offer the CONFIG protocol feature for this device (QEMU warns that vhost-user-device
 does not support it): create the back end with ``offer_config=False``.
@@ -25,7 +26,7 @@ from collections import deque
 from harness.nsm import MAX_RESPONSE_SIZE, ErrorResponse, Nsm, NsmErrorCode, encode_response
 from harness.vhost_user import DescriptorChain, VhostUserBackend, VirtioDevice
 
-#: virtio device ID of the Nitro Secure Module (SPEC 5/6).
+#: virtio device ID of the Nitro Secure Module (docs/nsm.md#device).
 NSM_DEVICE_ID = 33
 
 

@@ -1,6 +1,6 @@
 """PCR arithmetic of Nitro Enclaves: the ``ext`` measurement, NSM extend, and nitro-cli's JSON.
 
-SPEC 2: ``ext(d) = SHA384(48 zero bytes || d)``; the NSM extends a PCR as
+docs/pcrs.md#extend-rule: ``ext(d) = SHA384(48 zero bytes || d)``; the NSM extends a PCR as
 ``new = SHA384(old || data)`` starting from 48 zero bytes. PCR0/1/2 are ``ext`` of a SHA-384 over
 EIF section data, PCR3 is ``ext`` of the parent's IAM role ARN, PCR4 ``ext`` of the parent
 instance ID, PCR8 ``ext`` of SHA-384 over the signing certificate's DER.
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 #: Size of every PCR in bytes (SHA-384).
 PCR_SIZE = 48
 
-#: The value every PCR starts from (SPEC 2), and the value debug mode reports for PCR0-2.
+#: The value every PCR starts from (docs/pcrs.md#extend-rule), and the value debug mode reports
+#: for PCR0-2.
 ZERO_PCR = bytes(PCR_SIZE)
 
 #: nitro-cli's ``HashAlgorithm`` string: the Rust ``Debug`` of its hasher, as printed by every
@@ -26,7 +27,7 @@ def extend(old: bytes, data: bytes) -> bytes:
     """Return the NSM extend of a PCR: ``SHA384(old || data)`` (48 bytes).
 
     ``old`` must be 48 bytes (a PCR value); ``data`` is any byte string. Raises ``ValueError``
-    when ``old`` is not 48 bytes. Source: SPEC 2 ("PCR extend in the NSM").
+    when ``old`` is not 48 bytes. Source: docs/pcrs.md#extend-rule.
     """
     if len(old) != PCR_SIZE:
         raise ValueError(f"PCR value must be {PCR_SIZE} bytes, got {len(old)}")
@@ -36,8 +37,8 @@ def extend(old: bytes, data: bytes) -> bytes:
 def ext(data: bytes) -> bytes:
     """Return ``SHA384(48 zero bytes || data)``: one extend of a fresh PCR (48 bytes).
 
-    Source: SPEC 2. ``data`` is usually a 48-byte digest (PCR0/1/2/8) or a UTF-8 string
-    (PCR3/PCR4).
+    Source: docs/pcrs.md#extend-rule. ``data`` is usually a 48-byte digest (PCR0/1/2/8) or a UTF-8
+    string (PCR3/PCR4).
     """
     return extend(ZERO_PCR, data)
 
@@ -45,7 +46,7 @@ def ext(data: bytes) -> bytes:
 def pcr_for_role_arn(arn: str) -> bytes:
     """Return PCR3 for the parent's IAM role ARN: ``ext(arn.encode('utf-8'))`` (48 bytes).
 
-    Source: SPEC 2 (check value for ``arn:aws:iam::123456789012:role/Webserver``).
+    Source: docs/pcrs.md#parent-pcrs (check value for ``arn:aws:iam::123456789012:role/Webserver``).
     """
     return ext(arn.encode("utf-8"))
 
@@ -53,7 +54,7 @@ def pcr_for_role_arn(arn: str) -> bytes:
 def pcr_for_instance_id(instance_id: str) -> bytes:
     """Return PCR4 for the parent's EC2 instance ID: ``ext(id.encode('utf-8'))`` (48 bytes).
 
-    Source: SPEC 2 (check value for ``i-1234567890abcdef0``).
+    Source: docs/pcrs.md#parent-pcrs (check value for ``i-1234567890abcdef0``).
     """
     return ext(instance_id.encode("utf-8"))
 
@@ -61,7 +62,7 @@ def pcr_for_instance_id(instance_id: str) -> bytes:
 def pcr_for_file_digest(sha384_digest: bytes) -> bytes:
     """Return ``ext(digest)`` for a SHA-384 digest of some content (what ``nitro-cli pcr`` prints).
 
-    Source: SPEC 2 (``pcr --input F`` prints ``ext(SHA384(file))``).
+    Source: docs/pcrs.md#nitro-cli-output (``pcr --input F`` prints ``ext(SHA384(file))``).
     """
     return ext(sha384_digest)
 
@@ -69,7 +70,7 @@ def pcr_for_file_digest(sha384_digest: bytes) -> bytes:
 def pcr_for_certificate_der(der: bytes) -> bytes:
     """Return PCR8 for a signing certificate given as DER: ``ext(SHA384(der))``.
 
-    Source: SPEC 2 (PCR8 = ext(SHA384(DER of the first certificate in the PEM))).
+    Source: docs/pcrs.md#pcr8 (PCR8 = ext(SHA384(DER of the first certificate in the PEM))).
     """
     return ext(hashlib.sha384(der).digest())
 
@@ -78,7 +79,7 @@ def pcr_for_certificate_der(der: bytes) -> bytes:
 class Measurements:
     """The PCRs nitro-cli reports for an EIF: PCR0, PCR1, PCR2 (48 bytes each) and PCR8 when signed.
 
-    Source: SPEC 2. ``to_json()`` gives nitro-cli's ``Measurements`` object.
+    Source: docs/pcrs.md#image-pcrs. ``to_json()`` gives nitro-cli's ``Measurements`` object.
     """
 
     pcr0: bytes
@@ -90,7 +91,7 @@ class Measurements:
         """Return nitro-cli's ``Measurements`` dict (insertion-ordered, lower-case hex).
 
         Keys in order: ``HashAlgorithm`` (``"Sha384 { ... }"``), ``PCR0``, ``PCR1``, ``PCR2``,
-        then ``PCR8`` only when signed (SPEC 2).
+        then ``PCR8`` only when signed (docs/pcrs.md#nitro-cli-output).
         """
         out = {
             "HashAlgorithm": HASH_ALGORITHM,

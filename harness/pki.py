@@ -1,12 +1,12 @@
 """The harness PKI: a persisted root CA and the AWS-shaped chain that signs attestation documents.
 
-SPEC 7: every certificate is P-384 / ecdsa-with-SHA384. AWS signs each document with a leaf that
-chains ``root -> regional CA (pathlen 2, ~20 days) -> zonal CA (pathlen 1, ~6 days) -> instance
-CA (pathlen 0, 24 h, keyCertSign only) -> leaf (CA:FALSE critical, digitalSignature +
-nonRepudiation, 3 h)``; the leaf serial is ``enclave id (8 bytes) || 4 zero bytes || unix time (4
-bytes)``. Subjects, validity windows, extension sets and their criticality below copy those of
-real AWS chains (``tests/vectors/attestation``), so verifiers that look at names or extensions
-see what they would see on Nitro.
+docs/attestation.md#certificate-chain: every certificate is P-384 / ecdsa-with-SHA384. AWS signs
+each document with a leaf that chains ``root -> regional CA (pathlen 2, ~20 days) -> zonal CA
+(pathlen 1, ~6 days) -> instance CA (pathlen 0, 24 h, keyCertSign only) -> leaf (CA:FALSE critical,
+digitalSignature + nonRepudiation, 3 h)``; the leaf serial is ``enclave id (8 bytes) || 4 zero
+bytes || unix time (4 bytes)``. Subjects, validity windows, extension sets and their criticality
+below copy those of real AWS chains (``tests/vectors/attestation``), so verifiers that look at
+names or extensions see what they would see on Nitro.
 
 Only the root is persisted (its key too, mode 0600, written atomically), so CI can pin one root
 across runs; the regional, zonal and instance CAs live in memory and are (re)issued on demand so
@@ -37,7 +37,7 @@ PKI_DIR_ENV = "NITRO_HARNESS_PKI_DIR"
 ROOT_CERT_FILE = "root.pem"
 ROOT_KEY_FILE = "root.key"
 
-#: Validity of each level, as observed on AWS chains (SPEC 7).
+#: Validity of each level, as observed on AWS chains (docs/attestation.md#certificate-chain).
 ROOT_VALIDITY = dt.timedelta(days=30 * 365 + 7)  # 2019-10-28 .. 2049-10-28
 #: A new root starts this long before its creation, so backdated documents (fault injection,
 #: ``attest`` at a past time) can still chain to it.
@@ -76,7 +76,8 @@ def _name(*pairs: tuple[x509.ObjectIdentifier, str]) -> x509.Name:
 
 def root_subject() -> x509.Name:
     """Subject of the harness root: the AWS root's name ``CN=aws.nitro-enclaves, OU=AWS, O=Amazon,
-    C=US`` (SPEC 7), so name-matching verifiers behave as on AWS; trust comes from the key."""
+    C=US`` (docs/attestation.md#certificate-chain), so name-matching verifiers behave as on AWS;
+    trust comes from the key."""
     return _name(
         (NameOID.COUNTRY_NAME, "US"),
         (NameOID.ORGANIZATION_NAME, "Amazon"),
@@ -135,10 +136,11 @@ def _ca_key_usage(*, cert_sign_only: bool = False) -> x509.KeyUsage:
 def split_module_id(module_id: str) -> tuple[str, bytes]:
     """Split an enclave ID ``i-<hex>-enc<hex>`` into (instance ID, 8-byte enclave id).
 
-    The enclave part is the hex after ``-enc`` left-padded to 8 bytes (AWS uses 16 hex digits;
-    the harness's slot numbers are shorter). IDs of another shape get the instance ID
+    The enclave part is the hex after ``-enc`` left-padded to 8 bytes (AWS uses 16 hex digits; the
+    harness's slot numbers are shorter). IDs of another shape get the instance ID
     ``i-00000000000000000`` unless they contain ``-enc``, and an enclave id derived from
-    SHA-256(module_id), so any module_id can still be signed. Source: SPEC 7 (leaf serial).
+    SHA-256(module_id), so any module_id can still be signed. Source:
+    docs/attestation.md#certificate-chain (leaf serial).
     """
     instance, sep, enc = module_id.rpartition("-enc")
     if not sep:
@@ -157,7 +159,8 @@ def split_module_id(module_id: str) -> tuple[str, bytes]:
 class Signer:
     """What signs one attestation document: the leaf key and certificate and the CA bundle.
 
-    ``cabundle`` is root first (root, regional, zonal, instance), as documents carry it (SPEC 7).
+    ``cabundle`` is root first (root, regional, zonal, instance), as documents carry it
+    (docs/attestation.md#payload).
     """
 
     key: ec.EllipticCurvePrivateKey
@@ -258,7 +261,8 @@ class Pki:
         except (ValueError, TypeError) as err:
             raise NitroError(ErrorCode.InvalidArgument, f"{key_path}: not an unencrypted PEM private key ({err})") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp384r1":
-            raise NitroError(ErrorCode.InvalidArgument, f"{key_path}: root key must be EC P-384 (SPEC 7)")
+            raise NitroError(ErrorCode.InvalidArgument, f"{key_path}: root key must be EC P-384 "
+                             "(docs/attestation.md#certificate-chain)")
         pub = serialization.PublicFormat.SubjectPublicKeyInfo
         if key.public_key().public_bytes(serialization.Encoding.DER, pub) != cert.public_key().public_bytes(
             serialization.Encoding.DER, pub
@@ -321,9 +325,9 @@ class Pki:
         The per-enclave leaf is reused while ``at`` lies in its validity with at least
         ``LEAF_REFRESH_MARGIN`` left, else (or when ``fresh`` or ``leaf_per_document``) a new
         3-hour leaf is issued with serial ``enclave id || 0000 || unix(at)`` and CN
-        ``<module_id>.<region>.aws`` (SPEC 7). Every CA is (re)issued as needed so that the
-        whole chain is valid over the leaf's validity. Raises ValueError when the leaf's
-        validity would fall outside the root's.
+        ``<module_id>.<region>.aws`` (docs/attestation.md#certificate-chain). Every CA is
+        (re)issued as needed so that the whole chain is valid over the leaf's validity. Raises
+        ValueError when the leaf's validity would fall outside the root's.
         """
         at = _as_utc(at or _utcnow()).replace(microsecond=0)
         with self._lock:

@@ -1,12 +1,12 @@
 """vsock-proxy: the parent's byte pipe from an enclave's vsock port to an allowlisted TCP server.
 
-SPEC 8 and nitro-cli's ``vsock_proxy``: ``vsock-proxy [-4|-6] [-w N] [--config FILE]
-<local_port> <remote_addr> <remote_port>``. The YAML config holds ``allowlist:``, a list of
+As nitro-cli's ``vsock_proxy`` (docs/kms.md#vsock-proxy): ``vsock-proxy [-4|-6] [-w N] [--config
+FILE] <local_port> <remote_addr> <remote_port>``. The YAML config holds ``allowlist:``, a list of
 ``{address, port}``; the destination must be on it or the proxy refuses to start. Matching, as
-nitro-cli: the port must be equal, then the address string equal to ``remote_addr`` or one of
-the entry's resolved IPs equal to ``remote_addr``'s resolved IP. The proxy listens on the
-parent (CID 3), accepts up to ``num_workers`` connections at a time (later ones wait), opens a
-TCP connection to the destination per client and copies bytes both ways; TLS stays end to end.
+nitro-cli: the port must be equal, then the address string equal to ``remote_addr`` or one of the
+entry's resolved IPs equal to ``remote_addr``'s resolved IP. The proxy listens on the parent (CID
+3), accepts up to ``num_workers`` connections at a time (later ones wait), opens a TCP connection
+to the destination per client and copies bytes both ways; TLS stays end to end.
 
 In the harness the listener is the vsock device's parent endpoint (``device.listen(port)``,
 whose ``accept(timeout)`` returns a connected ``socket.socket``); anything with such an

@@ -1,6 +1,6 @@
 """Find the QEMU the harness runs enclaves on, and probe what it can do.
 
-Where QEMU comes from (issue 3, DESIGN.md Environment): ``scripts/build-qemu.sh`` builds
+Where QEMU comes from (docs/architecture.md#qemu-build): ``scripts/build-qemu.sh`` builds
 Debian's qemu 10.0 source with a patch that makes ``vhost-user-device`` user-creatable and
 installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
 ``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64``; :func:`probe_qemu` then says what
@@ -46,7 +46,8 @@ QEMU_ENV = "NITRO_HARNESS_QEMU"
 QBOOT_ENV = "NITRO_HARNESS_QBOOT"
 BINARY = "qemu-system-x86_64"
 SETUP_HINT = "scripts/setup.sh"
-# SPEC 5: how a QEMU without the patch refuses `-device vhost-user-device`.
+# How a QEMU without the patch refuses `-device vhost-user-device`
+# (docs/vhost-user.md#generic-device).
 REFUSAL = "expects a pluggable device type"
 # Debian's qemu-system-data ships qboot; build-qemu.sh also copies it beside the build.
 SYSTEM_QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -143,13 +144,14 @@ def find_qemu() -> Path:
 class QemuInfo:
     """What one QEMU binary offers, as :func:`probe_qemu` found it.
 
-    ``path``: the binary; ``version``: ``(major, minor, micro)``; ``version_text``: the first
-    line of ``-version``; ``machines``: names from ``-machine help`` (aliases included);
-    ``devices``: names from ``-device help``; ``accelerators``: from ``-accel help``;
-    ``vhost_user_device_creatable``: creating ``vhost-user-device`` passed QEMU's
-    user-creatable check (SPEC 5: only creating it tells); ``vhost_user_device_detail``: what
-    QEMU said when asked to create it; ``build_info``: the ``build-info.json`` that
-    scripts/build-qemu.sh writes beside its builds, or ``None`` for other binaries.
+    ``path``: the binary; ``version``: ``(major, minor, micro)``; ``version_text``: the first line
+    of ``-version``; ``machines``: names from ``-machine help`` (aliases included); ``devices``:
+    names from ``-device help``; ``accelerators``: from ``-accel help``;
+    ``vhost_user_device_creatable``: creating ``vhost-user-device`` passed QEMU's user-creatable
+    check (only creating it tells: docs/vhost-user.md#generic-device);
+    ``vhost_user_device_detail``: what QEMU said when asked to create it; ``build_info``: the
+    ``build-info.json`` that scripts/build-qemu.sh writes beside its builds, or ``None`` for other
+    binaries.
     """
 
     path: Path
@@ -313,7 +315,8 @@ def _parse_accelerators(text: str) -> frozenset[str]:
 def device_creatable(
     qemu: str | os.PathLike[str], driver: str, properties: str = ""
 ) -> tuple[bool, str]:
-    """Ask ``qemu`` to create ``-device driver[,properties]`` and read how it answers (SPEC 5).
+    """Ask ``qemu`` to create ``-device driver[,properties]`` and read how it answers
+    (docs/vhost-user.md#generic-device).
 
     ``-device X,help`` lists the options even where the device is refused, so the device is
     actually created: on ``-machine none -S`` (no bus at all) with a listening socket chardev

@@ -25,9 +25,10 @@ from typing import Iterator
 from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 
-# SPEC 3: enclave CIDs auto-assigned from 16 upwards (16, 17, ... seen on Nitro).
+# docs/vsock.md#addresses: enclave CIDs auto-assigned from 16 upwards (16, 17, ... seen on Nitro).
 FIRST_AUTO_CID = 16
-# SPEC 9: CIDs 0-3 are reserved (hypervisor, local, host, parent) and 2^32-1 is VMADDR_CID_ANY.
+# docs/vsock.md#addresses: CIDs 0-3 are reserved (hypervisor, local, host, parent) and 2^32-1 is
+# VMADDR_CID_ANY.
 MAX_CID = 2**32 - 2
 
 
@@ -76,7 +77,8 @@ class EnclaveRecord:
         return asdict(self)
 
     def describe(self) -> dict:
-        """nitro-cli's describe-enclaves entry for this enclave (SPEC 9), plus ``CPUMode``.
+        """nitro-cli's describe-enclaves entry for this enclave, plus ``CPUMode``
+        (docs/nitro-cli.md#describe-enclaves).
 
         ``CPUIDs`` lists the host CPU of each vCPU; a CPU repeats only in the harness's shared
         CPU mode, which ``CPUMode`` names (see :mod:`harness.allocator`).
@@ -158,8 +160,9 @@ class Registry:
     def allocate_cid(self, requested: int | None) -> int:
         """Validate or auto-assign a CID (call under :meth:`locked`).
 
-        SPEC 9: CIDs 1, 2, 3 and >= 2^32-1 are rejected with E03; 0 or None means auto, starting
-        at 16 and skipping CIDs in use. A CID already used by a running enclave is E03 too.
+        docs/nitro-cli.md#validation-rules: CIDs 1, 2, 3 and >= 2^32-1 are rejected with E03; 0 or
+        None means auto, starting at 16 and skipping CIDs in use. A CID already used by a running
+        enclave is E03 too.
         """
         used = {r.cid for r in self.records()}
         if requested:
@@ -167,7 +170,7 @@ class Registry:
                 raise NitroError(
                     ErrorCode.InvalidArgument,
                     f"--enclave-cid {requested}: CIDs 0-3 are reserved and the largest is {MAX_CID} "
-                    "(SPEC 9)",
+                    "(docs/vsock.md#addresses)",
                 )
             if requested in used:
                 raise NitroError(

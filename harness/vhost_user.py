@@ -1,6 +1,6 @@
 """A vhost-user back end in Python: QEMU is the front end, the harness serves the device.
 
-SPEC 5 is the contract. QEMU connects to a Unix socket the back end listens on
+docs/vhost-user.md is the contract. QEMU connects to a Unix socket the back end listens on
 (``-chardev socket,id=X,path=...``), negotiates features, hands over guest RAM as memfd regions
 (SCM_RIGHTS) and one kick and one call eventfd per virtqueue. The back end maps the regions,
 walks split virtqueues in that shared memory and lets a :class:`VirtioDevice` model consume and
@@ -183,8 +183,8 @@ class MemoryRegion:
     """One region of guest RAM mapped from the fd QEMU passed in SET_MEM_TABLE.
 
     ``guest_phys_addr``, ``size``, ``userspace_addr`` (QEMU's virtual address), ``mmap_offset``
-    are as sent (bytes). SPEC 5: the fd is mapped with length ``size + mmap_offset`` and the
-    region starts ``mmap_offset`` bytes into the mapping.
+    are as sent (bytes). docs/vhost-user.md#memory-table: the fd is mapped with length
+    ``size + mmap_offset`` and the region starts ``mmap_offset`` bytes into the mapping.
     """
 
     __slots__ = ("guest_phys_addr", "size", "userspace_addr", "mmap_offset", "mm", "view")
@@ -213,7 +213,8 @@ class MemoryTable:
     """Guest RAM as the back end sees it: a list of :class:`MemoryRegion`.
 
     Translates guest-physical addresses (descriptor ``addr`` fields) and QEMU-virtual addresses
-    (SET_VRING_ADDR) to (region, offset-into-mapping) and back (SPEC 5).
+    (SET_VRING_ADDR) to (region, offset-into-mapping) and back
+    (docs/vhost-user.md#memory-table).
     """
 
     def __init__(self, regions: list[MemoryRegion]):
@@ -657,11 +658,11 @@ class VhostUserBackend:
     ``-chardev socket,path=socket_path``) can start right after. ``start()`` runs the loop on
     its own thread; ``stop()`` (idempotent) joins it, calls ``device.on_stop()``, closes every
     fd, unmaps guest RAM and unlinks the socket. Only one front-end connection is served;
-    reconnection is not supported (SPEC 5).
+    reconnection is not supported (docs/vhost-user.md#roles).
 
-    ``offer_config``: offer the CONFIG protocol feature (vsock: yes; NSM on vhost-user-device:
-    no, SPEC 5). ``trace``: called on the loop thread with a dict per vhost-user message
-    (``{"t", "dir", "request", "name", "flags", "size", "fds", ...}``).
+    ``offer_config``: offer the CONFIG protocol feature (vsock: yes; NSM on vhost-user-device: no,
+    docs/vhost-user.md#features). ``trace``: called on the loop thread with a dict per vhost-user
+    message (``{"t", "dir", "request", "name", "flags", "size", "fds", ...}``).
 
     ``error`` is None, or one line saying why serving ended abnormally (QEMU disconnected with
     rings running, a malformed message or ring, a device callback raising). ``disconnected``

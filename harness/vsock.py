@@ -1,6 +1,6 @@
 """The virtio-vsock device (virtio ID 19) and the parent's endpoints, served over vhost-user.
 
-SPEC 4 is the contract. The enclave's guest kernel drives an rx queue (0) and a tx queue (1);
+docs/vsock.md is the contract. The enclave's guest kernel drives an rx queue (0) and a tx queue (1);
 QEMU's vhost-user-vsock-device hands only those two to the back end. The parent is CID 3, as
 on Nitro; every other destination CID (the host's 2, other enclaves) is answered with RST.
 
@@ -14,8 +14,9 @@ pumps it on the back end's loop thread; user code gets the other end.
 
 - ``device.listen(port)`` -> :class:`VsockListener` (guest connects to 3:port).
 - ``device.connect(port, timeout)`` -> socket (parent connects to guest_cid:port).
-- ``device.heartbeat(port=9000)`` -> :class:`HeartbeatListener` (SPEC 3: 0xB7 each way).
-- ``device.serve_unix_bridge(path)``: the hybrid-vsock Unix convention (SPEC 4).
+- ``device.heartbeat(port=9000)`` -> :class:`HeartbeatListener` (docs/vsock.md#heartbeat: 0xB7
+  each way).
+- ``device.serve_unix_bridge(path)``: the hybrid-vsock Unix convention (docs/vsock.md#unix-bridge).
 - ``device.close()`` releases everything.
 """
 
@@ -45,7 +46,7 @@ __all__ = [
     "Op",
 ]
 
-PARENT_CID = 3  # SPEC 3: the parent instance is CID 3 on Nitro
+PARENT_CID = 3  # docs/vsock.md#addresses: the parent instance is CID 3 on Nitro
 HEARTBEAT_PORT = 9000
 HEARTBEAT_BYTE = 0xB7
 VIRTIO_ID_VSOCK = 19
@@ -56,12 +57,12 @@ SHUTDOWN_RCV = 1
 SHUTDOWN_SEND = 2
 SHUTDOWN_BOTH = SHUTDOWN_RCV | SHUTDOWN_SEND
 
-HEADER = struct.Struct("<QQIIIHHIII")  # SPEC 4: 44 bytes little-endian
+HEADER = struct.Struct("<QQIIIHHIII")  # docs/vsock.md#packet-header: 44 bytes little-endian
 HDR_SIZE = HEADER.size
 
 
 class Op:
-    """virtio-vsock packet operations (SPEC 4)."""
+    """virtio-vsock packet operations (docs/vsock.md#operations)."""
 
     REQUEST = 1
     RESPONSE = 2
@@ -112,7 +113,7 @@ class _Conn:
         self.wr_shut = False
 
     def peer_credit(self) -> int:
-        """Bytes the guest can still take (SPEC 4, u32 wrapping arithmetic)."""
+        """Bytes the guest can still take (docs/vsock.md#credit-flow, u32 wrapping arithmetic)."""
         return (self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & 0xFFFFFFFF)) \
             & 0xFFFFFFFF if self.peer_buf_alloc else 0
 
@@ -167,7 +168,7 @@ class VsockListener:
 
 
 class HeartbeatListener(VsockListener):
-    """The parent's heartbeat endpoint (SPEC 3): read one 0xB7, answer one 0xB7.
+    """The parent's heartbeat endpoint (docs/vsock.md#heartbeat): read one 0xB7, answer one 0xB7.
 
     Served on the device's loop. ``wait(timeout) -> bool`` is true once the heartbeat was
     read and answered; ``received_at`` is its ``time.monotonic()`` and ``received_wall`` its
@@ -237,7 +238,7 @@ class HeartbeatListener(VsockListener):
 
 
 class _Bridge:
-    """The hybrid-vsock Unix bridge of one device (SPEC 4)."""
+    """The hybrid-vsock Unix bridge of one device (docs/vsock.md#unix-bridge)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -246,13 +247,14 @@ class _Bridge:
 
 
 class VsockDevice(VirtioDevice):
-    """virtio-vsock device model for the enclave with CID ``guest_cid`` (SPEC 4).
+    """virtio-vsock device model for the enclave with CID ``guest_cid`` (docs/vsock.md).
 
     ``buf_alloc``: receive buffer (bytes) advertised to the guest per connection (default
     256 KiB, Linux's default). ``trace``: called on the loop thread with one dict per packet
     (``t``, ``dir`` "rx" (to the guest) or "tx" (from the guest), header fields, ``op_name``).
     Parent-facing methods may be called from any thread. Raises NitroError(InvalidArgument)
-    for a CID the guest cannot have (0-3 or >= 2^32-1, SPEC 9).
+    for a CID the guest cannot have (0-3 or >= 2^32-1,
+    docs/vsock.md#addresses).
     """
 
     device_id = VIRTIO_ID_VSOCK
@@ -266,7 +268,7 @@ class VsockDevice(VirtioDevice):
         if not 4 <= guest_cid < 0xFFFFFFFF:
             raise NitroError(ErrorCode.InvalidArgument,
                              f"vsock guest CID {guest_cid} is invalid: enclave CIDs are 4 .. "
-                             "2^32-2 (SPEC 9)")
+                             "2^32-2 (docs/vsock.md#addresses)")
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
         self.trace = trace
@@ -285,7 +287,7 @@ class VsockDevice(VirtioDevice):
     # -- config -----------------------------------------------------------------------
 
     def get_config(self, offset: int, size: int) -> bytes:
-        """Config space: {le64 guest_cid} (SPEC 4); bytes past it read as zero."""
+        """Config space: {le64 guest_cid} (docs/vsock.md#device); bytes past it read as zero."""
         cfg = struct.pack("<Q", self.guest_cid)
         return (cfg[offset:offset + size]).ljust(size, b"\0")
 
@@ -297,7 +299,8 @@ class VsockDevice(VirtioDevice):
         return self._add_listener(VsockListener(self, port))
 
     def heartbeat(self, port: int = HEARTBEAT_PORT) -> HeartbeatListener:
-        """Serve the Nitro heartbeat on ``port`` (SPEC 3); call before QEMU starts."""
+        """Serve the Nitro heartbeat on ``port`` (docs/vsock.md#heartbeat); call before QEMU
+        starts."""
         return self._add_listener(HeartbeatListener(self, port))
 
     def _add_listener(self, lst: VsockListener) -> VsockListener:
@@ -346,7 +349,8 @@ class VsockDevice(VirtioDevice):
         return user
 
     def serve_unix_bridge(self, path: str | os.PathLike) -> None:
-        """Serve the hybrid-vsock convention on Unix socket ``path`` (SPEC 4).
+        """Serve the hybrid-vsock convention on Unix socket ``path``
+        (docs/vsock.md#unix-bridge).
 
         A parent program connects to ``path``, writes ``CONNECT <port>\\n``, reads
         ``OK <local port>\\n`` and then exchanges raw bytes with the guest's ``port`` (the
@@ -609,7 +613,8 @@ class VsockDevice(VirtioDevice):
             self.stats["dropped_bad_src"] += 1  # a guest spoofing another CID: drop
             return
         if dst_cid != PARENT_CID or typ != TYPE_STREAM:
-            # SPEC 4: only CID 3 is reachable from an enclave; no seqpacket offered.
+            # docs/vsock.md#addresses: only CID 3 is reachable from an enclave; no seqpacket
+            # offered.
             self.stats["rst_unreachable"] += 1
             if op != Op.RST:
                 self._send_rst_to(dst_cid, dst_port, src_port)
@@ -646,7 +651,8 @@ class VsockDevice(VirtioDevice):
         elif op == Op.SHUTDOWN:
             conn.guest_shut |= flags & SHUTDOWN_BOTH
             if conn.guest_shut == SHUTDOWN_BOTH:
-                # SPEC 4: a guest close (SHUTDOWN both) gets its RST at once.
+                # docs/vsock.md#shutdown-and-reset: a guest close (SHUTDOWN both) gets its RST at
+                # once.
                 self._reset(conn, send_rst=True)
                 return
             if conn.guest_shut & SHUTDOWN_SEND:
@@ -744,7 +750,8 @@ class VsockDevice(VirtioDevice):
                 except OSError:
                     s.close()
         if sock is None:
-            # SPEC 4: a REQUEST to a port nobody listens on gets RST at once.
+            # docs/vsock.md#connection-setup: a REQUEST to a port nobody listens on gets RST at
+            # once.
             self.stats["rst_unlistened"] += 1
             self._send_rst_to(PARENT_CID, local_port, peer_port)
             return

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the Nitro-style enclave kernel (issue 8, SPEC 5) from Debian's linux-source-6.12
-# (bookworm-backports): `make tinyconfig` + images/kernel/nitro.config, bzImage and nsm.ko.
+# Build the Nitro-style enclave kernel (docs/boot.md#enclave-kernels) from Debian's
+# linux-source-6.12 (bookworm-backports): `make tinyconfig` + images/kernel/nitro.config, bzImage
+# and nsm.ko.
 #
 # Cached by source version and config hash:
 #   ~/.cache/nitro-harness/kernel-<version>-<config hash>/{bzImage,nsm.ko,config,build-info.json}

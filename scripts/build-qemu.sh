@@ -3,11 +3,12 @@
 #
 # What: Debian's qemu 10.0 source (bookworm-backports deb-src), x86_64-softmmu only, with
 # vhost-user, libcbor and gnutls (so QEMU's own `nitro-enclave` machine exists as a reference),
-# plus the patches in scripts/qemu-patches/ (vhost-user-device made user-creatable: SPEC 5).
+# plus the patches in scripts/qemu-patches/ (vhost-user-device made
+# user-creatable: docs/vhost-user.md#generic-device).
 # Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-x86_64
 #        (the cache root is $NITRO_HARNESS_CACHE when set, as for the image cache).
 # Idempotent: a finished build (its .complete stamp) is reused and "cached" is printed.
-# Facts followed: shared/DESIGN.md "Environment" (packages, configure flags, edk2/bzip2 caveat).
+# Facts followed: docs/architecture.md#qemu-build (packages, configure flags, edk2/bzip2 caveat).
 #
 # Usage: scripts/build-qemu.sh [--print-dir] [--force]
 #   --print-dir  print the install directory this source tree maps to, build nothing
@@ -94,7 +95,8 @@ SRC_DIR="$CACHE/src"
 mkdir -p "$SRC_DIR"
 TARBALL="qemu_${QEMU_VERSION}+ds.orig.tar.xz"
 # The expected checksum comes from the signed Sources index (apt-cache showsrc), which is what
-# the .dsc would repeat; the .dsc itself answered 404 here (DESIGN.md Environment).
+# the .dsc would repeat; the .dsc itself answered 404 here
+# (docs/architecture.md#qemu-build).
 expected="$(apt-cache showsrc qemu 2>/dev/null | awk -v t="$TARBALL" '
     /^Checksums-Sha256:/ {inside=1; next}
     /^[^ ]/ {inside=0}
@@ -126,7 +128,7 @@ for p in "$PATCH_DIR"/*.patch; do
     patch -d "$SRC" -p1 --forward --quiet < "$p" || die "patch $(basename "$p") does not apply to qemu $QEMU_VERSION"
 done
 # Debian's +ds tarball has no firmware blobs; the edk2 unpack step still runs whenever bzip2 is on
-# PATH and then fails, so switch it off (DESIGN.md Environment).
+# PATH and then fails, so switch it off (docs/architecture.md#qemu-build).
 sed -i 's/^\( *\)unpack_edk2_blobs = bzip2.found()$/\1unpack_edk2_blobs = false/' "$SRC/meson.build"
 grep -q 'unpack_edk2_blobs = bzip2.found()' "$SRC/meson.build" && die "could not disable the edk2 blob unpack in meson.build"
 

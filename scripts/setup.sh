@@ -8,7 +8,8 @@
 #
 # Steps (each logged to stderr; a failure names its step and exits non-zero):
 #   sources   on Debian bookworm add bookworm-backports (deb + deb-src) if missing; never
-#             another release's binary (deb) lines (DESIGN.md Environment: they pull in a new libc)
+#             another release's binary (deb) lines (docs/architecture.md#qemu-and-kernels:
+#             they pull in a new libc)
 #   packages  host tools + QEMU build dependencies via apt (only the missing ones)
 #   qemu      scripts/build-qemu.sh (cached under ~/.cache/nitro-harness/qemu-<ver>-<patch hash>/)
 #   python    pip install -e '.[test]' with $PYTHON (skipped while pyproject.toml is unchanged);
@@ -81,7 +82,7 @@ as_root() {
 # ramdisks and kernel modules, openssl for the PKI tests, qboot from qemu-system-data). Debian's
 # qemu-system-x86 is deliberately NOT installed: the harness runs its own patched build.
 HOST_PACKAGES=(build-essential cpio openssl qemu-system-data xz-utils zstd kmod file python3-venv)
-# QEMU build dependencies (DESIGN.md Environment, checked in a clean bookworm).
+# QEMU build dependencies (docs/architecture.md#qemu-build, checked in a clean bookworm).
 QEMU_BUILD_PACKAGES=(ninja-build pkg-config libglib2.0-dev libpixman-1-dev libcbor-dev
                      libgnutls28-dev libfdt-dev flex bison patch)
 # What scripts/build-kernel.sh needs beyond those (bc for the build, libelf for objtool, OpenSSL

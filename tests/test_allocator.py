@@ -1,4 +1,5 @@
-"""CPU pool and memory rules of run-enclave (SPEC 9), with nitro-cli's error codes."""
+"""CPU pool and memory rules of run-enclave, with nitro-cli's error codes
+(docs/nitro-cli.md#validation-rules)."""
 
 import pytest
 

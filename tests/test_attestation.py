@@ -88,7 +88,8 @@ def test_aws_document_verifies_at_its_timestamp_and_is_expired_today(name):
     assert doc.debug_mode is debug
     assert sorted(doc.pcrs) == list(range(16))
     assert doc.root.fingerprint(hashes.SHA256()).hex().startswith("641a0321")
-    # SPEC 2: debug documents zero PCR0-2 and keep PCR3/4 (set here: the parent has a role).
+    # docs/pcrs.md#debug-mode: debug documents zero PCR0-2 and keep PCR3/4 (set here: the parent
+    # has a role).
     if debug:
         assert doc.pcrs[0] == doc.pcrs[1] == doc.pcrs[2] == bytes(48)
         assert any(doc.pcrs[3]) and any(doc.pcrs[4])
@@ -100,7 +101,8 @@ def test_aws_document_verifies_at_its_timestamp_and_is_expired_today(name):
 
 
 def test_aws_documents_include_high_s_signatures():
-    # Verifiers must not require low-S (SPEC 7): two of the four real signatures are high-S.
+    # Verifiers must not require low-S (docs/attestation.md#signature): two of the four real
+    # signatures are high-S.
     high = [n for n in AWS_DOCUMENTS if int.from_bytes(cbor2.loads(_aws(n))[3][48:], "big") > P384_ORDER // 2]
     assert len(high) == 2
     for name in high:
@@ -193,7 +195,8 @@ def _openssl_chain(tmp_path: Path, root: x509.Certificate, doc) -> None:
 
 
 def _openssl_signature(tmp_path: Path, data: bytes) -> subprocess.CompletedProcess:
-    """Check a COSE_Sign1 ES384 signature with openssl, building Sig_structure by hand (SPEC 7)."""
+    """Check a COSE_Sign1 ES384 signature with openssl, building Sig_structure by hand
+    (docs/attestation.md#signature)."""
     protected, _, payload, signature = cbor2.loads(data)
     assert len(payload) > 0xFF
     signed = b"\x84\x6aSignature1" + b"\x44" + protected + b"\x40" + b"\x59" + len(payload).to_bytes(2, "big") + payload
@@ -311,7 +314,8 @@ def test_structure_algorithm_and_fields(pki):
     assert _check(cbor2.dumps([b"", {}, b""]), roots=roots) == "structure"
     data = build_document(pki, module_id=MODULE_ID, pcrs=PCRS)
     protected, unprotected, payload, signature = cbor2.loads(data)
-    # QEMU's virtio-nsm: {1: -1} and 64 zero bytes for signature and certificate (SPEC 7).
+    # QEMU's virtio-nsm: {1: -1} and 64 zero bytes for signature and certificate
+    # (docs/attestation.md#qemu-documents).
     qemu = cbor2.dumps([bytes.fromhex("a10120"), {}, payload, bytes(64)])
     assert _check(qemu, roots=roots) == "algorithm"
     assert _check(cbor2.dumps([bytes.fromhex("a10126"), {}, payload, signature]), roots=roots) == "algorithm"
@@ -441,7 +445,7 @@ def test_cli_attest_then_verify(capsys, tmp_path, tiny_eif):
     assert status == 0, err
     doc = json.loads(out)
     assert doc["nonce"] == "00ff" and doc["user_data"] == "abcd" and doc["public_key"] == b"\x30\x82pubkey".hex()
-    # SPEC 2 check values for PCR3 and PCR4.
+    # Check values for PCR3 and PCR4 (docs/pcrs.md#parent-pcrs).
     assert doc["pcrs"]["3"].startswith("78fce75db17cd4e0") and doc["pcrs"]["4"].startswith("08f996b5d43e047a")
     assert doc["payload_map"] == "indefinite"
     # Wrong PCR, wrong root, debug mode: one line naming the check, exit 59.

@@ -81,18 +81,18 @@ def test_build_from_rootfs_layout_and_pcrs(tmp_path, blobs, rootfs, capsys):
     m = json.loads(meta)
     assert (m["ImageName"], m["ImageVersion"]) == ("hello", "0.3")
     assert m["BuildMetadata"]["KernelVersion"] == "6.12.9-harness"
-    # PCRs recomputed here from the raw sections (SPEC 2).
+    # PCRs recomputed here from the raw sections (docs/pcrs.md#image-pcrs).
     pcrs = doc["Measurements"]
     assert pcrs["PCR0"] == ext(hashlib.sha384(kernel + cmdline + boot + cust).digest()).hex()
     assert pcrs["PCR1"] == ext(hashlib.sha384(kernel + cmdline + boot).digest()).hex()
     assert pcrs["PCR2"] == ext(hashlib.sha384(cust).digest()).hex()
-    # SPEC 3 bootstrap ramdisk.
+    # Bootstrap ramdisk (docs/boot.md#bootstrap-ramdisk).
     b = {r.name: r for r in read_cpio(boot)}
     assert list(b) == ["dev", "init", "nsm.ko"]
     assert b["init"].data == (blobs / "init").read_bytes() and b["init"].mode == 0o100755
     assert b["nsm.ko"].data == (blobs / "nsm.ko").read_bytes() and b["nsm.ko"].mode == 0o100755
     assert b["dev"].mode == 0o40755 and b["dev"].mtime == 1492533000
-    # SPEC 3 customer ramdisk.
+    # Customer ramdisk (docs/boot.md#customer-ramdisk).
     c = {r.name: r for r in read_cpio(cust)}
     assert c["cmd"].data == b"/bin/hello\ntwo words\n" and c["cmd"].mode == 0o100644
     assert c["env"].data == b"A=1\nB=x y\n"

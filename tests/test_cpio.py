@@ -1,4 +1,5 @@
-"""Deterministic newc writer/reader: linuxkit's header details (SPEC 3), byte for byte."""
+"""Deterministic newc writer/reader: linuxkit's header details, byte for byte
+(docs/boot.md#archive-format)."""
 
 import io
 import os
@@ -85,7 +86,7 @@ def test_streamed_source_and_directory_walk_with_hard_link(tmp_path):
     assert recs["rootfs/bin/tool"].data == big
     assert stat.S_IMODE(recs["rootfs/bin/tool"].mode) == 0o750
     assert recs["rootfs/bin/tool"].mtime == 1600000000
-    # SPEC 3: hard links become relative symlinks.
+    # docs/boot.md#image-changes: hard links become relative symlinks.
     assert recs["rootfs/bin/tool-alias"].is_symlink
     assert recs["rootfs/bin/tool-alias"].data == b"tool"
     assert recs["rootfs/bin/sym"].data == b"tool"

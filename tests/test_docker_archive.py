@@ -1,4 +1,5 @@
-"""docker save and OCI image-layout tarballs -> root filesystem, Cmd/Entrypoint, Env (SPEC 3).
+"""docker save and OCI image-layout tarballs -> root filesystem, Cmd/Entrypoint, Env
+(docs/boot.md#customer-ramdisk).
 
 The tarballs are made here with tarfile, in the exact layouts Docker and OCI define."""
 
@@ -126,7 +127,7 @@ def check_rootfs(entries):
     assert (by["bin/app"].source.read_bytes()) == b"#!/bin/sh\necho two\n"  # upper layer wins
     assert (by["bin/app"].uid, by["bin/app"].gid, by["bin/app"].mtime) == (1000, 50, 1600000000)
     assert stat.S_IMODE(by["bin/app"].mode) == 0o755
-    # SPEC 3: hard links become relative symlinks.
+    # docs/boot.md#image-changes: hard links become relative symlinks.
     assert stat.S_ISLNK(by["bin/app-hard"].mode) and by["bin/app-hard"].data == b"app"
     assert "etc/old.conf" not in by  # whiteout
     assert "data/lower1" not in by and "data/lower2" not in by  # opaque directory

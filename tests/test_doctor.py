@@ -1,6 +1,6 @@
 """harness.doctor: the accelerator decision and the report, on faked /proc, /sys and /dev.
 
-The decision rule (DESIGN.md Environment, issue 3): KVM only when /dev/kvm opens AND the CPU
+The decision rule (docs/architecture.md#accelerator): KVM only when /dev/kvm opens AND the CPU
 exposes vmx or svm AND a probe boot succeeds; else TCG with the reason. Decision tests pass a
 ``probe`` stand-in only where the rule says a probe would run, and one that fails the test if
 called where it must not. Report tests use the real patched QEMU when it is built.
@@ -233,7 +233,8 @@ def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:
 
 
 def test_real_host_decision_follows_the_rule(built_qemu: Path) -> None:
-    """On this machine: no vmx/svm -> TCG whatever /dev/kvm does (DESIGN.md Environment)."""
+    """On this machine: no vmx/svm -> TCG whatever /dev/kvm does
+    (docs/architecture.md#accelerator)."""
     from harness.host import kvm_status
     kvm = kvm_status()
     accel, reason = doctor.choose_accelerator(qemu.probe_qemu(built_qemu), kvm)

@@ -1,4 +1,4 @@
-"""Faults end the enclave with a clear error and clean up; none hangs a test (issue 4).
+"""Faults end the enclave with a clear error and clean up; none hangs a test.
 
 Killing QEMU, a guest kernel panic, an init that never sends the heartbeat, and a vhost-user
 back end that crashes, each on a real TCG boot.

@@ -1,4 +1,4 @@
-"""nitro-cli lifecycle through the real command line and real QEMU boots (issue 4, SPEC 9).
+"""nitro-cli lifecycle through the real command line and real QEMU boots (docs/nitro-cli.md).
 
 run-enclave returns nitro-cli's JSON after the heartbeat; describe-enclaves shows the enclave
 RUNNING with the EIF's PCRs; console shows the hello lines; terminate-enclave removes it and

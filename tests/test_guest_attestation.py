@@ -1,7 +1,7 @@
 """A production-mode (not debug) enclave asks its NSM for a document through the PyPI
 `aws-nsm-interface` package and hands it to the parent over vsock; the harness verifier accepts
-it with PCR0-2 equal to describe-eif (issue 5). Without debug mode there is no console, so the
-application itself ships the document, as a real enclave application would.
+it with PCR0-2 equal to describe-eif (docs/nsm.md#clients). Without debug mode there is no
+console, so the application itself ships the document, as a real enclave application would.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Real clients inside a booted `python` enclave: vsock integrity and the NSM (issues 4 and 5).
+"""Real clients inside a booted `python` enclave: vsock integrity and the NSM.
 
 One enclave is booted for the module (a TCG boot costs seconds) and shared by the tests, which
 run in an order that keeps them independent: NSM PCR state is only read before the self-check
@@ -187,7 +187,8 @@ def test_nsm_from_the_guest_with_aws_nsm_interface(guest, pki):
         expect=Expectations(nonce=bytes.fromhex("0a0b0c"), user_data=bytes.fromhex("cafe"), allow_debug=True),
     )
     assert document.module_id == guest.enclave_id
-    # Debug mode: PCR0-2 are zero in documents while DescribePCR shows the EIF's values (SPEC 2).
+    # Debug mode: PCR0-2 are zero in documents while DescribePCR shows the EIF's values
+    # (docs/pcrs.md#debug-mode).
     assert document.pcrs[0] == bytes(48) and document.pcrs[1] == bytes(48) and document.pcrs[2] == bytes(48)
     assert document.pcrs[3] == pcr_for_role_arn(ROLE)
     assert document.pcrs[4] == pcr_for_instance_id(INSTANCE)

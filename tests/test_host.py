@@ -114,7 +114,8 @@ def test_single_core_gives_empty_pool(tmp_path: Path) -> None:
 
 
 def test_pool_is_whole_cores(tmp_path: Path) -> None:
-    """Every CPU in the pool brings all its online siblings (SPEC 9: full cores)."""
+    """Every CPU in the pool brings all its online siblings (full cores:
+    docs/nitro-cli.md#cpu-pool)."""
     fake_cpus(tmp_path, interleaved(8, 2))
     pool = set(host.default_enclave_pool(tmp_path))
     for cpu in host.cpu_topology(tmp_path):

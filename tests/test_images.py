@@ -1,4 +1,4 @@
-"""Image recipes and builds (issue 3 item 2): the hello EIF entry by entry, the caches, the
+"""Image recipes and builds: the hello EIF entry by entry, the caches, the
 docker-archive and directory applications, recipe errors.
 
 Uses the package cache that ``scripts/setup.sh`` fills (it builds hello); expected values are
@@ -92,7 +92,8 @@ def test_hello_sections_and_pcrs(hello):
     cmdline = _section_bytes(eif, eif.cmdline_section)
     rd = [_section_bytes(eif, r) for r in eif.ramdisks]
     assert len(rd) == 2 and not eif.is_signed
-    assert cmdline == AWS_CMDLINE.encode()  # SPEC 3, no trailing NUL (SPEC 1)
+    assert cmdline == AWS_CMDLINE.encode()  # docs/boot.md#kernel-command-line, no trailing NUL
+    # (docs/eif-format.md#command-line-section)
     # bzImage: boot protocol magic "HdrS" at 0x202 (Linux x86 boot protocol).
     assert kernel[0x202:0x206] == b"HdrS"
     pcr0 = _ext(hashlib.sha384(kernel + cmdline + rd[0] + rd[1]).digest())
@@ -116,7 +117,7 @@ def test_hello_bootstrap_ramdisk(hello):
     assert set(boot) == expected
     assert boot["dev"].mode == stat.S_IFDIR | 0o755
     assert boot["init"].mode == stat.S_IFREG | 0o755
-    assert boot["nsm.ko"].mode == stat.S_IFREG | 0o755  # SPEC 3
+    assert boot["nsm.ko"].mode == stat.S_IFREG | 0o755  # docs/boot.md#bootstrap-ramdisk
     assert boot["modules/order"].mode == stat.S_IFREG | 0o644
     assert all(r.uid == 0 and r.gid == 0 for r in boot.values())
     order = boot["modules/order"].data.decode().splitlines()
@@ -156,7 +157,7 @@ def test_hello_customer_ramdisk(hello):
     for applet in ("bin/sh", "bin/sleep", "usr/bin/printf"):
         r = cust[f"rootfs/{applet}"]
         assert stat.S_ISLNK(r.mode) and r.data == b"/bin/busybox", applet
-    # linuxkit's changes (SPEC 3).
+    # linuxkit's changes (docs/boot.md#image-changes).
     assert cust["rootfs/etc/resolv.conf"].data == b"/run/resolvconf/resolv.conf"
     assert cust["rootfs/etc/mtab"].data == b"/proc/mounts"
     hello_sh = cust["rootfs/usr/bin/hello"]
@@ -310,7 +311,7 @@ def test_docker_archive_recipe(hello, tmp_path):
     try:
         eif = read_eif(img.path)
         cust = {r.name: r for r in read_cpio(_section_bytes(eif, eif.ramdisks[1]))}
-        # Cmd wins over Entrypoint; Env as the image has it (SPEC 3).
+        # Cmd wins over Entrypoint; Env as the image has it (docs/boot.md#cmd-and-env).
         assert cust["cmd"].data == b"/app/run.sh\n"
         assert cust["env"].data == b"PATH=/usr/bin:/bin\nGREETING=hi\n"
         run = cust["rootfs/app/run.sh"]
@@ -511,7 +512,8 @@ def test_prebuilt_kernel_directory_recipe(hello, tmp_path):
     try:
         eif = read_eif(img.path)
         boot = {r.name: r for r in read_cpio(_section_bytes(eif, eif.ramdisks[0]))}
-        assert set(boot) == {"dev", "init", "nsm.ko"}  # SPEC 3: nitro-cli's bootstrap ramdisk
+        # nitro-cli's bootstrap ramdisk (docs/boot.md#bootstrap-ramdisk)
+        assert set(boot) == {"dev", "init", "nsm.ko"}
         assert boot["nsm.ko"].data == boot0["nsm.ko"].data + b"kernel-b"
         assert img.info["Kernel"]["release"] == "6.12-kernel-b"
         assert img.info["Kernel"]["directory"] == str(tmp_path / "kernel-b")

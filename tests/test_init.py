@@ -1,10 +1,10 @@
-"""The enclave's init (issue 3 item 1, SPEC 3): a static binary, reproducible, and booting.
+"""The enclave's init (docs/boot.md#init): a static binary, reproducible, and booting.
 
 The build checks read the ELF program headers with ``struct`` (independently of the
 builder's own pyelftools check). The boot tests run the hello image and small variants on a
 real QEMU through the enclave engine and check, from the console alone, that init performs
-SPEC 3's steps in order, sends the heartbeat, runs the application and ends the VM when the
-application exits.
+its steps (docs/boot.md#init) in order, sends the heartbeat, runs the application and ends the
+VM when the application exits.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def test_init_is_static():
     init = recipes.build_init()
     types = _program_header_types(init)
     assert types, "no program headers"
-    assert PT_INTERP not in types and PT_DYNAMIC not in types  # SPEC 3: dynamic init cannot boot
+    # docs/boot.md#bootstrap-ramdisk: a dynamically linked init cannot boot.
+    assert PT_INTERP not in types and PT_DYNAMIC not in types
     assert recipes.elf_interpreter(init) is None
     # The builder's check does see an interpreter where there is one.
     dynamic = Path(shutil.which("true") or "/bin/true").resolve()
@@ -62,13 +63,15 @@ def test_init_carries_its_log_prefix_and_search_path():
     data = recipes.build_init().read_bytes()
     # (The "nitro-init: " prefix itself is inlined by gcc as immediates; the boots check it.)
     assert b"fatal: %s; ending the enclave" in data
-    assert b"/sbin:/usr/sbin:/bin:/usr/bin" in data  # SPEC 3's search path for argv[0]
+    # init's search path for argv[0] (docs/boot.md#init).
+    assert b"/sbin:/usr/sbin:/bin:/usr/bin" in data
     assert b"/modules/order" in data and b"/nsm.ko" in data
 
 
 # --- boots -------------------------------------------------------------------------------
 
-#: init's console lines in SPEC 3's order for the hello image (modules first: Debian kernel).
+#: init's console lines in the order of docs/boot.md#init for the hello image (modules first:
+#: Debian kernel).
 _HELLO_STEPS = [
     r"nitro-init: started \(pid 1\)",
     r"nitro-init: mounted devtmpfs on /dev, console on stdio",
@@ -126,7 +129,7 @@ def _boot(tmp_path: Path, run_dir: Path, eif: Path, memory_mib: int = 256):
         registry=Registry(run_dir), artifacts_dir=tmp_path / "art")
 
 
-def test_hello_boot_follows_spec3_order(tmp_path, short_run_dir):
+def test_hello_boot_follows_init_order(tmp_path, short_run_dir):
     """Every init step appears once, in order; the hello application then prints its lines.
 
     On Debian's kernel, whose vsock and virtio-mmio drivers are modules, so the modules/ step
@@ -158,7 +161,8 @@ def test_hello_boot_follows_spec3_order(tmp_path, short_run_dir):
 
 
 def test_app_exit_reboots_and_ends_the_enclave(tmp_path, short_run_dir):
-    """The application's exit status is logged, init reboots, the VM ends (SPEC 3)."""
+    """The application's exit status is logged, init reboots, the VM ends
+    (docs/boot.md#enclave-end)."""
     built = recipes.build("hello", cmd=["sh", "-c", "echo app-ran-with-$0; exit 3"],
                           env=["A=1", "B=2"])
     try:
@@ -167,7 +171,7 @@ def test_app_exit_reboots_and_ends_the_enclave(tmp_path, short_run_dir):
             assert enclave.wait(60), "the enclave did not end after the application exited"
             text = enclave.console.text()
             assert "nitro-init: read /env: 2 variable(s)" in text
-            # argv[0] 'sh' was searched in SPEC 3's path and found as /bin/sh.
+            # argv[0] 'sh' was searched in init's path (docs/boot.md#init) and found as /bin/sh.
             assert "nitro-init: starting application: 'sh' '-c'" in text
             assert "app-ran-with-sh" in text
             assert "nitro-init: application exited with status 3; rebooting" in text
@@ -197,7 +201,7 @@ def test_missing_program_is_reported_and_ends_the_enclave(tmp_path, short_run_di
 
 def test_init_path_on_nitro_kernel(tmp_path, short_run_dir):
     """With drivers built in (AWS's blobs, the harness's kernel) init skips modules/ and the
-    rest of SPEC 3's order is unchanged."""
+    rest of init's order (docs/boot.md#init) is unchanged."""
     enclave = _boot(tmp_path, short_run_dir, recipes.build_image("hello"))
     try:
         enclave.console.expect(r"\[   1\] Hello from the enclave side!", timeout=60)

@@ -1,4 +1,5 @@
-"""Machine layout per kernel: embedded configuration read from a bzImage (issue 8 item 2)."""
+"""Machine layout per kernel: embedded configuration read from a bzImage
+(docs/boot.md#choosing-a-layout)."""
 
 import gzip
 
@@ -43,8 +44,8 @@ def test_explicit_layout_wins_and_bad_names_fail(tmp_path):
 
 
 def test_explicit_layout_reaches_the_engine_from_cli_and_scenarios(tmp_path):
-    # Issue 8 item 2: the layout is chosen per EIF, or by an explicit option (run-enclave
-    # --layout, a scenario's enclave.layout, EnclaveConfig(layout=...)).
+    # The layout is chosen per EIF, or by an explicit option (docs/boot.md#choosing-a-layout:
+    # run-enclave --layout, a scenario's enclave.layout, EnclaveConfig(layout=...)).
     from harness import scenario as scn
     from harness.cli import build_parser
     from harness.cli.enclave_commands import _config_from_args

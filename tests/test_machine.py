@@ -1,4 +1,5 @@
-"""QEMU command line shaped like a Nitro enclave (DESIGN 5, SPEC 3/5)."""
+"""QEMU command line shaped like a Nitro enclave (docs/architecture.md#faithfulness,
+point 5; docs/boot.md#qemu-machine)."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""NSM codec (SPEC 6 golden vectors), state machine (AWS's self-check), API and fault injection."""
+"""NSM codec (golden vectors, docs/nsm.md#encoding), state machine (AWS's self-check), API and
+fault injection."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from harness.nsm import (
 from harness.pcr import Measurements
 from harness.pki import Pki
 
-# SPEC 6: hex of the CBOR the Rust reference (nsm-api) produces.
+# docs/nsm.md#encoding: hex of the CBOR the Rust reference (nsm-api) produces.
 REQUEST_VECTORS = [
     (DescribePCR(index=3), "a16b4465736372696265504352a165696e64657803"),
     (ExtendPCR(index=4, data=bytes([1, 2, 3])), "a169457874656e64504352a265696e64657804646461746143010203"),
@@ -78,7 +79,7 @@ def _sha384(data: bytes) -> bytes:
 
 
 def _ext(data: bytes) -> bytes:
-    # SPEC 2, computed here independently of harness.pcr.
+    # docs/pcrs.md#extend-rule, computed here independently of harness.pcr.
     return _sha384(bytes(48) + data)
 
 
@@ -153,7 +154,7 @@ def test_request_over_0x1000_is_input_too_large(device):
 
 
 def test_self_check_like_aws(device):
-    """The state machine as AWS's nsm-check exercises it (SPEC 6)."""
+    """The state machine as AWS's nsm-check exercises it (docs/nsm.md)."""
     desc = call(device, DescribeNSM())
     assert desc == DescribeNSMResponse(1, 0, 0, MODULE_ID, 32, list(range(16)), "SHA384")
     # 0-15 locked at boot: DescribePCR says so, ExtendPCR and LockPCR fail.
@@ -162,7 +163,8 @@ def test_self_check_like_aws(device):
         assert resp.lock is True
         assert call(device, ExtendPCR(index, b"x")) == ErrorResponse(NsmErrorCode.ReadOnlyIndex)
         assert call(device, LockPCR(index)) == ErrorResponse(NsmErrorCode.ReadOnlyIndex)
-    # Boot values: PCR0/1/2/8 from the EIF, PCR3/4 from the parent (SPEC 2 check values).
+    # Boot values: PCR0/1/2/8 from the EIF, PCR3/4 from the parent (check values of
+    # docs/pcrs.md#parent-pcrs).
     assert call(device, DescribePCR(0)).data == MEASUREMENTS.pcr0
     assert call(device, DescribePCR(8)).data == MEASUREMENTS.pcr8
     assert call(device, DescribePCR(3)).data.hex() == (
@@ -212,7 +214,8 @@ def test_attestation_document_carries_request_and_state(device, pki):
         expect=Expectations(pcrs={0: MEASUREMENTS.pcr0, 8: MEASUREMENTS.pcr8}, nonce=b"nonce-1", user_data=b"ud", public_key=b"pk"),
     )
     assert doc.module_id == MODULE_ID
-    assert sorted(doc.pcrs) == list(range(16))  # PCR16 is not in documents (SPEC 7)
+    # PCR16 is not in documents (docs/attestation.md#payload).
+    assert sorted(doc.pcrs) == list(range(16))
     assert ext.data not in doc.pcrs.values()
     assert doc.pcrs[1] == MEASUREMENTS.pcr1 and doc.pcrs[2] == MEASUREMENTS.pcr2
     assert doc.pcrs[3] == _ext(ROLE.encode()) and doc.pcrs[4] == _ext(INSTANCE.encode())
@@ -241,7 +244,8 @@ def test_strict_mode_limits_attestation_fields(pki):
     lenient = Nsm(NsmState(MEASUREMENTS, module_id=MODULE_ID), pki)
     strict = Nsm(NsmState(MEASUREMENTS, module_id=MODULE_ID, strict=True), pki)
     big = Attestation(nonce=bytes(1025))
-    # The real NSM signed a 1025-byte nonce (SPEC 6); strict mode follows the documentation.
+    # The real NSM signed a 1025-byte nonce (docs/nsm.md#limits); strict mode follows the
+    # documentation.
     assert isinstance(call(lenient, big), AttestationResponse)
     assert call(strict, big) == ErrorResponse(NsmErrorCode.InvalidArgument)
     assert isinstance(call(strict, Attestation(nonce=bytes(512))), AttestationResponse)

@@ -1,5 +1,5 @@
 """The NSM virtio device over vhost-user, driven by the fake QEMU front end as the Linux nsm
-driver drives it (SPEC 5/6: request and 0x3000 response buffer as two chains)."""
+driver drives it (docs/nsm.md#device: request and 0x3000 response buffer as two chains)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def send(queue, requests: list[bytes], timeout: float = 10.0) -> list[bytes]:
     used = {head: (length, data) for head, length, data in queue.collect()}
     out = []
     for req_head, resp_head in heads:
-        assert used[req_head][0] == 0  # request returned with length 0, SPEC 5
+        assert used[req_head][0] == 0  # request returned with length 0, docs/nsm.md#device
         length, data = used[resp_head]
         assert length == len(data) > 0
         out.append(data)
@@ -111,7 +111,7 @@ def test_two_chain_commands_round_trip(served):
 
 
 def test_hwrng_burst_of_get_random(served):
-    # The kernel's nsm-hwrng issues a burst of GetRandom at boot (7 seen, SPEC 5).
+    # The kernel's nsm-hwrng issues a burst of GetRandom at boot (7 seen, docs/nsm.md#device).
     _, _, _, _, queue = served
     answers = send(queue, [encode_request(GetRandom())] * 7)
     randoms = [cbor2.loads(a)["GetRandom"]["random"] for a in answers]
@@ -198,7 +198,7 @@ NSM_TOOL = Path(__file__).resolve().parent.parent / "images" / "guest" / "nsm_to
 def nsm_client(served, monkeypatch):
     """aws-nsm-interface with only the kernel's part replaced: its ioctl goes through the device
     the way the Linux nsm driver does it (request chain + 0x3000 response chain), and the
-    response length is written back into the caller's iovec (SPEC 6)."""
+    response length is written back into the caller's iovec (docs/nsm.md#device)."""
     aws_nsm_interface = pytest.importorskip("aws_nsm_interface")
     from ioctl_opt import IOC, IOC_READ, IOC_WRITE
 

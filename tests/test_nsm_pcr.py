@@ -1,4 +1,4 @@
-"""nsm-pcr (images/nsm-pcr): the static DescribePCR tool of the busybox images (issue 8).
+"""nsm-pcr (images/nsm-pcr): the static DescribePCR tool of the busybox images.
 
 No boot here (tests/test_qemu_cross_check.py boots hello and reads its lines on QEMU's NSM):
 the build is static and reproducible, the hello images carry it and run it before their

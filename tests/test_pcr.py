@@ -1,4 +1,5 @@
-"""PCR arithmetic against SPEC 2's check values and independently computed hashes."""
+"""PCR arithmetic against the check values of docs/pcrs.md#parent-pcrs and independently
+computed hashes."""
 
 import hashlib
 
@@ -7,15 +8,15 @@ import pytest
 from harness import pcr
 
 
-def test_pcr3_role_arn_spec_example():
-    # SPEC 2 check value for PCR3.
+def test_pcr3_role_arn_check_value():
+    # Check value for PCR3 (docs/pcrs.md#parent-pcrs).
     assert pcr.pcr_for_role_arn("arn:aws:iam::123456789012:role/Webserver").hex() == (
         "78fce75db17cd4e0a3fb8dad3ad128ca5e77edbb2b2c7f75329dccd99aa5f6ef"
         "4fc1f1a452e315b9e98f9e312e6921e6")
 
 
-def test_pcr4_instance_id_spec_example():
-    # SPEC 2 check value for PCR4.
+def test_pcr4_instance_id_check_value():
+    # Check value for PCR4 (docs/pcrs.md#parent-pcrs).
     assert pcr.pcr_for_instance_id("i-1234567890abcdef0").hex() == (
         "08f996b5d43e047a9eb51e7f548bfee7e164fd7dc8f65541f2ac09d6545ac812"
         "719327281c401a67a10fcba87ae79ce0")

@@ -1,4 +1,5 @@
-"""vsock-proxy (SPEC 8): allowlist rules, byte forwarding, worker limit, TLS end to end, CLI."""
+"""vsock-proxy (docs/kms.md#vsock-proxy): allowlist rules, byte forwarding, worker limit, TLS end
+to end, CLI."""
 
 from __future__ import annotations
 

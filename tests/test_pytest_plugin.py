@@ -217,7 +217,7 @@ def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
 
 @pytest.mark.slow
 def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pytester, monkeypatch):
-    """A real boot of the hello image with a wrong expected text (issue 6, "Must show")."""
+    """A real boot of the hello image with a wrong expected text."""
     scenario_file(pytester, "broken.yaml", """
         name: broken
         image: hello

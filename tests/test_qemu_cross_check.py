@@ -1,5 +1,4 @@
-"""Cross-check against an independent implementation: QEMU's own ``nitro-enclave`` machine
-(issue 8, item 3).
+"""Cross-check against an independent implementation: QEMU's own ``nitro-enclave`` machine.
 
 QEMU's machine loads the EIF itself (``-kernel`` takes the EIF), measures it with its own EIF
 loader and serves PCR0-2 through its own unsigned virtio-nsm device; the harness only serves

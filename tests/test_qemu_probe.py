@@ -105,9 +105,10 @@ def test_probe_disk_cache_is_read_and_invalidated(built_qemu: Path, tmp_path: Pa
     assert json.loads(stored[0].read_text())["info"]["version"] == [10, 0, 2]
 
 
-def test_refusal_reads_as_spec_says(built_qemu: Path) -> None:
+def test_refusal_reads_as_documented(built_qemu: Path) -> None:
     """vhost-user-device-pci keeps user_creatable = false in the patched build: QEMU's real
-    refusal must be recognised (SPEC 5: "Parameter 'driver' expects a pluggable device type")."""
+    refusal must be recognised (docs/vhost-user.md#generic-device: "Parameter 'driver' expects a
+    pluggable device type")."""
     creatable, answer = qemu.device_creatable(built_qemu, "vhost-user-device-pci",
                                               "chardev=probe0,virtio-id=33")
     assert not creatable
@@ -117,7 +118,8 @@ def test_refusal_reads_as_spec_says(built_qemu: Path) -> None:
 
 
 def test_help_lists_options_even_for_refused_device(built_qemu: Path) -> None:
-    """Why the probe creates the device: `,help` answers for a refused class too (SPEC 5)."""
+    """Why the probe creates the device: `,help` answers for a refused class too
+    (docs/vhost-user.md#generic-device)."""
     out = subprocess.run([str(built_qemu), "-device", "vhost-user-device-pci,help"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "virtio-id" in out.stdout
@@ -242,8 +244,8 @@ def test_probe_rom_reset_vector() -> None:
 
 
 def test_probe_boot_kvm_without_vmx_fails(built_qemu: Path) -> None:
-    """DESIGN.md Environment: a /dev/kvm that opens on a CPU without vmx/svm (a paravirtual
-    KVM) cannot run a stock kernel; the probe's VEX instruction must expose that. Only
+    """docs/architecture.md#accelerator: a /dev/kvm that opens on a CPU without vmx/svm (a
+    paravirtual KVM) cannot run a stock kernel; the probe's VEX instruction must expose that. Only
     meaningful on such a host."""
     from harness.host import kvm_status
     kvm = kvm_status()

@@ -1,4 +1,5 @@
-"""Runtime directory records: slots, CID auto-assignment and validation (SPEC 9)."""
+"""Runtime directory records: slots, CID auto-assignment and validation
+(docs/nitro-cli.md#validation-rules)."""
 
 import os
 import subprocess

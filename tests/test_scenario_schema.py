@@ -1,7 +1,7 @@
 """Scenario schema, loading with file:line errors, matrix expansion, and the runner without QEMU.
 
-Each malformed scenario is checked one by one for the exact ``file:line: key: rule`` message
-(issue 6, "Must show"). Runner tests here use failures the engine detects before QEMU starts
+Each malformed scenario is checked one by one for the exact ``file:line: key: rule`` message.
+Runner tests here use failures the engine detects before QEMU starts
 (missing EIF, corrupt EIF, memory below 4 x EIF size), so they drive the real engine without a
 boot; booting scenarios run from scenarios/ (pytest scenarios/) and tests/test_pytest_plugin.py.
 """
@@ -329,8 +329,8 @@ def test_matrix_list_of_cases_and_top_level_keys(tmp_path):
 
 
 def test_kernels_run_each_case_on_the_debian_twin_of_its_image(tmp_path):
-    # Issue 8: every scenario on both kernels. The debian case boots <image>-debian; an eif:
-    # scenario and an image that already names its kernel run once.
+    # Every scenario on both kernels (docs/scenarios.md#kernels). The debian case boots
+    # <image>-debian; an eif: scenario and an image that already names its kernel run once.
     path = write(tmp_path, """
         name: a
         image: python
@@ -506,7 +506,8 @@ def test_runner_boot_failure_is_a_step_failure(tmp_path):
 def test_runner_memory_below_four_times_the_eif_is_e26(tmp_path):
     from harness.eif import write_eif
 
-    # 17 MiB of ramdisk: 4 x the EIF size is above the 64 MiB asked for (SPEC 9: E26).
+    # 17 MiB of ramdisk: 4 x the EIF size is above the 64 MiB asked for (E26:
+    # docs/nitro-cli.md#validation-rules).
     write_eif(tmp_path / "big.eif", b"\0" * 4096, "console=ttyS0", [b"\0" * (17 << 20)], None)
     result = run_case(tmp_path, """
         eif: big.eif

@@ -1,4 +1,4 @@
-"""vhost-user back end (harness.vhost_user) driven by a fake QEMU front end (SPEC 5)."""
+"""vhost-user back end (harness.vhost_user) driven by a fake QEMU front end (docs/vhost-user.md)."""
 
 from __future__ import annotations
 

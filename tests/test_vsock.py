@@ -1,5 +1,5 @@
 """virtio-vsock device (harness.vsock) driven through a fake QEMU front end and a fake guest
-driver that speaks SPEC 4's packets on real split virtqueues."""
+driver that speaks its packets (docs/vsock.md) on real split virtqueues."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """A fake QEMU vhost-user front end for tests: drives a back end without QEMU.
 
-It does what QEMU and the guest driver do together: connects to the back end's Unix socket,
-sends real vhost-user messages (SCM_RIGHTS fds included) in SPEC 5's order, owns a memfd as
-guest RAM (guest-physical base ``gpa_base``, a made-up QEMU-virtual base ``qva_base`` and a
-non-zero ``mmap_offset`` so that both translations are exercised), lays split vrings out in it
-and plays the driver on them (:class:`GuestQueue`: add buffers, kick, collect used entries,
-wait for the call eventfd).
+It does what QEMU and the guest driver do together: connects to the back end's Unix socket, sends
+real vhost-user messages (SCM_RIGHTS fds included) in QEMU's order (docs/vhost-user.md#handshake),
+owns a memfd as guest RAM (guest-physical base ``gpa_base``, a made-up QEMU-virtual base
+``qva_base`` and a non-zero ``mmap_offset`` so that both translations are exercised), lays split
+vrings out in it and plays the driver on them (:class:`GuestQueue`: add buffers, kick, collect used
+entries, wait for the call eventfd).
 
 Reusable by any device test (vsock, NSM)::
 
@@ -146,7 +146,7 @@ class FakeFrontend:
         """Send a GET_* request with no payload and return its u64 answer."""
         return _U64.unpack(self.request(req, reply=True))[0]
 
-    # -- QEMU's sequence (SPEC 5) ------------------------------------------------------
+    # -- QEMU's sequence (docs/vhost-user.md#handshake) --------------------------------
     def handshake(self, *, num_call_queues: int | None = None, config_size: int = 8,
                   protocol_mask: int | None = None) -> None:
         """Device realize: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_OWNER,
@@ -181,7 +181,7 @@ class FakeFrontend:
                      bases: list[int] | None = None) -> list["GuestQueue"]:
         """Driver start: SET_FEATURES, SET_MEM_TABLE, per queue NUM/BASE/ADDR/KICK, ENABLE,
         CALL (QEMU 10's order). ``features`` defaults to what a legacy virtio-mmio guest acks
-        (bit 30 only, SPEC 5). Returns the driver-side queues."""
+        (bit 30 only, docs/vhost-user.md#observed-behaviour). Returns the driver-side queues."""
         self.request(Request.SET_FEATURES, _U64.pack(features), need_reply=True)
         region = struct.pack("<II", 1, 0) + struct.pack(
             "<QQQQ", self.gpa_base, self.mem_size, self.qva_base, self.mmap_offset)

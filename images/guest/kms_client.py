@@ -6,7 +6,7 @@ Runs inside the harness's ``python`` image (Debian bookworm: python3.11, python3
 host. Self-contained on purpose: the image carries this one file, no harness package, no
 botocore.
 
-What it does, as the SDK does (SPEC 8):
+What it does, as the SDK does (docs/kms.md#enclave-client):
 
 1. generates an RSA-2048 key pair in memory;
 2. asks /dev/nsm (``aws_nsm_interface.get_attestation_doc``) for an attestation document whose
@@ -266,8 +266,9 @@ def recipient_from_files(document_path, key_path):
 def decrypt_for_recipient(blob, private_key):
     """Decrypt a CiphertextForRecipient (CMS EnvelopedData, BER) with ``private_key``.
 
-    SPEC 8: one KeyTransRecipientInfo whose rid is [0] subjectKeyIdentifier = SHA-256 of our
-    SPKI; RSAES-OAEP with SHA-256 and MGF1-SHA-256; content AES-256-CBC with PKCS#7 padding.
+    docs/kms.md#ciphertextforrecipient: one KeyTransRecipientInfo whose rid is [0]
+    subjectKeyIdentifier = SHA-256 of our SPKI; RSAES-OAEP with SHA-256 and MGF1-SHA-256; content
+    AES-256-CBC with PKCS#7 padding.
     """
     from asn1crypto import cms
     from cryptography.hazmat.primitives import hashes, padding as sym_padding
@@ -348,7 +349,7 @@ def _secret(answer, private_key, field):
 
 
 def _check_algorithm(answer):
-    # kmstool-enclave-cli accepts only these (SPEC 8).
+    # kmstool-enclave-cli accepts only these (docs/kms.md#enclave-client).
     algorithm = answer.get("EncryptionAlgorithm")
     if algorithm is not None and algorithm not in (
         "SYMMETRIC_DEFAULT",

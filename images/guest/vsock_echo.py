@@ -19,7 +19,7 @@ Modes (all on AF_VSOCK stream sockets; the parent is CID 3, as on Nitro):
       ``ROUNDTRIP OK <n> <sha256> <MB/s>`` (exit 0) or ``ROUNDTRIP MISMATCH ...`` (exit 1).
   vsock_echo.py connect PORT [--cid C]
       Try one connection; prints ``CONNECT OK`` or ``CONNECT FAILED <errno name> <ms>``
-      (a refused port must fail at once, SPEC 4).
+      (a refused port must fail at once, docs/vsock.md#connection-setup).
 
 The stream for a seed is ``random.Random(seed).randbytes`` in 64 KiB blocks, so the parent can
 regenerate it with :func:`stream_chunks` to check content, not only length.

@@ -1,7 +1,7 @@
 /*
  * nitro-init: PID 1 of a Nitro enclave, as nitro-cli's bootstrap ramdisk carries it.
  *
- * Order (SPEC 3, "init, in order"):
+ * Order (docs/boot.md#init):
  *   1. mount devtmpfs on /dev; stdio on /dev/console
  *   2. load the kernel modules listed in /modules/order (harness extension: Debian's cloud
  *      kernel has virtio_mmio and vsock as modules; AWS's kernel blobs build them in and their
@@ -41,7 +41,8 @@
 
 #define LOG_PREFIX "nitro-init: "
 
-/* SPEC 3: the parent is CID 3; nitro-cli listens on port 9000 and expects 0xB7 echoed. */
+/* docs/vsock.md#heartbeat: the parent is CID 3; nitro-cli listens on port 9000 and expects
+ * 0xB7 echoed. */
 #define HEARTBEAT_CID 3
 #define HEARTBEAT_PORT 9000
 #define HEARTBEAT_BYTE 0xB7
@@ -226,7 +227,7 @@ static void load_module_list(void)
     logmsg("loaded %d module(s) from /modules/order", count);
 }
 
-/* Step 3: the NSM driver (SPEC 3). Absent is fine (a kernel with NSM built in). */
+/* Step 3: the NSM driver (docs/boot.md#init). Absent is fine (a kernel with NSM built in). */
 static void load_nsm(void)
 {
     if (access("/nsm.ko", F_OK) != 0) {
@@ -260,7 +261,7 @@ static int heartbeat_retryable(int err)
     }
 }
 
-/* Step 4: tell the parent the enclave booted (SPEC 3, heartbeat). */
+/* Step 4: tell the parent the enclave booted (docs/vsock.md#heartbeat). */
 static void heartbeat(void)
 {
     struct sockaddr_vm addr;
@@ -313,9 +314,9 @@ static void heartbeat(void)
 }
 
 /*
- * Step 5: /cmd and /env (SPEC 3): one entry per line, each line ended by '\n' (a last line
- * without one counts too). cmd keeps empty lines (an empty argv element is legal); env drops
- * them. Returns a NULL-terminated vector; *count receives its length.
+ * Step 5: /cmd and /env (docs/boot.md#cmd-and-env): one entry per line, each line ended by '\n' (a
+ * last line without one counts too). cmd keeps empty lines (an empty argv element is legal); env
+ * drops them. Returns a NULL-terminated vector; *count receives its length.
  */
 static char **read_lines(const char *path, int keep_empty, int *count)
 {
@@ -367,8 +368,8 @@ struct mount_op {
     int required;
 };
 
-/* Step 7: the filesystems an application expects (SPEC 3). Optional ones may fail (a kernel
- * without devpts, say) with a logged warning. */
+/* Step 7: the filesystems an application expects (docs/boot.md#init). Optional ones may fail
+ * (a kernel without devpts, say) with a logged warning. */
 static const struct mount_op mounts[] = {
     {"proc", "/proc", "proc", MS_NODEV | MS_NOSUID | MS_NOEXEC, NULL, 1},
     {"tmpfs", "/run", "tmpfs", MS_NODEV | MS_NOSUID, "mode=0755", 1},
@@ -432,8 +433,8 @@ static void mount_cgroups(void)
     logmsg("mounted %d cgroup v1 controller(s) [%s], %d failed", ok, done, failed);
 }
 
-/* execve argv[0] as is if it has a '/', else the first hit in SEARCH_PATH (SPEC 3). Returns
- * only on failure, with errno of the most telling attempt. */
+/* execve argv[0] as is if it has a '/', else the first hit in SEARCH_PATH (docs/boot.md#init).
+ * Returns only on failure, with errno of the most telling attempt. */
 static void exec_searched(char **argv, char **envp)
 {
     if (strchr(argv[0], '/')) {
@@ -545,7 +546,7 @@ int main(void)
         break;
     }
     sync();
-    /* SPEC 3: the enclave ends when init reboots (QEMU runs with -no-reboot). */
+    /* docs/boot.md#enclave-end: the enclave ends when init reboots (QEMU runs with -no-reboot). */
     reboot(RB_AUTOBOOT);
     die("reboot: %s", strerror(errno));
 }
