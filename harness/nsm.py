@@ -1,13 +1,13 @@
 """The emulated Nitro Secure Module: PCR bank, request/response CBOR codec, API, fault injection.
 
-SPEC 6 is the contract. Requests and responses are serde's externally tagged CBOR: unit variants
+docs/nsm.md is the contract. Requests and responses are serde's externally tagged CBOR: unit variants
 are a bare text string (``"DescribeNSM"``), struct variants ``{"Name": {fields in declaration
 order}}``, errors ``{"Error": "<Name>"}``; absent optionals are CBOR null; integers shortest;
 lengths definite. :func:`encode_request` / :func:`encode_response` reproduce the Rust reference
-byte for byte (the golden vectors in SPEC 6); the decoders accept what serde would (fields in any
+byte for byte (the golden vectors in tests/vectors); the decoders accept what serde would (fields in any
 order, missing optionals as null, byte strings also as arrays of integers).
 
-State (SPEC 2 and 6): 32 PCRs of SHA-384; PCR0/1/2/8 from the EIF, PCR3 from the parent's role
+State (docs/pcrs.md#pcr-bank, docs/nsm.md#pcr-bank): 32 PCRs of SHA-384; PCR0/1/2/8 from the EIF, PCR3 from the parent's role
 ARN, PCR4 from the parent instance ID, PCRs 0-15 locked at boot, 16-31 zero and user-extendable.
 Errors follow QEMU's virtio-nsm where the real device's choice is unknown: request > 0x1000 ->
 InputTooLarge; unparsable or unknown -> InvalidOperation; index >= 32 -> InvalidIndex; extend or
@@ -35,20 +35,20 @@ MAX_REQUEST_SIZE = 0x1000
 MAX_RESPONSE_SIZE = 0x3000
 #: PCRs in the bank.
 MAX_PCRS = 32
-#: PCRs locked at boot (SPEC 6).
+#: PCRs locked at boot (docs/nsm.md#pcr-bank).
 BOOT_LOCKED = range(16)
-#: PCRs a document carries (SPEC 7: keys 0..15).
+#: PCRs a document carries (docs/attestation.md#payload: keys 0..15).
 DOCUMENT_PCRS = range(16)
-#: PCRs zeroed in debug-mode documents (SPEC 2); PCR3 and PCR4 keep their values.
+#: PCRs zeroed in debug-mode documents (docs/pcrs.md#debug-mode); PCR3 and PCR4 keep their values.
 DEBUG_ZEROED = (0, 1, 2, 8)
-#: Bytes GetRandom returns (SPEC 6).
+#: Bytes GetRandom returns (docs/nsm.md#requests).
 RANDOM_SIZE = 256
-#: Strict-mode size limits (SPEC 6: the NSM documentation's, the real NSM enforces none).
+#: Strict-mode size limits (docs/nsm.md#limits: the NSM documentation's, the real NSM enforces none).
 STRICT_LIMITS = {"user_data": 512, "nonce": 512, "public_key": 1024}
 
 
 class NsmErrorCode(enum.Enum):
-    """The NSM's ErrorCode names (SPEC 6), encoded as ``{"Error": name}``."""
+    """The NSM's ErrorCode names (docs/nsm.md#errors), encoded as ``{"Error": name}``."""
 
     Success = "Success"
     InvalidArgument = "InvalidArgument"
@@ -252,13 +252,13 @@ def _encode(obj: Any, table: dict[str, tuple[type, tuple[str, ...]]]) -> bytes:
 
 
 def encode_request(obj: Request) -> bytes:
-    """Encode a request object as the Rust nsm-api does (SPEC 6 golden vectors). Raises
+    """Encode a request object as the Rust nsm-api does (docs/nsm.md#encoding). Raises
     TypeError for anything that is not a request."""
     return _encode(obj, _REQUEST_TYPES)
 
 
 def encode_response(obj: Response) -> bytes:
-    """Encode a response object as the Rust nsm-api does (SPEC 6 golden vectors). Raises
+    """Encode a response object as the Rust nsm-api does (docs/nsm.md#encoding). Raises
     TypeError for anything that is not a response."""
     if isinstance(obj, ErrorResponse):
         return cbor2.dumps({"Error": obj.error.value})
@@ -349,7 +349,7 @@ class NsmState:
 
     ``measurements`` gives PCR0/1/2 (and PCR8 when the EIF is signed), a
     :class:`harness.pcr.Measurements` or a ``{index: bytes}`` dict; ``parent_role_arn`` and
-    ``instance_id`` set PCR3 and PCR4 (SPEC 2); PCRs 0-15 are locked at boot (SPEC 6).
+    ``instance_id`` set PCR3 and PCR4 (docs/pcrs.md#parent-pcrs); PCRs 0-15 are locked at boot (docs/nsm.md#pcr-bank).
     ``module_id`` is the enclave ID DescribeNSM and documents report. ``strict`` enforces the
     documented size limits on Attestation fields (user_data/nonce 512, public_key 1024) with
     InvalidArgument; by default, like the real NSM, nothing is enforced. Thread-safe.
@@ -394,7 +394,7 @@ class NsmState:
             return index in self.locked, self.pcrs[index]
 
     def extend_pcr(self, index: int, data: bytes) -> bytes:
-        """Extend PCR ``index`` with ``data`` and return the new value (SPEC 2: SHA384(old ||
+        """Extend PCR ``index`` with ``data`` and return the new value (docs/pcrs.md#extend-rule: SHA384(old ||
         data)). Raises NsmRequestError(InvalidIndex | ReadOnlyIndex)."""
         with self._lock:
             self._check_index(index)
@@ -413,7 +413,7 @@ class NsmState:
             self.locked.add(index)
 
     def lock_pcrs(self, range_: int) -> None:
-        """Lock PCRs [0, range_) (SPEC 6); already locked ones are fine. ``range_`` > 32 is
+        """Lock PCRs [0, range_) (docs/nsm.md#pcr-bank); already locked ones are fine. ``range_`` > 32 is
         InvalidIndex (LockPCRs{32} succeeds, {33} fails)."""
         with self._lock:
             if not 0 <= range_ <= MAX_PCRS:
@@ -427,7 +427,7 @@ class NsmState:
 
     def document_pcrs(self) -> dict[int, bytes]:
         """PCRs 0-15 as a document carries them: in debug mode PCR0, 1, 2 and 8 read as zero,
-        PCR3 and PCR4 keep their values (SPEC 2)."""
+        PCR3 and PCR4 keep their values (docs/pcrs.md#debug-mode)."""
         with self._lock:
             out = {i: self.pcrs[i] for i in DOCUMENT_PCRS}
         if self.debug_mode:
@@ -585,12 +585,12 @@ def trace_writer(path: str | os.PathLike[str]) -> Callable[[NsmTraceEvent], None
 
 
 class Nsm:
-    """The NSM API: bytes in, bytes out, as the virtio device exchanges them (SPEC 6).
+    """The NSM API: bytes in, bytes out, as the virtio device exchanges them (docs/nsm.md).
 
     ``state`` is an :class:`NsmState`; ``pki`` a :class:`harness.pki.Pki` that signs
     documents; ``faults`` an optional :class:`NsmFaults`; ``trace`` an optional callable that
     receives an :class:`NsmTraceEvent` per request. ``indefinite`` chooses the document's outer
-    map form (SPEC 7; default indefinite, as AWS since 2025-07).
+    map form (docs/attestation.md#map-forms; default indefinite, as AWS since 2025-07).
     """
 
     def __init__(

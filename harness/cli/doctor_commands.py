@@ -1,6 +1,6 @@
 """``nitro-harness doctor``: can this host run enclaves, and how to fix what is missing.
 
-Human text by default, ``--json`` for machines (2-space JSON on stdout, SPEC 9). Exit status 0
+Human text by default, ``--json`` for machines (2-space JSON on stdout, docs/nitro-cli.md#conventions). Exit status 0
 when every required piece is present (enclaves can boot, with KVM or TCG), 1 when a check
 failed; the report itself names the command that fixes each failure.
 

@@ -1,4 +1,4 @@
-"""nitro-cli's image commands: build-enclave, describe-eif, pcr, sign-eif (SPEC 9, issue 2).
+"""nitro-cli's image commands: build-enclave, describe-eif, pcr, sign-eif (docs/nitro-cli.md).
 
 JSON on stdout with nitro-cli's field names and order (2-space indent), progress on stderr,
 exit status = the error number (E35 EifParsingError, E48 EifBuildingError, E52
@@ -30,7 +30,7 @@ from harness.cli import print_json, progress
 from harness.errors import ErrorCode, NitroError
 from harness.pcr import Measurements, ext, pcr_for_certificate_der
 
-#: SPEC 1: the custom metadata file may be at most 4096 bytes.
+#: docs/eif-format.md#metadata: the custom metadata file may be at most 4096 bytes.
 MAX_CUSTOM_METADATA = 4096
 
 
@@ -160,7 +160,7 @@ def describe_eif(args) -> int:
 
 def pcr_cmd(args) -> int:
     """``pcr --input F`` prints {"PCR": ext(SHA384(F))}; ``--signing-certificate C`` prints
-    {"PCR8": ext(SHA384(DER))} (SPEC 2). Missing file: E19."""
+    {"PCR8": ext(SHA384(DER))} (docs/pcrs.md#pcr8). Missing file: E19."""
     if args.input is not None:
         h = hashlib.sha384()
         try:
@@ -304,7 +304,7 @@ def _build_time() -> str:
 
 
 def build_enclave(args) -> int:
-    """``build-enclave``: blobs + application -> EIF; prints {"Measurements": ...} (SPEC 9).
+    """``build-enclave``: blobs + application -> EIF; prints {"Measurements": ...} (docs/nitro-cli.md#build-enclave).
 
     Sources: ``--docker-archive`` (docker save / OCI tarball), ``--rootfs DIR`` with
     ``--cmd``/``--env``, or ``--docker-uri`` (needs a reachable Docker engine, else E50).

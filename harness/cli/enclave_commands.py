@@ -1,6 +1,6 @@
 """nitro-cli's enclave lifecycle commands: run-enclave, describe-enclaves, console, terminate-enclave.
 
-SPEC 9. ``run-enclave`` hands the enclave to a supervising process (:mod:`harness.enclave_process`)
+docs/nitro-cli.md. ``run-enclave`` hands the enclave to a supervising process (:mod:`harness.enclave_process`)
 and returns once the heartbeat arrived, so later commands find the enclave through the runtime
 directory (:mod:`harness.registry`).
 """
@@ -182,7 +182,7 @@ def run_enclave(args) -> int:
 
 
 def describe_enclaves(args) -> int:
-    """describe-enclaves: a JSON array of every running enclave (SPEC 9)."""
+    """describe-enclaves: a JSON array of every running enclave (docs/nitro-cli.md#describe-enclaves)."""
     print_json([r.describe() for r in Registry().records() if r.state in ("RUNNING", "TERMINATING")])
     return 0
 
@@ -200,7 +200,7 @@ def _find(args):
 
 
 def console_cmd(args) -> int:
-    """console: stream a debug-mode enclave's console (SPEC 9: E44 without debug mode)."""
+    """console: stream a debug-mode enclave's console (docs/nitro-cli.md#console: E44 without debug mode)."""
     record = _find(args)
     if not record.debug_mode:
         raise NitroError(

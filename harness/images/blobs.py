@@ -1,4 +1,4 @@
-"""nitro-cli's blob directory: the kernel, its command line, init and nsm.ko (SPEC 3, SPEC 9).
+"""nitro-cli's blob directory: the kernel, its command line, init and nsm.ko (docs/boot.md#blobs, docs/nitro-cli.md#build-enclave).
 
 nitro-cli takes the blobs from ``$NITRO_CLI_BLOBS`` (default
 ``/usr/share/nitro_enclaves/blobs``): ``bzImage`` (x86_64) or ``Image`` (aarch64), ``cmdline``

@@ -2,7 +2,7 @@
 
 Nothing is installed on the host: ``apt-get download`` fetches ``.deb`` files into the package
 cache (``~/.cache/nitro-harness/debs/``, or ``$NITRO_HARNESS_CACHE/debs``) and ``dpkg -x``
-unpacks them into an image's root directory (DESIGN, Environment). Every fetched file is
+unpacks them into an image's root directory (docs/architecture.md#environment). Every fetched file is
 checked against the SHA256 in the apt index, and that hash is part of an image's cache key.
 
 Dependency resolution walks ``Depends`` and ``Pre-Depends`` of apt's candidate versions; a

@@ -1,12 +1,12 @@
 """Container image tarballs (``docker save`` and OCI image layout) to a root filesystem.
 
-What nitro-cli does with ``--docker-uri`` (SPEC 3), without a Docker engine: read the image's
+What nitro-cli does with ``--docker-uri`` (docs/boot.md#customer-ramdisk), without a Docker engine: read the image's
 config and layers from the tarball, apply the layers in order with their whiteouts
 (``.wh.<name>`` deletes a lower entry, ``.wh..wh..opq`` empties a directory of lower entries),
 and take the command from ``Cmd`` else ``Entrypoint`` (never both combined) and the ``Env``.
 The result is a list of rootfs-relative :class:`harness.cpio.Entry` whose file contents are
 spilled into a caller-owned work directory, so memory stays flat for large images; layer
-metadata (mode, uid, gid, mtime) is kept; hard links become relative symlinks (SPEC 3).
+metadata (mode, uid, gid, mtime) is kept; hard links become relative symlinks (docs/boot.md#image-changes).
 
 Formats: ``docker save`` (``manifest.json`` with ``Config`` and ``Layers``) and OCI image
 layout (``oci-layout`` + ``index.json``; nested indexes are followed, picking linux/amd64 when
@@ -50,7 +50,7 @@ class ImageArchive:
 
     @property
     def cmd(self) -> list[str]:
-        """The command nitro-cli runs: ``Cmd`` if set, else ``Entrypoint`` (SPEC 3)."""
+        """The command nitro-cli runs: ``Cmd`` if set, else ``Entrypoint`` (docs/boot.md#cmd-and-env)."""
         c = self.config.get("config") or {}
         return list(c.get("Cmd") or c.get("Entrypoint") or [])
 
@@ -177,7 +177,7 @@ def _remove_tree(fs: dict[str, Entry], name: str) -> None:
 
 
 def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
-    """Apply the image's layers in order and return rootfs-relative entries (SPEC 3).
+    """Apply the image's layers in order and return rootfs-relative entries (docs/boot.md#customer-ramdisk).
 
     File contents are written below ``workdir`` (the caller removes it after the ramdisk is
     written). Whiteouts delete lower entries; an opaque marker empties its directory of lower

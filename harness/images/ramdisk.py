@@ -1,4 +1,4 @@
-"""The two ramdisks nitro-cli puts in an EIF, built deterministically (SPEC 3).
+"""The two ramdisks nitro-cli puts in an EIF, built deterministically (docs/boot.md#bootstrap-ramdisk).
 
 * Bootstrap ramdisk (ramdisk 0, measured into PCR1): ``dev/`` (0755), ``init`` (0755, a static
   binary), ``nsm.ko`` (0755) and, as a harness extension, ``modules/<name>.ko`` (0644) plus
@@ -23,7 +23,7 @@ from harness.cpio import (CpioError, Entry, LINUXKIT_MTIME, entries_from_directo
                           write_cpio_file)
 from harness.errors import ErrorCode, NitroError
 
-#: Paths linuxkit drops from an image's filesystem (SPEC 3; linuxkit moby/image.go).
+#: Paths linuxkit drops from an image's filesystem (docs/boot.md#image-changes; linuxkit moby/image.go).
 LINUXKIT_EXCLUDE = (".dockerenv", "Dockerfile", "dev/console", "dev/pts", "dev/shm",
                     "etc/hostname")
 #: linuxkit's replacement /etc/hosts.
@@ -35,9 +35,9 @@ LINUXKIT_HOSTS = (
     "ff02::1 ip6-allnodes\n"
     "ff02::2 ip6-allrouters\n"
 )
-#: Where nitro-cli's linuxkit points /etc/resolv.conf (SPEC 3).
+#: Where nitro-cli's linuxkit points /etc/resolv.conf (docs/boot.md#bootstrap-ramdisk).
 RESOLV_TARGET = "/run/resolvconf/resolv.conf"
-#: Mount points nitro-cli's customer ramdisk always carries below rootfs/ (SPEC 3).
+#: Mount points nitro-cli's customer ramdisk always carries below rootfs/ (docs/boot.md#bootstrap-ramdisk).
 ROOTFS_MOUNT_POINTS = ("dev", "run", "sys", "var", "proc", "tmp")
 
 
@@ -77,7 +77,7 @@ def bootstrap_entries(init: Path, nsm_ko: Path | None,
 
 def build_bootstrap_ramdisk(out: Path | str, init: Path, nsm_ko: Path | None,
                             modules: Sequence[Path] = ()) -> Path:
-    """Write the bootstrap ramdisk (SPEC 3) to ``out`` atomically and return ``out``.
+    """Write the bootstrap ramdisk (docs/boot.md#bootstrap-ramdisk) to ``out`` atomically and return ``out``.
 
     ``init`` must be a static binary (not checked here); ``nsm_ko`` may be None for kernels
     with the NSM driver built in; ``modules`` are extra ``.ko`` files loaded by init in the
@@ -97,7 +97,7 @@ def _under(name: str, prefix: str) -> bool:
 
 
 def apply_linuxkit_changes(entries: Iterable[Entry]) -> list[Entry]:
-    """Apply the filesystem changes linuxkit makes to an image (SPEC 3); names are rootfs-relative.
+    """Apply the filesystem changes linuxkit makes to an image (docs/boot.md#image-changes); names are rootfs-relative.
 
     Drops ``.dockerenv``, ``Dockerfile``, ``dev/console``, ``dev/pts``, ``dev/shm`` and
     ``etc/hostname`` (and anything below them); rewrites ``etc/hosts`` with linuxkit's text;
@@ -134,7 +134,7 @@ def apply_linuxkit_changes(entries: Iterable[Entry]) -> list[Entry]:
 
 def customer_entries(rootfs_entries: Iterable[Entry], cmd: Sequence[str],
                      env: Sequence[str], *, linuxkit_changes: bool = True) -> list[Entry]:
-    """Entries of the customer ramdisk from rootfs-relative entries plus cmd and env (SPEC 3)."""
+    """Entries of the customer ramdisk from rootfs-relative entries plus cmd and env (docs/boot.md#cmd-and-env)."""
     for line in list(cmd) + list(env):
         if "\n" in line:
             raise NitroError(ErrorCode.EifBuildingError,
@@ -164,7 +164,7 @@ def build_customer_ramdisk(out: Path | str, rootfs: Path | str | Sequence[Entry]
                            cmd: Sequence[str], env: Sequence[str], *,
                            linuxkit_changes: bool = True, mtime: int | None = None,
                            keep_owner: bool = True) -> Path:
-    """Write the customer ramdisk (SPEC 3) to ``out`` atomically and return ``out``.
+    """Write the customer ramdisk (docs/boot.md#customer-ramdisk) to ``out`` atomically and return ``out``.
 
     ``rootfs`` is a directory (walked; files keep mode, mtime and owner unless ``mtime`` /
     ``keep_owner=False`` override them, for builds reproducible across checkouts) or a list of
