@@ -35,9 +35,9 @@ LINUXKIT_HOSTS = (
     "ff02::1 ip6-allnodes\n"
     "ff02::2 ip6-allrouters\n"
 )
-#: Where nitro-cli's linuxkit points /etc/resolv.conf (docs/boot.md#bootstrap-ramdisk).
+#: Where nitro-cli's linuxkit points /etc/resolv.conf (docs/boot.md#image-changes).
 RESOLV_TARGET = "/run/resolvconf/resolv.conf"
-#: Mount points nitro-cli's customer ramdisk always carries below rootfs/ (docs/boot.md#bootstrap-ramdisk).
+#: Mount points nitro-cli's customer ramdisk always carries below rootfs/ (docs/boot.md#customer-ramdisk).
 ROOTFS_MOUNT_POINTS = ("dev", "run", "sys", "var", "proc", "tmp")
 
 
