@@ -96,7 +96,7 @@ def device_round_trip(nsm: Nsm, n: int) -> list[float] | None:
     try:
         from vhost_user_frontend import FakeFrontend  # type: ignore[import-not-found]
 
-        from harness.nsm_device import NsmDevice
+        from harness.nsm.device import NsmDevice
         from harness.vhost_user import VhostUserBackend
     except ImportError:
         return None

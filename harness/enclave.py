@@ -351,7 +351,7 @@ class Enclave:
         can_host = qemu_info.vhost_user_device_creatable
         if mode in ("auto", "harness") and can_host:
             from harness.nsm import Nsm, NsmState, trace_writer
-            from harness.nsm_device import NsmDevice
+            from harness.nsm.device import NsmDevice
             from harness.pki import Pki
             from harness.vhost_user import VhostUserBackend
 

@@ -33,7 +33,7 @@ from harness.nsm import (
     decode_response,
     encode_request,
 )
-from harness.nsm_device import NsmDevice
+from harness.nsm.device import NsmDevice
 from harness.pcr import Measurements
 from harness.pki import Pki
 from harness.vhost_user import ProtocolFeature, Request, VhostUserBackend

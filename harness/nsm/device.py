@@ -23,7 +23,9 @@ import concurrent.futures
 import threading
 from collections import deque
 
-from harness.nsm import MAX_RESPONSE_SIZE, ErrorResponse, Nsm, NsmErrorCode, encode_response
+from harness.nsm.api import Nsm
+from harness.nsm.codec import encode_response
+from harness.nsm.messages import ErrorResponse, NsmErrorCode
 from harness.vhost_user import DescriptorChain, VhostUserBackend, VirtioDevice
 
 #: virtio device ID of the Nitro Secure Module (docs/nsm.md#device).
