@@ -17,6 +17,7 @@ import pytest
 
 from harness import qemu
 from harness.errors import ErrorCode, NitroError
+from harness.qemu import probe_cache
 
 REPO = Path(__file__).resolve().parent.parent
 PATCHES = REPO / "scripts" / "qemu-patches"
@@ -85,7 +86,7 @@ def test_probe_disk_cache_is_read_and_invalidated(built_qemu: Path, tmp_path: Pa
     """The on-disk probe is used only for the exact (path, mtime, size) it was made for."""
     import json
     monkeypatch.setenv("NITRO_HARNESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(qemu, "_probe_cache", {})
+    monkeypatch.setattr(probe_cache, "_probe_cache", {})
     real = qemu.probe_qemu(built_qemu)
     stored = list((tmp_path / "probes").glob("qemu-*.json"))
     assert len(stored) == 1
@@ -95,12 +96,12 @@ def test_probe_disk_cache_is_read_and_invalidated(built_qemu: Path, tmp_path: Pa
     # A poisoned entry with the right key is believed (proof the disk copy is read) ...
     data["info"]["version"] = [9, 9, 9]
     stored[0].write_text(json.dumps(data))
-    monkeypatch.setattr(qemu, "_probe_cache", {})
+    monkeypatch.setattr(probe_cache, "_probe_cache", {})
     assert qemu.probe_qemu(built_qemu).version == (9, 9, 9)
     # ... and one whose key no longer matches the binary is probed again and replaced.
     data["key"][1] -= 1
     stored[0].write_text(json.dumps(data))
-    monkeypatch.setattr(qemu, "_probe_cache", {})
+    monkeypatch.setattr(probe_cache, "_probe_cache", {})
     assert qemu.probe_qemu(built_qemu) == real
     assert json.loads(stored[0].read_text())["info"]["version"] == [10, 0, 2]
 

@@ -1,0 +1,132 @@
+"""Find the QEMU binary and the qboot firmware the harness runs enclaves with.
+
+Where QEMU comes from (docs/architecture.md#qemu-build): ``scripts/build-qemu.sh`` builds
+Debian's qemu 10.0 source with a patch that makes ``vhost-user-device`` user-creatable and
+installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
+``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64``; :func:`harness.qemu.probe_qemu`
+then says what that binary lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from harness.errors import ErrorCode, NitroError
+
+QEMU_ENV = "NITRO_HARNESS_QEMU"
+QBOOT_ENV = "NITRO_HARNESS_QBOOT"
+BINARY = "qemu-system-x86_64"
+SETUP_HINT = "scripts/setup.sh"
+# Debian's qemu-system-data ships qboot; build-qemu.sh also copies it beside the build.
+SYSTEM_QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+
+def cache_dir() -> Path:
+    """The harness's cache root: ``$NITRO_HARNESS_CACHE``, else ``~/.cache/nitro-harness``
+    (the same rule as scripts/build-qemu.sh and the image cache)."""
+    explicit = os.environ.get("NITRO_HARNESS_CACHE")
+    return Path(explicit) if explicit else Path.home() / ".cache" / "nitro-harness"
+
+
+def _cached_builds(root: Path) -> list[Path]:
+    """Complete builds under ``root`` (``qemu-*/.complete`` + binary), newest first."""
+    builds: list[tuple[float, Path]] = []
+    try:
+        candidates = list(root.glob("qemu-*"))
+    except OSError:
+        return []
+    for build in candidates:
+        stamp = build / ".complete"
+        binary = build / "bin" / BINARY
+        if build.is_dir() and stamp.is_file() and os.access(binary, os.X_OK):
+            builds.append((stamp.stat().st_mtime, binary))
+    return [binary for _, binary in sorted(builds, key=lambda b: b[0], reverse=True)]
+
+
+PATCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "qemu-patches"
+
+
+def patch_hash(patch_dir: Path = PATCH_DIR) -> str | None:
+    """The cache key scripts/build-qemu.sh derives from the patches: sha256 over each
+    ``*.patch`` in name order as ``name + "\\n" + bytes``, first 12 hex digits; ``None`` when
+    the directory is absent (an installed wheel without the repository's scripts/)."""
+    patches = sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+    if not patches:
+        return None
+    digest = hashlib.sha256()
+    for patch in patches:
+        digest.update(patch.name.encode() + b"\n" + patch.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def current_build() -> Path | None:
+    """The complete cached build for the repository's current patch set
+    (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), or ``None``."""
+    wanted = patch_hash()
+    if wanted is None:
+        return None
+    for binary in _cached_builds(cache_dir()):
+        if binary.parent.parent.name.endswith("-" + wanted):
+            return binary
+    return None
+
+
+def find_qemu() -> Path:
+    """The ``qemu-system-x86_64`` to run enclaves with.
+
+    Order: ``$NITRO_HARNESS_QEMU`` (must be an executable file), else the cached build of the
+    repository's current patches (:func:`current_build`), else the newest complete build in
+    :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), else
+    ``qemu-system-x86_64`` on ``PATH``. Raises ``NitroError(E19 FileOperationFailure)`` when
+    none exists, naming the fix (``scripts/setup.sh``). Whether the binary is fit for
+    enclaves (patched, microvm, ...) is :func:`probe_qemu`'s question.
+    """
+    explicit = os.environ.get(QEMU_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise NitroError(
+                ErrorCode.FileOperationFailure,
+                f"{QEMU_ENV}={explicit}: not an executable file "
+                f"(unset it to use the harness's own build from {SETUP_HINT})",
+            )
+        return path.absolute()
+    current = current_build()
+    if current is not None:
+        return current
+    builds = _cached_builds(cache_dir())
+    if builds:
+        return builds[0]
+    on_path = shutil.which(BINARY)
+    if on_path:
+        return Path(on_path)
+    raise NitroError(
+        ErrorCode.FileOperationFailure,
+        f"{BINARY} not found: {QEMU_ENV} is unset, {cache_dir()} holds no complete build and "
+        f"PATH has none; run {SETUP_HINT} (builds the patched QEMU) or set {QEMU_ENV}",
+    )
+
+
+def find_firmware(qemu: str | os.PathLike[str] | None = None) -> Path | None:
+    """The qboot firmware microvm boots with (SeaBIOS hung on microvm with this QEMU).
+
+    Order: ``$NITRO_HARNESS_QBOOT``; ``<qemu prefix>/share/qemu/qboot.rom`` beside ``qemu``
+    (scripts/build-qemu.sh copies it there); ``/usr/share/qemu/qboot.rom`` from Debian's
+    ``qemu-system-data``. Returns ``None`` when none exists (fix:
+    ``apt-get install qemu-system-data``).
+    """
+    explicit = os.environ.get(QBOOT_ENV)
+    if explicit:
+        candidate = Path(explicit)
+        return candidate if candidate.is_file() else None
+    candidates: list[Path] = []
+    if qemu is not None:
+        candidates.append(Path(qemu).resolve().parent.parent / "share" / "qemu" / "qboot.rom")
+    candidates.append(SYSTEM_QBOOT)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
