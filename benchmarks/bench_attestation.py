@@ -94,7 +94,7 @@ def device_round_trip(nsm: Nsm, n: int) -> list[float] | None:
     """Latency of an Attestation through NsmDevice + vhost-user + the fake front end."""
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        from vhost_user_frontend import FakeFrontend  # type: ignore[import-not-found]
+        from helpers.vhost_user_frontend import FakeFrontend  # type: ignore[import-not-found]
 
         from harness.nsm.device import NsmDevice
         from harness.vhost_user import VhostUserBackend

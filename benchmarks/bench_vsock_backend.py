@@ -3,11 +3,11 @@
 
 The back end must never be the bottleneck of a TCG guest, and its ceiling is worth
 knowing. This script drives :class:`harness.vsock.VsockDevice` through the real vhost-user
-protocol with the fake front end from ``tests/vhost_user_frontend.py`` (memfd guest RAM, split
-rings, eventfds) and a lean in-process guest driver that reuses pre-built descriptors, so the
-numbers are the back end's packet handling plus the parent socket, not QEMU's. The guest
-driver shares the process (and the GIL, and this machine's 2 cores) with the back end: the
-figures are a lower bound of the ceiling.
+protocol with the fake front end from ``tests/helpers/vhost_user_frontend.py`` (memfd guest
+RAM, split rings, eventfds) and a lean in-process guest driver that reuses pre-built
+descriptors, so the numbers are the back end's packet handling plus the parent socket, not
+QEMU's. The guest driver shares the process (and the GIL, and this machine's 2 cores) with the
+back end: the figures are a lower bound of the ceiling.
 
 Printed side by side, in one run:
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "images" / "guest"))
 
 from harness.vhost_user import VhostUserBackend  # noqa: E402
 from harness.vsock import HEADER, Op, VsockDevice  # noqa: E402
-from vhost_user_frontend import FakeFrontend  # noqa: E402
+from helpers.vhost_user_frontend import FakeFrontend  # noqa: E402
 
 CID = 16
 QSIZE = 256

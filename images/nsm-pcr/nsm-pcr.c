@@ -32,7 +32,7 @@
 #include <unistd.h>
 #include <linux/types.h>
 
-/* Overridable so the decoder can be tested on a host without an NSM (tests/test_nsm_pcr.py). */
+/* Overridable so the decoder can be tested on a host without an NSM (tests/unit/test_nsm_pcr.py). */
 #ifndef NSM_DEVICE
 #define NSM_DEVICE "/dev/nsm"
 #endif

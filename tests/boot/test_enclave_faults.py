@@ -11,10 +11,10 @@ import signal
 
 import pytest
 
-from boot_images import panicking_eif, recipe_eif, silent_init_eif
 from harness.enclave import Enclave, EnclaveConfig
 from harness.errors import ErrorCode, NitroError
 from harness.registry import Registry
+from helpers.boot_images import panicking_eif, recipe_eif, silent_init_eif
 
 
 @pytest.fixture

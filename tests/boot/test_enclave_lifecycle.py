@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from boot_images import recipe_eif
+from helpers.boot_images import recipe_eif
 
 HELLO = "Hello from the enclave side!"
 

@@ -15,12 +15,13 @@ import time
 
 import pytest
 
-from boot_images import recipe_eif
 from harness.attestation import Expectations, verify_document
 from harness.eif import measure_eif
 from harness.enclave import Enclave, EnclaveConfig
 from harness.pcr import pcr_for_instance_id, pcr_for_role_arn
 from harness.pki import Pki
+from helpers import guest_programs
+from helpers.boot_images import recipe_eif
 
 ROLE = "arn:aws:iam::123456789012:role/Webserver"
 INSTANCE = "i-1234567890abcdef0"
@@ -48,19 +49,6 @@ def guest(tmp_path_factory, pki):
     assert enclave.exec("true", timeout=120).status == 0
     yield enclave
     enclave.terminate()
-
-
-def _guest_echo_module():
-    """The guest's vsock_echo.py, imported on the host to regenerate its test stream."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "vsock_echo", Path(__file__).parents[1] / "images" / "guest" / "vsock_echo.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _connect_when_listening(guest, port: int, timeout: float = 120):
@@ -139,7 +127,7 @@ def test_guest_to_parent_64mib_by_hash(guest):
     listener.close()
     assert out.status == 0, out.output
     assert "SEND OK" in out.output
-    assert result == {"total": size, "digest": _guest_echo_module().stream_digest(size, 11)}
+    assert result == {"total": size, "digest": guest_programs.load("vsock_echo").stream_digest(size, 11)}
 
 
 def test_many_short_connections(guest):

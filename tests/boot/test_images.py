@@ -1,5 +1,5 @@
-"""Image recipes and builds: the hello EIF entry by entry, the caches, the
-docker-archive and directory applications, recipe errors.
+"""Image builds: the hello EIF entry by entry, the caches, the docker-archive and directory
+applications, the python image. Recipe checks that build nothing are tests/unit/test_recipes.py.
 
 Uses the package cache that ``scripts/setup.sh`` fills (it builds hello); expected values are
 computed here independently: SHA-384 over the sections for PCRs, bytes straight out of the
@@ -25,9 +25,8 @@ from harness.cpio import read_cpio
 from harness.eif import measure_eif, read_eif
 from harness.errors import ErrorCode, NitroError
 from harness.images import debian, recipes
+from helpers.boot_images import AWS_CMDLINE
 
-AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8042.nomux "
-               "i8042.nopnp i8042.dumbkbd random.trust_cpu=on")
 ROOTFS_MOUNT_POINTS = ("dev", "run", "sys", "var", "proc", "tmp")
 
 
@@ -166,7 +165,7 @@ def test_hello_customer_ramdisk(hello):
 
 
 def test_hello_application_output(hello, tmp_path):
-    """The application prints its PCRs once (nsm-pcr, tests/test_nsm_pcr.py), then AWS's
+    """The application prints its PCRs once (nsm-pcr, tests/unit/test_nsm_pcr.py), then AWS's
     launch-post lines; run with the image's own busybox sh (sleep replaced by a shell function
     that stops after three lines, nsm-pcr by a script that echoes its arguments)."""
     _, _, _, cust = hello
@@ -366,53 +365,7 @@ def test_module_load_order_and_builtins(hello):
     assert e.value.code == ErrorCode.EifBuildingError and "no_such_module" in e.value.message
 
 
-# --- recipes and errors --------------------------------------------------------------------
-
-
-def test_shipped_recipes_validate():
-    names = {r.name for r in recipes.list_recipes()}
-    assert {"hello", "python"} <= names
-    py = recipes.load_recipe("python")
-    assert py.raw["cmd"] == ["/bin/sh"]
-    assert "aws-nsm-interface==1.0.0" in py.rootfs["pip"]
-    assert py.kernel["cmdline"] == AWS_CMDLINE
-
-
-@pytest.mark.parametrize("body, field", [
-    ("kernel: {package: linux-image-6.12-cloud-amd64}\nbogus: 1\n", "(top level)"),
-    ("kernel: {package: linux-image-6.12-cloud-amd64}\nrootfs: {files: [{path: rel}]}\n",
-     "rootfs.files.0.path"),
-    ("kernel: {package: linux-image-6.12-cloud-amd64}\nenv: [NOEQUALS]\n", "env.0"),
-    ("rootfs: {debs: [busybox-static]}\n", "kernel"),
-    ("kernel: {package: linux-image-6.12-cloud-amd64}\n"
-     "application: {docker_archive: a.tar, directory: d}\n", "application"),
-])
-def test_recipe_errors_name_file_and_field(tmp_path, body, field):
-    p = tmp_path / "bad.yaml"
-    p.write_text(body)
-    with pytest.raises(NitroError) as e:
-        recipes.load_recipe(p)
-    assert e.value.code == ErrorCode.EifBuildingError
-    assert str(p) in e.value.message and field in e.value.message
-
-
-def test_unknown_recipe_and_package(tmp_path):
-    with pytest.raises(NitroError) as e:
-        recipes.recipe_path("no-such-recipe")
-    assert "hello" in e.value.message  # lists the known recipes
-    p = tmp_path / "nopkg.yaml"
-    p.write_text("kernel: {package: linux-image-6.12-cloud-amd64}\n"
-                 "rootfs: {debs: [no-such-package-nitro-harness]}\n")
-    with pytest.raises(NitroError) as e:
-        recipes.build(p)
-    assert "no-such-package-nitro-harness" in e.value.message and "rootfs.debs" in e.value.message
-
-
-def test_parse_relations():
-    assert debian.parse_relations(
-        "libc6 (>= 2.34), media-types | mime-support, python3:any, foo [amd64]") == [
-        ["libc6"], ["media-types", "mime-support"], ["python3"], ["foo"]]
-    assert debian.parse_relations("") == []
+# --- the command line ----------------------------------------------------------------------
 
 
 def test_cli_images_build_prints_measurements(hello, tmp_path, capsys):

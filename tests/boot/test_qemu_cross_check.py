@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from boot_images import recipe_eif
 from harness.console import Console
 from harness.eif import measure_eif
 from harness.enclave import Enclave, EnclaveConfig
 from harness.qemu import find_firmware, find_qemu, probe_qemu
 from harness.vhost_user import VhostUserBackend
 from harness.vsock import VsockDevice
+from helpers.boot_images import recipe_eif
 
 GUEST_CID = 7  # any CID >= 4; this VsockDevice is private to the test
 MEMORY_MIB = 1024

@@ -10,6 +10,11 @@ from pathlib import Path
 from harness import cpio, eif
 from harness.images.recipes import build_image
 
+#: The kernel command line of AWS's blobs, which the shipped recipes use
+#: (docs/boot.md#kernel-command-line).
+AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8042.nomux "
+               "i8042.nopnp i8042.dumbkbd random.trust_cpu=on")
+
 
 def recipe_eif(name: str) -> Path:
     """The cached EIF of ``images/recipes/<name>.yaml`` (built on first use)."""

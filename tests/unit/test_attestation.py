@@ -29,8 +29,9 @@ from harness.attestation import (
     verify_document,
 )
 from harness.pki import Pki
+from helpers import REPO
 
-VECTORS = Path(__file__).parent / "vectors" / "attestation"
+VECTORS = REPO / "tests" / "vectors" / "attestation"
 # file -> (module_id, timestamp ms, indefinite payload map, debug mode)
 AWS_DOCUMENTS = {
     "anjuna_attestdoc_sample_prod_doc.bin": ("i-078824548edcf6519-enc01784234ec227b58", 1616018515685, False, False),

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.cli import main
 from harness.cpio import read_cpio
-from test_docker_archive import oci_tarball
-from test_eif import make_signer
+from helpers.eif_files import make_signer
+from helpers.image_archives import oci_tarball
 
 
 def ext(d):

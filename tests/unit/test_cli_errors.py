@@ -29,9 +29,9 @@ from cryptography.x509.oid import NameOID
 
 from harness.cli import as_nitro_error, build_parser, main
 from harness.errors import UNSPECIFIED_EXIT_STATUS, ErrorCode, NitroError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-VECTORS = Path(__file__).parent / "vectors" / "attestation"
+VECTORS = REPO / "tests" / "vectors" / "attestation"
 AWS_DOC = VECTORS / "tempo_aws_attestation_2026_01_03.bin"
 AWS_DEBUG_DOC = VECTORS / "evervault_beta_debug-mode-attestation-doc-bytes"
 LINE = re.compile(r"^\[ E(\d\d) \] (\w+): (.+)$")

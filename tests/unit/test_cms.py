@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from harness.kms import cms
+from helpers import REPO, guest_programs
 
-VECTORS = Path(__file__).parent / "vectors" / "kms"
-GUEST_CLIENT = Path(__file__).parents[1] / "images" / "guest" / "kms_client.py"
+VECTORS = REPO / "tests" / "vectors" / "kms"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,6 @@ def spki(key) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def load_guest_client():
-    spec = importlib.util.spec_from_file_location("guest_kms_client", GUEST_CLIENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_real_vector_parses_with_sdk_test_values():
@@ -142,7 +133,7 @@ def test_openssl_cms_decrypts_our_ber(rsa_key, tmp_path):
 
 
 def test_guest_client_decoder_decrypts_our_blob(rsa_key):
-    guest = load_guest_client()
+    guest = guest_programs.load("kms_client")
     blob = cms.build_ciphertext_for_recipient(b"guest side", spki(rsa_key))
     assert guest.decrypt_for_recipient(blob, rsa_key) == b"guest side"
 

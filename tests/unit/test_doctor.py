@@ -3,7 +3,8 @@
 The decision rule (docs/architecture.md#accelerator): KVM only when /dev/kvm opens AND the CPU
 exposes vmx or svm AND a probe boot succeeds; else TCG with the reason. Decision tests pass a
 ``probe`` stand-in only where the rule says a probe would run, and one that fails the test if
-called where it must not. Report tests use the real patched QEMU when it is built.
+called where it must not. The report with the real patched QEMU is checked in
+tests/boot/test_doctor_qemu.py.
 """
 
 from __future__ import annotations
@@ -15,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import doctor, qemu
+from harness import doctor
 from harness.errors import ErrorCode, NitroError
 from harness.qemu import BootProbe, QemuInfo
-
-from test_host import fake_cpus, fake_hugepages, interleaved, write
-from test_qemu_probe import built_qemu  # noqa: F401 - the fixture, shared
-
-INTEL_NO_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu lm hypervisor\n"
-INTEL_VMX = "vendor_id\t: GenuineIntel\nmodel name\t: Fake\nflags\t\t: fpu vmx lm\n"
-AMD_SVM = "vendor_id\t: AuthenticAMD\nmodel name\t: Fake\nflags\t\t: fpu svm lm\n"
+from helpers import REPO
+from helpers.fake_host import (AMD_SVM, INTEL_NO_VMX, INTEL_VMX, fake_cpus, fake_host, fake_hugepages,
+                               interleaved, no_probe, write)
 
 
 def info(accels: frozenset[str] = frozenset({"kvm", "tcg"}), path: str = "/nonexistent/qemu"
@@ -36,22 +33,6 @@ def info(accels: frozenset[str] = frozenset({"kvm", "tcg"}), path: str = "/nonex
         accelerators=accels, vhost_user_device_creatable=True,
         vhost_user_device_detail="No 'virtio-bus' bus found",
     )
-
-
-def fake_host(root: Path, cpuinfo: str, *, kvm: str | None = "file") -> Path:
-    """A 2 cores x 1 thread host; /dev/kvm a plain file ("file"), a directory ("dir": exists
-    but does not open) or absent (None)."""
-    fake_cpus(root, interleaved(2, 1))
-    write(root, "proc/cpuinfo", cpuinfo)
-    if kvm == "file":
-        write(root, "dev/kvm", "")
-    elif kvm == "dir":
-        (root / "dev/kvm").mkdir(parents=True)
-    return root
-
-
-def no_probe(path: Path, accel: str) -> BootProbe:
-    raise AssertionError("the probe boot must not run when KVM is already ruled out")
 
 
 @pytest.fixture(autouse=True)
@@ -185,42 +166,6 @@ def test_report_nitro_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert check.detail == f"{cache / 'kernel-6.12.2-bbbb'} (6.12.2-new, with nsm.ko)"
 
 
-def test_report_with_real_qemu_on_fake_host(built_qemu: Path, tmp_path: Path) -> None:
-    root = fake_host(tmp_path, INTEL_NO_VMX)
-    fake_hugepages(root, 2048, nr=64, free=64, resv=0)
-    report = doctor.diagnose(root, qemu_path=built_qemu, probe=no_probe)
-    checks = by_name(report)
-    assert report.ok, report.to_text()
-    assert (report.accelerator, checks["accelerator"].status) == ("tcg", "warn")
-    assert checks["accelerator"].fix and "nested virtualisation" in checks["accelerator"].fix
-    for name in ("vhost-user-device", "vhost-user-vsock-device", "microvm", "nitro-enclave",
-                 "firmware", "kernel loader"):
-        assert checks[name].status == "ok", checks[name]
-    assert checks["cpus"].status == "ok" and "enclave pool 1 " in checks["cpus"].detail
-    assert checks["hugepages"].status == "ok" and "2M: 64 reserved, 64 free (128 MiB)" in \
-        checks["hugepages"].detail
-    data = report.to_json()
-    assert data["qemu"]["devices"]["vhost-user-device"]["creatable"] is True
-    assert data["accelerator"]["choice"] == "tcg"
-    assert json.loads(json.dumps(data)) == data
-
-
-def test_cli_json_and_text(built_qemu: Path, tmp_path: Path) -> None:
-    """`nitro-harness doctor --json` and the text form, as a user runs them (a subprocess)."""
-    root = fake_host(tmp_path, INTEL_NO_VMX)
-    base = [sys.executable, "-m", "harness.cli", "doctor", "--qemu", str(built_qemu),
-            "--host-root", str(root)]
-    out = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
-    assert out.stdout.startswith('{\n  "ok": true')  # nitro-cli style 2-space JSON
-    assert data["qemu"]["version"] == "10.0.2"
-    assert data["host"]["enclave_pool"] == [1]
-    text = subprocess.run(base, capture_output=True, text=True, timeout=60)
-    assert text.returncode == 0
-    assert "[warn] accelerator" in text.stdout and "ready: enclaves boot with TCG" in text.stdout
-
-
 def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:
     root = fake_host(tmp_path, INTEL_NO_VMX)
     out = subprocess.run(
@@ -232,21 +177,9 @@ def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:
     assert "fix: scripts/setup.sh" in out.stdout and "Traceback" not in out.stderr
 
 
-def test_real_host_decision_follows_the_rule(built_qemu: Path) -> None:
-    """On this machine: no vmx/svm -> TCG whatever /dev/kvm does
-    (docs/architecture.md#accelerator)."""
-    from harness.host import kvm_status
-    kvm = kvm_status()
-    accel, reason = doctor.choose_accelerator(qemu.probe_qemu(built_qemu), kvm)
-    if kvm.cpu_virt_flag is None or not kvm.device.opens:
-        assert accel == "tcg"
-    else:  # a host with VT-x/AMD-V: the real probe boot decided
-        assert (accel == "kvm") == qemu.probe_boot(built_qemu, "kvm").ok, reason
-
-
 # --- scripts/setup.sh: the apt sources step, against a fake /etc/apt --------------------------
 
-SETUP = Path(__file__).resolve().parent.parent / "scripts" / "setup.sh"
+SETUP = REPO / "scripts" / "setup.sh"
 MAIN_SOURCES = """Types: deb
 URIs: http://deb.debian.org/debian
 Suites: bookworm bookworm-updates

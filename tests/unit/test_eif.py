@@ -11,69 +11,21 @@ import zlib
 
 import cbor2
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.x509.oid import NameOID
 
 from harness import eif
 from harness.cli import main
 from harness.eif import measurement, reader
 from harness.errors import ErrorCode, NitroError
-
-KERNEL, CMDLINE, RAMDISK, SIGNATURE, METADATA = 1, 2, 3, 4, 5
-
-
-def ext(d: bytes) -> bytes:
-    return hashlib.sha384(b"\0" * 48 + d).digest()
-
-
-def sha(*parts: bytes) -> bytes:
-    return hashlib.sha384(b"".join(parts)).digest()
-
-
-def assemble(sections, *, version=4, flags=0, gaps=None, table=None, num=None, crc=None):
-    """Hand-assemble an EIF: ``sections`` = [(type, data)], optional zero gaps before a section.
-
-    Returns (bytes, table-order CRC computed here)."""
-    gaps = gaps or {}
-    body = b""
-    offs, sizes = [], []
-    pos = 548
-    for i, (t, data) in enumerate(sections):
-        g = gaps.get(i, b"")
-        body += g
-        pos += len(g)
-        offs.append(pos)
-        sizes.append(len(data))
-        body += struct.pack(">HHQ", t, 0, len(data)) + data
-        pos += 12 + len(data)
-    if table is not None:
-        offs, sizes = table
-    n = len(offs) if num is None else num
-    offs32 = list(offs) + [0] * (32 - len(offs))
-    sizes32 = list(sizes) + [0] * (32 - len(sizes))
-    head = struct.pack(">4sHHQQHH", b".eif", version, flags, 1 << 30, 2, 0, n)
-    head += struct.pack(">32Q", *offs32[:32]) + struct.pack(">32Q", *sizes32[:32])
-    assert len(head) == 0x21C
-    c = zlib.crc32(head + b"\0" * 4)
-    for i, (t, data) in enumerate(sections):
-        c = zlib.crc32(struct.pack(">HHQ", t, 0, len(data)) + data, c)
-    full = head + b"\0" * 4 + struct.pack(">I", c if crc is None else crc) + body
-    return full, c
+from helpers.eif_files import (CMDLINE, KERNEL, METADATA, RAMDISK, SIGNATURE, assemble, ext, make_signer,
+                               random_parts, sha, write)
 
 
 @pytest.fixture
 def parts():
-    return {"kernel": os.urandom(4096 + 7), "cmdline": b"console=ttyS0 reboot=k",
-            "boot": os.urandom(1024), "app": os.urandom(70000)}
-
-
-def write(tmp_path, data, name="x.eif"):
-    p = tmp_path / name
-    p.write_bytes(data)
-    return p
+    return random_parts()
 
 
 def test_hand_assembled_pcrs_and_crc(tmp_path, parts):
@@ -273,22 +225,6 @@ def test_extract_boot_files(tmp_path, parts):
     assert bf.measurements == m
 
 
-def make_signer(curve=ec.SECP384R1(), *, days=(-1, 30), key=None):
-    key = key or ec.generate_private_key(curve)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eif signer"),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Harness")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(7)
-            .not_valid_before(now + datetime.timedelta(days=days[0]))
-            .not_valid_after(now + datetime.timedelta(days=days[1]))
-            .sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    kpem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    return pem, kpem, cert
-
-
 @pytest.mark.parametrize("curve, alg, hname, size", [
     (ec.SECP256R1(), -7, "SHA256", 32), (ec.SECP384R1(), -35, "SHA384", 48),
     (ec.SECP521R1(), -36, "SHA512", 66)])
@@ -436,54 +372,6 @@ def test_oversized_metadata_section_refused(tmp_path, parts, monkeypatch):
                         (METADATA, b'{"ImageName": "long"}'), (RAMDISK, parts["boot"])])
     with pytest.raises(NitroError, match=r"section 2 \(metadata\) size: 21 bytes exceeds"):
         eif.read_eif(write(tmp_path, data))
-
-
-def _qemu_nitro_loader():
-    """QEMU's own EIF loader (machine ``nitro-enclave``): a reader written by others that
-    follows the table and checks the CRC and the signature section's CBOR."""
-    import subprocess
-
-    from harness import qemu
-
-    try:
-        q = qemu.find_qemu()
-    except NitroError:
-        pytest.skip("no QEMU build (scripts/setup.sh builds one)")
-    machines = subprocess.run([str(q), "-M", "help"], capture_output=True, text=True,
-                              timeout=30).stdout
-    if "nitro-enclave" not in machines:
-        pytest.skip(f"{q} has no nitro-enclave machine")
-
-    def load(path):
-        r = subprocess.run([str(q), "-M", "nitro-enclave", "-kernel", str(path), "-m", "256",
-                            "-display", "none", "-nographic", "-no-reboot"],
-                           capture_output=True, text=True, timeout=60)
-        return r.stderr
-
-    return load
-
-
-def test_qemu_nitro_enclave_loader_accepts_our_eifs(tmp_path, parts):
-    load = _qemu_nitro_loader()
-    # The test kernel is random bytes: QEMU parses and checks the EIF, extracts kernel and
-    # initrd, and only then fails in its x86 Linux loader. That message proves the EIF passed.
-    passed = "linux kernel too old to load a ram disk"
-    plain = tmp_path / "plain.eif"
-    eif.write_eif(plain, parts["kernel"], "console=ttyS0", [parts["boot"], parts["app"]],
-                  eif.build_metadata(image_name="q"))
-    assert passed in load(plain)
-    pem, kpem, _ = make_signer()
-    signed = tmp_path / "signed.eif"
-    eif.sign_eif(plain, signed, pem, kpem)
-    assert passed in load(signed)
-    gap, _ = assemble([(KERNEL, parts["kernel"]), (CMDLINE, parts["cmdline"]),
-                       (RAMDISK, parts["boot"])], gaps={2: b"\0" * 16})
-    assert passed in load(write(tmp_path, gap, "gap.eif"))  # a table reader skips the gap
-    bad = bytearray(plain.read_bytes())
-    bad[-1] ^= 1
-    err = load(write(tmp_path, bytes(bad), "bad.eif"))
-    assert "CRC mismatch" in err
-    assert eif.read_eif(tmp_path / "bad.eif").crc_ok is False  # we agree with QEMU
 
 
 def test_writer_refuses_more_than_32_sections(tmp_path, parts):

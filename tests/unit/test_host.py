@@ -1,7 +1,7 @@
 """harness.host: CPU topology, the enclave CPU pool, hugepages, KVM and vhost-vsock facts.
 
-Fake /sys, /proc and /dev trees are built under tmp_path with the kernel's own file layout;
-the real host is checked against independent sources (os.cpu_count, os.sched_getaffinity).
+Fake /sys, /proc and /dev trees (helpers.fake_host) are built under tmp_path with the kernel's
+own file layout; the real host is checked against independent sources (os.cpu_count, os.sched_getaffinity).
 """
 
 from __future__ import annotations
@@ -13,48 +13,7 @@ import pytest
 
 from harness import host
 from harness.errors import ErrorCode, NitroError
-
-
-def write(root: Path, rel: str, text: str) -> Path:
-    path = root / rel.lstrip("/")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def fake_cpus(root: Path, siblings_of: dict[int, list[int]], *, online: str | None = None,
-              packages: dict[int, int] | None = None) -> None:
-    """Write /sys/devices/system/cpu for CPUs whose thread siblings are given explicitly.
-
-    core_id is the index of the sibling group (as the kernel numbers cores per package).
-    """
-    groups: list[tuple[int, ...]] = []
-    for sibs in siblings_of.values():
-        key = tuple(sorted(sibs))
-        if key not in groups:
-            groups.append(key)
-    cpus = sorted(siblings_of)
-    write(root, "sys/devices/system/cpu/online",
-          (online if online is not None else host.format_cpu_list(cpus)) + "\n")
-    for cpu in cpus:
-        topo = f"sys/devices/system/cpu/cpu{cpu}/topology"
-        core = groups.index(tuple(sorted(siblings_of[cpu])))
-        write(root, f"{topo}/core_id", f"{core}\n")
-        write(root, f"{topo}/physical_package_id", f"{(packages or {}).get(cpu, 0)}\n")
-        write(root, f"{topo}/thread_siblings_list", host.format_cpu_list(siblings_of[cpu]) + "\n")
-        (root / f"sys/devices/system/cpu/cpu{cpu}/node0").mkdir(parents=True, exist_ok=True)
-
-
-def interleaved(cores: int, threads: int) -> dict[int, list[int]]:
-    """Intel-style numbering: thread t of core c is CPU c + t * cores."""
-    return {c + t * cores: [c + u * cores for u in range(threads)]
-            for c in range(cores) for t in range(threads)}
-
-
-def adjacent(cores: int, threads: int) -> dict[int, list[int]]:
-    """AMD/ARM-style numbering: core c owns CPUs c*threads .. c*threads + threads - 1."""
-    return {c * threads + t: [c * threads + u for u in range(threads)]
-            for c in range(cores) for t in range(threads)}
+from helpers.fake_host import adjacent, fake_cpus, fake_hugepages, interleaved, write
 
 
 # --- CPU lists ---------------------------------------------------------------------------------
@@ -171,14 +130,6 @@ def test_real_host_topology_matches_os() -> None:
 
 
 # --- hugepages ---------------------------------------------------------------------------------
-
-def fake_hugepages(root: Path, size_kib: int, nr: int, free: int, resv: int, surplus: int = 0) -> None:
-    base = f"sys/kernel/mm/hugepages/hugepages-{size_kib}kB"
-    write(root, f"{base}/nr_hugepages", f"{nr}\n")
-    write(root, f"{base}/free_hugepages", f"{free}\n")
-    write(root, f"{base}/resv_hugepages", f"{resv}\n")
-    write(root, f"{base}/surplus_hugepages", f"{surplus}\n")
-
 
 def test_hugepages_sizes_and_counters(tmp_path: Path) -> None:
     fake_hugepages(tmp_path, 1048576, nr=2, free=1, resv=0)

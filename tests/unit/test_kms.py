@@ -8,8 +8,6 @@ import http.client
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import boto3
 import pytest
@@ -23,19 +21,12 @@ from harness import attestation
 from harness.errors import NitroError
 from harness.kms import KmsCredential, KmsServer, cms, ensure_tls_identity
 from harness.pki import Pki
+from helpers import REPO
+from helpers.kms import (ACCOUNT, ALICE, BOB, GUEST_CLIENT, GUEST_PYTHON, IMAGE_PCR0, MODULE_ID,
+                         REGION, document, enclave_policy, make_tls, pcrs_with, spki_of)
 
-ACCOUNT = "111122223333"
-REGION = "us-east-1"
-MODULE_ID = "i-0123456789abcdef0-enc0123456789abcdef"
-IMAGE_PCR0 = bytes(range(48))
 OTHER_PCR0 = bytes([7]) * 48
-VECTORS = Path(__file__).parent / "vectors"
-GUEST_CLIENT = Path(__file__).parents[1] / "images" / "guest" / "kms_client.py"
-# The guest client runs under this interpreter; point it at a venv with the image's versions
-# (cryptography 38.0.4, asn1crypto 1.5.1) to check the guest's APIs on the host.
-GUEST_PYTHON = os.environ.get("NITRO_HARNESS_GUEST_PYTHON", sys.executable)
-ALICE = KmsCredential("AKIDALICE", "alice-secret", f"arn:aws:iam::{ACCOUNT}:user/alice")
-BOB = KmsCredential("AKIDBOB", "bob-secret", f"arn:aws:iam::{ACCOUNT}:user/bob")
+VECTORS = REPO / "tests" / "vectors"
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -49,23 +40,6 @@ def pki() -> Pki:
 @pytest.fixture(scope="module")
 def recipient_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def spki_of(key) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def pcrs_with(pcr0: bytes) -> dict[int, bytes]:
-    pcrs = {i: bytes(48) for i in range(16)}
-    pcrs[0] = pcrs[1] = pcr0
-    pcrs[2] = bytes([2]) * 48
-    return pcrs
-
-
-def document(pki, key, pcr0=IMAGE_PCR0) -> bytes:
-    return attestation.build_document(pki, module_id=MODULE_ID, pcrs=pcrs_with(pcr0), public_key=spki_of(key))
 
 
 def recipient(doc: bytes) -> dict:
@@ -98,34 +72,6 @@ def kms(server):
 @pytest.fixture(scope="module")
 def key_id(kms):
     return kms.create_key(Description="shared test key")["KeyMetadata"]["KeyId"]
-
-
-def enclave_policy(*pcr0_values: str) -> str:
-    """Alice administers the key; Decrypt only from an enclave whose PCR0 is listed."""
-    return json.dumps(
-        {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Sid": "Admin",
-                    "Effect": "Allow",
-                    "Principal": {"AWS": ALICE.principal_arn},
-                    "NotAction": "kms:Decrypt",
-                    "Resource": "*",
-                },
-                {
-                    "Sid": "EnclaveDecrypt",
-                    "Effect": "Allow",
-                    "Principal": {"AWS": ALICE.principal_arn},
-                    "Action": "kms:Decrypt",
-                    "Resource": "*",
-                    "Condition": {
-                        "StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": list(pcr0_values)}
-                    },
-                },
-            ],
-        }
-    )
 
 
 def error_of(excinfo) -> tuple[str, str]:
@@ -616,12 +562,6 @@ def test_corrupt_state_file_is_reported_and_left_alone(tmp_path):
 # -- TLS and the guest client ------------------------------------------------------------------------------
 
 
-def make_tls(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """CA, server certificate and key for kms.<region>.amazonaws.com (what the image trusts)."""
-    identity = ensure_tls_identity(tmp_path, region=REGION)
-    return identity.ca_certificate, identity.certificate, identity.private_key
-
-
 def test_tls_identity_is_reused_and_renewed_under_the_same_ca(tmp_path):
     first = ensure_tls_identity(tmp_path, region=REGION)
     cert = x509.load_pem_x509_certificate(first.certificate.read_bytes())
@@ -665,7 +605,7 @@ def test_boto3_over_tls(tls_server):
 
 def run_guest_client(srv, ca, *args: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable,
+        GUEST_PYTHON,
         str(GUEST_CLIENT),
         *args[:1],
         "--region",

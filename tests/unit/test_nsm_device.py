@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import ctypes
 import hashlib
-import importlib.util
 import io
 import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import cbor2
 import pytest
@@ -37,7 +35,8 @@ from harness.nsm.device import NsmDevice
 from harness.pcr import Measurements
 from harness.pki import Pki
 from harness.vhost_user import ProtocolFeature, Request, VhostUserBackend
-from vhost_user_frontend import FakeFrontend
+from helpers import guest_programs
+from helpers.vhost_user_frontend import FakeFrontend
 
 MODULE_ID = "i-0123456789abcdef0-enc0000000000000010"
 MEASUREMENTS = Measurements(pcr0=bytes([1]) * 48, pcr1=bytes([2]) * 48, pcr2=bytes([3]) * 48)
@@ -191,9 +190,6 @@ def test_stop_with_a_request_in_flight_is_clean(served):
 
 # -- the PyPI client (aws-nsm-interface, unchanged) and the guest helper, over the ring ----------
 
-NSM_TOOL = Path(__file__).resolve().parent.parent / "images" / "guest" / "nsm_tool.py"
-
-
 @pytest.fixture
 def nsm_client(served, monkeypatch):
     """aws-nsm-interface with only the kernel's part replaced: its ioctl goes through the device
@@ -238,15 +234,8 @@ def test_aws_nsm_interface_client_against_the_device(nsm_client, pki):
                     expect=Expectations(pcrs={0: MEASUREMENTS.pcr0}, nonce=b"nonce", user_data=b"ud", public_key=b"pk"))
 
 
-def _load_nsm_tool():
-    spec = importlib.util.spec_from_file_location("nsm_tool", NSM_TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_guest_nsm_tool_all(nsm_client, pki, capsys, tmp_path):
-    tool = _load_nsm_tool()
+    tool = guest_programs.load("nsm_tool")
     assert tool.main(["--marker", "NSMTOOL", "all", "--nonce", "0a0b", "--user-data", "cafe", "--gen-rsa",
                       "--private-key-out", str(tmp_path / "key.pem")]) == 0
     line = capsys.readouterr().out.strip()
@@ -269,7 +258,7 @@ def test_guest_nsm_tool_all(nsm_client, pki, capsys, tmp_path):
 
 
 def test_guest_nsm_tool_bench_and_errors(nsm_client, capsys):
-    tool = _load_nsm_tool()
+    tool = guest_programs.load("nsm_tool")
     assert tool.main(["bench", "--count", "5", "--kind", "attestation"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 5 and result["min_us"] <= result["p50_us"] <= result["p99_us"] <= result["max_us"]

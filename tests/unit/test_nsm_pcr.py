@@ -1,17 +1,16 @@
 """nsm-pcr (images/nsm-pcr): the static DescribePCR tool of the busybox images.
 
-No boot here (tests/test_qemu_cross_check.py boots hello and reads its lines on QEMU's NSM):
-the build is static and reproducible, the hello images carry it and run it before their
-greeting, and its request encoding and response decoding are checked on the host by linking
-nsm-pcr.c with a stand-in ``ioctl`` that records the request and returns a canned response
-(encoded here with cbor2, an implementation independent of the tool's decoder).
+No boot and no image here (tests/boot/test_nsm_pcr_images.py checks the hello images carry it;
+tests/boot/test_qemu_cross_check.py boots hello and reads its lines on QEMU's NSM): the build
+is static and reproducible, and its request encoding and response decoding are checked on the
+host by linking nsm-pcr.c with a stand-in ``ioctl`` that records the request and returns a
+canned response (encoded here with cbor2, an implementation independent of the tool's decoder).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 import subprocess
 from pathlib import Path
@@ -19,8 +18,6 @@ from pathlib import Path
 import cbor2
 import pytest
 
-from harness.cpio import read_cpio
-from harness.eif import read_eif
 from harness.errors import ErrorCode, NitroError
 from harness.images import debian, recipes
 
@@ -108,25 +105,6 @@ def test_nsm_pcr_is_static_and_reproducible(tmp_path):
     # init shares the builder and keeps the cache location it always had.
     assert built.parent.parent == debian.cache_root() / "programs" / "nsm-pcr"
     assert recipes.build_init().parent.parent == debian.cache_root() / "init"
-
-
-@pytest.mark.parametrize("recipe", ["hello", "hello-debian"])
-def test_hello_images_carry_nsm_pcr(recipe):
-    built = recipes.build(recipe)
-    assert recipes.load_recipe(recipe).rootfs["programs"] == {"/usr/bin/nsm-pcr": "nsm-pcr"}
-    eif = read_eif(built.path)
-    ramdisk = eif.ramdisks[1]
-    with open(eif.path, "rb") as f:
-        f.seek(ramdisk.data_offset)
-        cust = {r.name: r for r in read_cpio(f.read(ramdisk.size))}
-    tool = cust["rootfs/usr/bin/nsm-pcr"]
-    assert tool.mode == stat.S_IFREG | 0o755
-    assert (tool.uid, tool.gid, tool.mtime) == (0, 0, recipes.FIXED_MTIME)
-    assert tool.data == recipes.build_static_program("nsm-pcr").read_bytes()
-    # The application prints PCR0-2 once, never failing on it, before its greeting loop.
-    script = cust["rootfs/usr/bin/hello"].data.decode()
-    assert "\nnsm-pcr 0 1 2 || true\n" in script
-    assert script.index("nsm-pcr 0 1 2") < script.index("while true")
 
 
 def test_programs_field_errors(tmp_path):

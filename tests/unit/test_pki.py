@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -18,8 +17,9 @@ from cryptography.x509.oid import NameOID
 
 from harness.errors import ErrorCode, NitroError
 from harness.pki import PKI_DIR_ENV, Pki, split_module_id
+from helpers import REPO
 
-VECTORS = Path(__file__).parent / "vectors" / "attestation"
+VECTORS = REPO / "tests" / "vectors" / "attestation"
 MODULE_ID = "i-0368fa67e156d6d23-enc019b8596b1a9dad6"  # the shape of a real AWS enclave ID
 AT = dt.datetime(2026, 1, 3, 20, 40, 28, tzinfo=dt.timezone.utc)
 

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import boto3
 import pytest
@@ -22,18 +21,8 @@ from harness.errors import ErrorCode, NitroError
 from harness.kms import KmsServer
 from harness.pki import Pki
 from harness.proxy import AllowlistEntry, VsockProxy, check_allowlist, load_allowlist
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_kms import (  # noqa: E402  (shared helpers)
-    ALICE,
-    GUEST_CLIENT,
-    GUEST_PYTHON,
-    IMAGE_PCR0,
-    REGION,
-    document,
-    enclave_policy,
-    make_tls,
-)
+from helpers.kms import (ALICE, GUEST_CLIENT, GUEST_PYTHON, IMAGE_PCR0, REGION, document, enclave_policy,
+                         make_tls)
 
 
 class EchoServer:
@@ -395,7 +384,7 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
         )
         guest = subprocess.run(
             [
-                sys.executable,
+                GUEST_PYTHON,
                 str(GUEST_CLIENT),
                 "decrypt",
                 "--region",

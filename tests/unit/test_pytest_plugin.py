@@ -3,7 +3,8 @@ JUnit, markers, fixtures and pytest-xdist.
 
 Scenarios here fail or pass on conditions the engine checks before QEMU starts (a missing or
 corrupt EIF), so they run the real runner and engine on any machine; scenarios that boot live
-in scenarios/ and run with ``pytest scenarios/``.
+in scenarios/ and run with ``pytest scenarios/``, and the plugin's report of a booted guest is
+tests/boot/test_pytest_plugin_boot.py.
 """
 
 from __future__ import annotations
@@ -14,11 +15,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
-from harness.images import debian
-
-# pytester points HOME at its own folder; the images and the kernel stay in the real cache.
-REAL_CACHE = debian.cache_root()
 
 pytest_plugins = ["pytester"]
 
@@ -215,31 +211,3 @@ def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
         assert 1000 + index * 1000 <= info["cid"] < 2000 + index * 1000
 
 
-@pytest.mark.slow
-def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pytester, monkeypatch):
-    """A real boot of the hello image with a wrong expected text."""
-    scenario_file(pytester, "broken.yaml", """
-        name: broken
-        image: hello
-        timeout: 600
-        steps:
-          - console: {expect: 'Hello from the enclave side!', within: 120}
-          - console: {expect: 'Goodbye from the enclave side!', within: 10}
-          - terminate:
-        """)
-    artifacts = pytester.path / "art"
-    monkeypatch.setenv("NITRO_HARNESS_CACHE", str(REAL_CACHE))
-    result = pytester.runpytest_subprocess("scenarios", f"--artifacts-dir={artifacts}", timeout=900)
-    result.assert_outcomes(failed=1)
-    folder = artifacts / "scenarios_broken.yaml_broken"
-    result.stdout.fnmatch_lines([
-        "scenarios/broken.yaml:6: step 2 (console Goodbye from the enclave side!) failed: "
-        "'Goodbye from the enclave side!' did not appear within 10 s",
-        "--- console (last lines) ---",
-        "*Hello from the enclave side!",
-        f"artifacts: {folder}",
-    ])
-    logs = list(folder.glob("*/console.log"))
-    assert len(logs) == 1
-    assert "Hello from the enclave side!" in logs[0].read_text(errors="replace")
-    assert (folder / "scenario.yaml").exists()

@@ -1,9 +1,9 @@
 """Scenario schema, loading with file:line errors, matrix expansion, and the runner without QEMU.
 
 Each malformed scenario is checked one by one for the exact ``file:line: key: rule`` message.
-Runner tests here use failures the engine detects before QEMU starts
-(missing EIF, corrupt EIF, memory below 4 x EIF size), so they drive the real engine without a
-boot; booting scenarios run from scenarios/ (pytest scenarios/) and tests/test_pytest_plugin.py.
+Runner tests here use failures the engine detects before QEMU starts (missing EIF, corrupt EIF,
+memory below 4 x EIF size), so they drive the real engine without a boot; booting scenarios run
+from scenarios/ (pytest scenarios/) and tests/boot/test_pytest_plugin_boot.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import pytest
 
 from harness import scenario as scn
 from harness.errors import ErrorCode, NitroError
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
 
 
 def write(tmp_path: Path, text: str, name: str = "case.yaml") -> Path:
@@ -547,7 +546,8 @@ def test_kms_step_needs_an_expectation(tmp_path):
 # These check the runner's own logic (console cursor, exec checks, vsock exchanges and digests,
 # cli save, expect_failure) without QEMU. The stand-in is not presented as an enclave: its
 # console is a real harness.console.Console whose "guest" is a host /bin/sh on the console socket,
-# and its "vsock" is TCP on 127.0.0.1 (port + 20000). Real boots run the same steps in scenarios/.
+# and its "vsock" is TCP on 127.0.0.1 with ports the system assigns (see HostStandIn). Real boots
+# run the same steps in scenarios/.
 
 import hashlib
 import json
@@ -559,12 +559,12 @@ import threading
 
 from harness.console import Console
 
-TCP_OFFSET = 20000
-
-
 class _TcpListener:
-    def __init__(self, port: int):
-        self.sock = socket.create_server(("127.0.0.1", port + TCP_OFFSET))
+    """A parent's vsock listener, as TCP on 127.0.0.1 on a port the system assigns (``port``)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
 
     def accept(self, timeout: float) -> socket.socket:
         self.sock.settimeout(timeout)
@@ -577,10 +577,20 @@ class _TcpListener:
 
 
 class HostStandIn:
-    """Engine-shaped object over host resources (see the section comment)."""
+    """Engine-shaped object over host resources (see the section comment).
+
+    vsock is TCP on 127.0.0.1: ``guest_listeners`` maps a guest vsock port to the TCP port of
+    the host server standing for the guest's listener there (fixtures fill it); a connection to
+    any other port is refused at once, as a guest without a listener answers with an RST. A
+    parent listener on vsock port P gets a free TCP port, written to ``vsock-P.port`` in the
+    stand-in's folder, the "guest" shell's working directory.
+    """
+
+    guest_listeners: dict[int, int] = {}
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
         self.console = Console(folder / "c.sock", folder / "console.log")
         self.console.listen()
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -601,10 +611,15 @@ class HostStandIn:
         return self.console.exec(command, timeout=timeout)
 
     def vsock_connect(self, port: int, timeout: float = 10) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", port + TCP_OFFSET), timeout=timeout)
+        tcp_port = self.guest_listeners.get(port)
+        if tcp_port is None:
+            raise ConnectionRefusedError(f"stand-in guest CID {self.cid} has no listener on port {port}")
+        return socket.create_connection(("127.0.0.1", tcp_port), timeout=timeout)
 
     def vsock_listen(self, port: int) -> _TcpListener:
-        return _TcpListener(port)
+        listener = _TcpListener()
+        (self.folder / f"vsock-{port}.port").write_text(f"{listener.port}\n")
+        return listener
 
     def describe(self) -> dict:
         return {"EnclaveID": self.enclave_id, "EnclaveCID": self.cid, "State": self.state, "Flags": "DEBUG_MODE"}
@@ -640,9 +655,10 @@ def run_standin(tmp_path: Path, steps: str) -> scn.ScenarioResult:
 
 
 @pytest.fixture
-def echo_port():
+def echo_port(monkeypatch):
     """A TCP echo server standing for a guest echo program on vsock port 5005."""
-    server = socket.create_server(("127.0.0.1", 5005 + TCP_OFFSET))
+    server = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setitem(HostStandIn.guest_listeners, 5005, server.getsockname()[1])
     stop = threading.Event()
 
     def serve():
@@ -714,16 +730,19 @@ def test_vsock_refusal_expected_but_connected_fails(tmp_path, echo_port):
     assert f"vsock connect to port {echo_port} succeeded; expected it to be refused" in result.message
 
 
+# "Guest" programs run by the stand-in's shell: the parent's port comes from its vsock-P.port file.
 GUEST_SEND = (
     "import hashlib, socket, sys\n"
     "data = bytes(range(256)) * 4000\n"
-    "s = socket.create_connection(('127.0.0.1', 27000)); s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
+    "port = int(open('vsock-7000.port').read())\n"
+    "s = socket.create_connection(('127.0.0.1', port)); s.sendall(data); s.shutdown(socket.SHUT_WR)\n"
     "reply = s.makefile().readline().split()\n"
     "sys.exit(0 if reply == [str(len(data)), hashlib.sha256(data).hexdigest()] else 1)\n"
 )
 GUEST_RECV = (
     "import hashlib, socket\n"
-    "s = socket.create_connection(('127.0.0.1', 27001)); data = b''\n"
+    "port = int(open('vsock-7001.port').read())\n"
+    "s = socket.create_connection(('127.0.0.1', port)); data = b''\n"
     "while chunk := s.recv(65536): data += chunk\n"
     "s.sendall(f'{len(data)} {hashlib.sha256(data).hexdigest()}\\n'.encode())\n"
 )

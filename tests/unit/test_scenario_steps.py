@@ -17,8 +17,7 @@ import pytest
 
 from harness import scenario as scn
 from harness.scenario.steps import registry
-
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO
 
 
 # -- the registry ---------------------------------------------------------------------------

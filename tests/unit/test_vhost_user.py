@@ -22,7 +22,7 @@ from harness.vhost_user import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 )
-from vhost_user_frontend import FakeFrontend, FrontendError
+from helpers.vhost_user_frontend import FakeFrontend, FrontendError
 
 
 def _fds() -> set[str]:

@@ -16,7 +16,8 @@ import pytest
 from harness.errors import NitroError
 from harness.vhost_user import VhostUserBackend
 from harness.vsock import HEADER, Op, VsockDevice
-from vhost_user_frontend import FakeFrontend
+from helpers import guest_programs
+from helpers.vhost_user_frontend import FakeFrontend
 
 CID = 16
 class Pkt(namedtuple("Pkt", "src_cid dst_cid src_port dst_port len type op flags buf_alloc "
@@ -528,18 +529,8 @@ def test_close_releases_user_facing_waits(env):
         dev.listen(7012)
 
 
-def _load_guest_program():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "images" / "guest" / "vsock_echo.py"
-    spec = importlib.util.spec_from_file_location("vsock_echo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_guest_program_stream_is_deterministic_and_echo_round_trips():
-    ve = _load_guest_program()
+    ve = guest_programs.load("vsock_echo")
     a = b"".join(ve.stream_chunks(200_001, seed=7))
     assert len(a) == 200_001
     assert a == b"".join(ve.stream_chunks(200_001, seed=7))
@@ -564,7 +555,7 @@ def test_guest_program_stream_is_deterministic_and_echo_round_trips():
 
 def test_echo_through_the_device_with_guest_program_helpers(env):
     """Parent socket -> device -> fake guest echo -> device -> parent socket, hash checked."""
-    ve = _load_guest_program()
+    ve = guest_programs.load("vsock_echo")
     dev, be, fe, _ = env
     g = make_guest(env)
     res = {}

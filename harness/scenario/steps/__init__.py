@@ -4,7 +4,7 @@ Importing this package imports every step module, in the order below, which is t
 :func:`~harness.scenario.steps.registry.step_kinds` (and of "known:" in error messages).
 To add a kind: write ``steps/<kind>.py`` ending in ``register(...)``, import it here, describe
 its body in harness/data/scenario_schema.yaml and document it in docs/scenarios.md
-(tests/test_scenario_steps.py checks the three agree).
+(tests/unit/test_scenario_steps.py checks the three agree).
 """
 
 from harness.scenario.steps import (  # noqa: F401  (imported to register, in this order)

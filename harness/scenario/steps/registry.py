@@ -4,7 +4,7 @@ A kind is its name (the step's key in YAML), whether it needs the scenario's enc
 (the runner boots it first when it is not), its label function (the step's main argument in
 reports) and its runner function. Everything else that knows the kinds reads them from here;
 the schema (harness/data/scenario_schema.yaml) and docs/scenarios.md are checked against it by
-tests/test_scenario_steps.py.
+tests/unit/test_scenario_steps.py.
 """
 
 from __future__ import annotations

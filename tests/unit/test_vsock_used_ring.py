@@ -8,7 +8,7 @@ and accepts from threads, random sizes, half and full closes, guest RW/SHUTDOWN/
 packets, rx buffers posted in small batches so the device starves) and a scenario-like one (a
 Linux-like guest keeping a 1024-entry rx ring full runs an echo server; the parent does a large
 echo then short connections, sender thread plus reader, as scenarios/vsock.yaml does). A failure
-names its seed; more seeds: ``VSOCK_USED_RING_SEEDS=0:200 pytest tests/test_vsock_used_ring.py``.
+names its seed; more seeds: ``VSOCK_USED_RING_SEEDS=0:200 pytest tests/unit/test_vsock_used_ring.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 
 from harness.vhost_user import VhostUserBackend
 from harness.vsock import HEADER, Op, VsockDevice
-from vhost_user_frontend import FakeFrontend, GuestQueue
+from helpers.vhost_user_frontend import FakeFrontend, GuestQueue
 
 CID = 16
 

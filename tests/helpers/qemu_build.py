@@ -1,0 +1,35 @@
+"""Where scripts/build-qemu.sh puts the patched QEMU, recomputed independently of harness.qemu,
+and fake builds of it for tests that need no real QEMU."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from helpers import REPO
+
+PATCHES = REPO / "scripts" / "qemu-patches"
+
+
+def expected_build_dir() -> Path:
+    """``~/.cache/nitro-harness/qemu-10.0.2-<sha256(name\\n + bytes per patch)[:12]>``."""
+    digest = hashlib.sha256()
+    for patch in sorted(PATCHES.glob("*.patch")):
+        digest.update(patch.name.encode() + b"\n" + patch.read_bytes())
+    cache = os.environ.get("NITRO_HARNESS_CACHE") or str(Path.home() / ".cache" / "nitro-harness")
+    return Path(cache) / f"qemu-10.0.2-{digest.hexdigest()[:12]}"
+
+
+def fake_build(cache: Path, name: str, mtime: float) -> Path:
+    """A finished-looking build ``cache/name`` (a shell script as the binary, ``.complete``
+    stamped at ``mtime``); returns the binary's path."""
+    binary = cache / name / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    stamp = cache / name / ".complete"
+    stamp.write_text("done\n")
+    os.utime(stamp, (mtime, mtime))
+    return binary
