@@ -1,0 +1,110 @@
+"""Booting one enclave's VM: the EIF checked and measured, QEMU and its accelerator chosen, the
+machine described (:class:`harness.machine.MachineSpec`) and launched.
+
+The EIF is checked before anything is taken, as nitro-cli does (docs/eif-format.md#validation,
+docs/eif-format.md#crc); the PCRs come from the same read (docs/pcrs.md#one-pass-measuring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import doctor, host
+from harness import eif as eif_mod
+from harness import qemu as qemu_mod
+from harness.errors import ErrorCode, NitroError
+from harness.machine import MachineError, MachineSpec, QemuMachine
+
+__all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch"]
+
+
+def check_eif(eif_path: Path) -> tuple[Any, int]:
+    """Validate, CRC-check and measure the EIF at ``eif_path`` in one streaming read; return its
+    :class:`harness.pcr.Measurements` and its size in bytes.
+
+    Raises NitroError E19 when the file is missing, E35 when it is invalid or its header's CRC
+    does not match (the Nitro hypervisor and QEMU refuse such an EIF: docs/eif-format.md#crc).
+    """
+    if not eif_path.is_file():
+        raise NitroError(ErrorCode.FileOperationFailure, f"{eif_path}: EIF file not found")
+    measurements, parsed = eif_mod.measure_and_check(eif_path)
+    if parsed.crc_ok is False:
+        raise NitroError(
+            ErrorCode.EifParsingError,
+            f"{eif_path}: crc32: the header's CRC does not match the file (the Nitro "
+            "hypervisor and QEMU refuse such an EIF)",
+        )
+    return measurements, eif_path.stat().st_size
+
+
+@dataclass(frozen=True)
+class QemuChoice:
+    """The QEMU binary (``path``), what it can do (``info``, :class:`harness.qemu.QemuInfo`), the
+    accelerator (``"kvm"`` or ``"tcg"``) and why it was chosen (``accel_reason``, one line)."""
+
+    path: Path
+    info: Any
+    accel: str
+    accel_reason: str
+
+
+def choose_qemu(qemu: Path | None, accel: str | None) -> QemuChoice:
+    """Find and probe QEMU (``qemu`` or :func:`harness.qemu.find_qemu`'s choice) and take the
+    accelerator ``accel`` or the doctor's (docs/architecture.md#accelerator, which also honours
+    and checks ``NITRO_HARNESS_ACCEL``). Raises NitroError when no usable QEMU is found."""
+    path = qemu or qemu_mod.find_qemu()
+    info = qemu_mod.probe_qemu(path)
+    if accel:
+        return QemuChoice(path, info, accel, "chosen by the caller")
+    chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
+    return QemuChoice(path, info, chosen, reason)
+
+
+def machine_spec(
+    config: Any,
+    *,
+    qemu: QemuChoice,
+    boot: eif_mod.BootFiles,
+    cpus: Any,
+    state_dir: Path,
+    acpi: bool,
+    nsm: str | None,
+    nsm_socket: Path | None,
+    hugepage_size_kib: int | None,
+) -> MachineSpec:
+    """The machine for ``config`` (:class:`harness.enclave.EnclaveConfig`: memory, extra QEMU
+    arguments): ``boot``'s kernel, initrd and command line, vCPUs on ``cpus.vcpu_cpus`` and QEMU's
+    other threads on ``cpus.others`` (:class:`harness.allocator.CpuAllocation`), the vsock back
+    end on ``state_dir/vsock.sock``, the NSM as :meth:`EnclaveDevices.start_nsm
+    <harness.enclave_devices.EnclaveDevices.start_nsm>` returned it, ``acpi`` from the machine
+    layout (docs/boot.md#machine-layout)."""
+    return MachineSpec(
+        qemu=qemu.path,
+        accel=qemu.accel,
+        kernel=boot.kernel,
+        initrd=boot.initrd,
+        cmdline=boot.cmdline,
+        memory_mib=config.memory_mib,
+        vcpu_cpus=cpus.vcpu_cpus,
+        other_cpus=cpus.others,
+        state_dir=state_dir,
+        firmware=qemu_mod.find_firmware(qemu.path),
+        vsock_socket=state_dir / "vsock.sock",
+        nsm=nsm,
+        nsm_socket=nsm_socket,
+        hugepage_size_kib=hugepage_size_kib,
+        acpi=acpi,
+        extra_args=list(config.extra_qemu_args),
+    )
+
+
+def launch(machine: QemuMachine) -> None:
+    """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`).
+    Raises NitroError E36 with the machine's reason when it fails; the caller still shuts the
+    machine down (QEMU may be running)."""
+    try:
+        machine.launch()
+    except MachineError as err:
+        raise NitroError(ErrorCode.EnclaveBootFailure, str(err)) from None
