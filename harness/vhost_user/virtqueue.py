@@ -1,0 +1,297 @@
+"""Split virtqueues in guest RAM (virtio 1.x section 2.7, which legacy virtio-mmio shares byte for
+byte): :class:`VirtQueue` pops available descriptor chains and pushes used ones, and keeps the
+ownership invariant of docs/vhost-user.md#used-ring-invariant.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+import sys
+from typing import TYPE_CHECKING
+
+from harness.vhost_user.memory import MemoryTable
+from harness.vhost_user.protocol import VhostUserError
+
+if TYPE_CHECKING:
+    from harness.vhost_user.backend import VhostUserBackend
+
+# Split virtqueue layout (virtio 1.x 2.7).
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+
+class DescriptorChain:
+    """One buffer the driver made available: a head index and its readable/writable parts.
+
+    ``readable`` and ``writable`` are lists of memoryviews into guest RAM (device-readable
+    parts first, as virtio requires). ``read()`` copies the readable bytes out;
+    ``write(data)`` fills writable parts in order and advances ``written``. The views are
+    released by :meth:`VirtQueue.push` (or :meth:`release`); do not keep them afterwards.
+    """
+
+    __slots__ = ("head", "readable", "writable", "written", "readable_len", "writable_len",
+                 "generation")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 generation: int = 0):
+        self.head = head
+        self.generation = generation  # the ring session it was popped in (VirtQueue.generation)
+        self.readable = readable
+        self.writable = writable
+        self.written = 0
+        self.readable_len = sum(len(v) for v in readable)
+        self.writable_len = sum(len(v) for v in writable)
+
+    def read(self) -> bytes:
+        """All device-readable bytes, concatenated."""
+        r = self.readable
+        if len(r) == 1:
+            return r[0].tobytes()
+        return b"".join(r)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` to the writable parts; returns bytes written (short if full)."""
+        pos = self.written
+        n_total = 0
+        data = memoryview(data)
+        for v in self.writable:
+            lv = len(v)
+            if pos >= lv:
+                pos -= lv
+                continue
+            n = min(lv - pos, len(data) - n_total)
+            v[pos:pos + n] = data[n_total:n_total + n]
+            n_total += n
+            pos = 0
+            if n_total == len(data):
+                break
+        self.written += n_total
+        return n_total
+
+    def release(self) -> None:
+        """Release the memoryviews (idempotent)."""
+        for v in self.readable:
+            v.release()
+        for v in self.writable:
+            v.release()
+        self.readable = []
+        self.writable = []
+
+
+class VirtQueue:
+    """A split virtqueue in guest RAM, driven by the back end's loop thread.
+
+    State comes from SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE. ``pop()`` returns the next
+    available :class:`DescriptorChain` or None; ``push(chain, length)`` puts it on the used
+    ring; ``notify()`` signals the call eventfd (unless the driver set NO_INTERRUPT).
+    Malformed rings (descriptor loops, bad indirect tables, addresses outside RAM) raise
+    VhostUserError (virtio 1.x 2.7.5.3).
+
+    Ownership invariant (docs/vhost-user.md#used-ring-invariant): between ``pop`` and ``push`` a
+    head belongs to the device, and only the chain object that popped it may return it, once.
+    The queue records which chain holds each head; ``push`` of a chain that does not hold its
+    head (a double return, a stale chain, a chain of another queue) raises VhostUserError
+    naming the queue, the head and the last operations, instead of writing an id the driver
+    would reject ("id N is not a head") or, worse, accept for the wrong buffer. A chain popped
+    before the ring was stopped or re-based belongs to an older ``generation`` and is dropped
+    silently on push: the driver reset that ring and forgot the buffer.
+    """
+
+    #: Operations remembered per queue for the error message of a broken invariant.
+    HISTORY = 16
+
+    def __init__(self, backend: "VhostUserBackend", index: int, max_size: int):
+        self.backend = backend
+        self.index = index
+        self.max_size = max_size
+        self.num = 0
+        self.desc_addr = self.avail_addr = self.used_addr = 0  # QEMU virtual addresses
+        self.addr_set = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.started = False  # kick received after the ring address
+        self.enabled = False
+        self._desc = self._avail = self._used = None  # (mmap, offset)
+        self.pending_push = 0  # used entries since the last notify
+        self.generation = 0  # bumped whenever the ring is stopped or re-based
+        self._holders: list[DescriptorChain | None] = []  # head -> the chain that holds it
+        self.outstanding = 0  # heads popped and not yet pushed
+        self.history: collections.deque[tuple] = collections.deque(maxlen=self.HISTORY)
+
+    @property
+    def name(self) -> str:
+        """The queue's name for messages: its index and the device's name for it (``0 (rx)``)."""
+        names = getattr(self.backend.device, "queue_names", ())
+        return f"{self.index} ({names[self.index]})" if self.index < len(names) else str(self.index)
+
+    def reset_ownership(self, why: str) -> None:
+        """Forget every held head: the ring was stopped, re-based or re-sized (loop thread).
+
+        Chains popped before keep their old generation and are dropped by :meth:`push`."""
+        self.generation += 1
+        self._holders = [None] * self.num if self.num else []
+        self.outstanding = 0
+        self.history.append(("reset", why, self.last_avail_idx, self.used_idx))
+
+    def _history_text(self) -> str:
+        return "; ".join(" ".join(str(x) for x in op) for op in self.history)
+
+    @property
+    def ready(self) -> bool:
+        """True when the ring is started and enabled: the device may pop and push."""
+        return self.started and self.enabled and self._desc is not None
+
+    def _map(self, table: MemoryTable | None) -> None:
+        """Resolve ring addresses against the memory table (called on ADDR and MEM_TABLE)."""
+        if not self.addr_set or table is None or self.num == 0:
+            self._desc = self._avail = self._used = None
+            return
+        n = self.num
+        r, o = table.locate_qva(self.desc_addr, 16 * n)
+        self._desc = (r.mm, o)
+        r, o = table.locate_qva(self.avail_addr, 6 + 2 * n)
+        self._avail = (r.mm, o)
+        r, o = table.locate_qva(self.used_addr, 6 + 8 * n)
+        self._used = (r.mm, o)
+
+    def avail_idx(self) -> int:
+        """The driver's avail->idx (u16)."""
+        mm, o = self._avail
+        return _U16.unpack_from(mm, o + 2)[0]
+
+    def has_available(self) -> bool:
+        """True if the driver has made buffers available that were not popped yet."""
+        return self.ready and self.avail_idx() != self.last_avail_idx
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available descriptor chain, or None if the ring is empty/not ready.
+
+        Direct and indirect descriptors are followed; device-readable parts must precede
+        writable ones. Raises VhostUserError on a malformed chain.
+        """
+        if not self.ready:
+            return None
+        amm, ao = self._avail
+        idx = _U16.unpack_from(amm, ao + 2)[0]
+        last = self.last_avail_idx
+        if idx == last:
+            return None
+        n = self.num
+        if (idx - last) & 0xFFFF > n:
+            raise VhostUserError(
+                f"queue {self.index}: avail idx {idx} is {(idx - last) & 0xFFFF} ahead of "
+                f"{last}, more than the ring size {n}")
+        head = _U16.unpack_from(amm, ao + 4 + 2 * (last % n))[0]
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        if head >= n:
+            raise VhostUserError(f"queue {self.index}: head descriptor {head} >= ring size {n}")
+        if len(self._holders) != n:
+            self._holders = [None] * n
+        if self._holders[head] is not None:
+            raise VhostUserError(
+                f"queue {self.name}: the driver made head {head} available at avail index "
+                f"{last} while the device still holds it (last operations: "
+                f"{self._history_text()})")
+        table = self.backend.memory
+        dmm, do = self._desc
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        count = 0
+        limit = n
+        indirect = False
+        while True:
+            addr, length, flags, nxt = _DESC.unpack_from(dmm, do + 16 * i)
+            count += 1
+            if count > limit:
+                raise VhostUserError(f"queue {self.index}: descriptor chain from {head} loops")
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect:
+                    raise VhostUserError(f"queue {self.index}: nested indirect descriptor")
+                if length == 0 or length % 16:
+                    raise VhostUserError(
+                        f"queue {self.index}: indirect table length {length} is not a "
+                        "multiple of 16")
+                r, o = table.locate_gpa(addr, length)
+                dmm, do = r.mm, o
+                limit = length // 16
+                indirect = True
+                i = 0
+                count = 0
+                continue
+            if length:
+                views = table.views(addr, length)
+                if flags & VRING_DESC_F_WRITE:
+                    writable.extend(views)
+                elif writable:
+                    raise VhostUserError(
+                        f"queue {self.index}: readable descriptor after a writable one")
+                else:
+                    readable.extend(views)
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            i = nxt
+            if i >= limit:
+                raise VhostUserError(f"queue {self.index}: next descriptor {i} out of range")
+        chain = DescriptorChain(head, readable, writable, self.generation)
+        self._holders[head] = chain
+        self.outstanding += 1
+        self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
+        return chain
+
+    def push(self, chain: DescriptorChain, length: int | None = None) -> None:
+        """Return ``chain`` to the driver with ``length`` bytes written (default: chain.written).
+
+        Releases the chain's views. The driver is not signalled until :meth:`notify`.
+        """
+        if length is None:
+            length = chain.written
+        chain.release()
+        if self._used is None or chain.generation != self.generation:
+            # The ring was stopped (or re-based) since the pop: the driver forgot the buffer.
+            self.history.append(("drop-stale", chain.head, chain.generation))
+            return
+        head = chain.head
+        holders = self._holders
+        if head >= len(holders) or holders[head] is not chain:
+            why = ("returned already" if head < len(holders) and holders[head] is None
+                   else "held by another chain")
+            raise VhostUserError(
+                f"queue {self.name}: {sys._getframe(1).f_code.co_name} returned head {head}, "
+                f"which the device does not hold ({why}; last operations: "
+                f"{self._history_text()})")
+        holders[head] = None
+        self.outstanding -= 1
+        mm, o = self._used
+        u = self.used_idx
+        self.history.append(("push", head, u, length, sys._getframe(1).f_code.co_name))
+        _USED_ELEM.pack_into(mm, o + 4 + 8 * (u % self.num), chain.head, length)
+        u = (u + 1) & 0xFFFF
+        # x86 and the guest see stores in order; the element is visible before the index.
+        _U16.pack_into(mm, o + 2, u)
+        self.used_idx = u
+        self.pending_push += 1
+
+    def notify(self, force: bool = False) -> None:
+        """Signal the driver (write 1 to the call eventfd) if anything was pushed since the
+        last notify (or ``force``) and the driver did not set VRING_AVAIL_F_NO_INTERRUPT."""
+        if not (self.pending_push or force) or self.call_fd is None or self._avail is None:
+            return
+        self.pending_push = 0
+        mm, o = self._avail
+        if _U16.unpack_from(mm, o)[0] & VRING_AVAIL_F_NO_INTERRUPT and not force:
+            return
+        try:
+            os.eventfd_write(self.call_fd, 1)
+        except BlockingIOError:
+            pass  # counter saturated: the driver is signalled already

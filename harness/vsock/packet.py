@@ -1,0 +1,49 @@
+"""virtio-vsock packets: the 44-byte header, operations, shutdown flags and Nitro's fixed addresses.
+
+docs/vsock.md#packet-header: a packet is a little-endian header (src_cid, dst_cid, src_port,
+dst_port, len, type, op, flags, buf_alloc, fwd_cnt) plus ``len`` bytes of payload.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+PARENT_CID = 3  # docs/vsock.md#addresses: the parent instance is CID 3 on Nitro
+HEARTBEAT_PORT = 9000
+HEARTBEAT_BYTE = 0xB7
+VIRTIO_ID_VSOCK = 19
+VIRTIO_VSOCK_F_STREAM = 1 << 0
+RX_QUEUE, TX_QUEUE = 0, 1
+TYPE_STREAM = 1
+SHUTDOWN_RCV = 1
+SHUTDOWN_SEND = 2
+SHUTDOWN_BOTH = SHUTDOWN_RCV | SHUTDOWN_SEND
+
+HEADER = struct.Struct("<QQIIIHHIII")  # docs/vsock.md#packet-header: 44 bytes little-endian
+HDR_SIZE = HEADER.size
+
+
+class Op:
+    """virtio-vsock packet operations (docs/vsock.md#operations)."""
+
+    REQUEST = 1
+    RESPONSE = 2
+    RST = 3
+    SHUTDOWN = 4
+    RW = 5
+    CREDIT_UPDATE = 6
+    CREDIT_REQUEST = 7
+
+
+OP_NAMES = {v: k for k, v in vars(Op).items() if isinstance(v, int)}
+
+
+def trace_record(direction: str, pkt: bytes) -> dict:
+    """One packet as a trace dict: ``t`` (time.monotonic()), ``dir`` ("rx": to the guest, "tx":
+    from it), the header fields by name and ``op_name``. ``pkt`` starts with a header."""
+    f = HEADER.unpack_from(pkt)
+    return {"t": time.monotonic(), "dir": direction, "src_cid": f[0], "dst_cid": f[1],
+            "src_port": f[2], "dst_port": f[3], "len": f[4], "type": f[5], "op": f[6],
+            "op_name": OP_NAMES.get(f[6], str(f[6])), "flags": f[7],
+            "buf_alloc": f[8], "fwd_cnt": f[9]}
