@@ -97,27 +97,35 @@ class ParentPump:
                     chain.release()
                     raise VhostUserError(f"vsock rx buffer of {chain.writable_len} bytes has no "
                                          "room for payload after the header")
-                n = min(len(seg), credit)
-                if conn.pre_data:
-                    got = min(n, len(conn.pre_data))
-                    seg[:got] = conn.pre_data[:got]
-                    conn.pre_data = conn.pre_data[got:]
-                else:
-                    try:
-                        got = conn.sock.recv_into(seg, n)
-                    except BlockingIOError:
-                        seg.release()
-                        dev._spare = chain
-                        break
-                    except OSError:
-                        got = 0
-                seg.release()
-                if got == 0:
+                try:
+                    n = min(len(seg), credit)
+                    if conn.pre_data:
+                        got = min(n, len(conn.pre_data))
+                        seg[:got] = conn.pre_data[:got]
+                        conn.pre_data = conn.pre_data[got:]
+                    else:
+                        try:
+                            got = conn.sock.recv_into(seg, n)
+                        except BlockingIOError:
+                            got = -1  # nothing to read now
+                        except OSError:
+                            got = 0
+                    seg.release()
+                    if got > 0:
+                        h = conn.header(guest_cid, buf_alloc, Op.RW, 0, got)
+                        chain.write(h)
+                except BaseException:
+                    # The device holds the chain's head from pop to push: an unexpected error in
+                    # between (a parent socket raising something else than OSError) must not
+                    # lose it. It waits in the spare slot for the next packet.
+                    seg.release()
                     dev._spare = chain
-                    self._parent_eof(conn)
+                    raise
+                if got <= 0:
+                    dev._spare = chain
+                    if got == 0:
+                        self._parent_eof(conn)
                     break
-                h = conn.header(guest_cid, buf_alloc, Op.RW, 0, got)
-                chain.write(h)
                 q.push(chain, HDR_SIZE + got)
                 conn.sent(got)
                 sent += 1

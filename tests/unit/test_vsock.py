@@ -435,6 +435,46 @@ def test_rx_starvation_resumes_when_buffers_are_posted(env):
     user.close()
 
 
+def test_rx_chain_survives_an_unexpected_parent_socket_error(env):
+    # The pump pops an rx chain before it reads the parent socket: an error other than OSError
+    # from that read must leave the chain in the spare slot, where the next read takes it, not
+    # hold its head forever (the guest would lose one rx buffer per such error).
+    dev, be, fe, _ = env
+    lst = dev.listen(7012)
+    g = make_guest(env, nbufs=4)
+    g.connect(7012, src_port=507)
+    rxq = be.queues[0]
+
+    class FlakySocket(socket.socket):
+        failed = False
+
+        def recv_into(self, buffer, nbytes=0, flags=0):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("parent socket broke once")
+            return super().recv_into(buffer, nbytes, flags)
+
+    def make_flaky() -> int:
+        conn = dev._conns[(7012, 507)]
+        conn.sock = FlakySocket(fileno=conn.sock.detach())  # same fd: the loop keeps watching it
+        return rxq.last_avail_idx
+
+    with lst.accept(5) as user:
+        popped_before = dev.run_on_loop(make_flaky)
+        assert dev.run_on_loop(lambda: (rxq.outstanding, dev._spare)) == (0, None)
+        user.sendall(b"after the error")
+        p = g.expect(Op.RW, dst_port=507)
+        assert p.payload == b"after the error"
+        assert be.error == "device VsockDevice failed: RuntimeError: parent socket broke once"
+        # Two chains popped in all: the one the failed read took carried the payload, the next
+        # read found nothing and left its chain in the spare slot. The device holds that one
+        # head and no other.
+        popped, held, spare = dev.run_on_loop(
+            lambda: (rxq.last_avail_idx, rxq.outstanding, dev._spare))
+        assert (popped - popped_before) & 0xFFFF == 2
+        assert spare is not None and held == 1
+
+
 def test_unix_bridge_both_directions(env, tmp_path):
     dev, be, fe, _ = env
     path = str(tmp_path / "enclave.vsock")
