@@ -42,7 +42,7 @@ class EventLoop:
         self.stopping = False
         self._on_error = on_error
         self._sel = selectors.DefaultSelector()
-        self._handlers: dict[int, list] = {}  # fd -> [reader, writer]
+        self._handlers: dict[int, list] = {}  # fd -> [reader, writer, file identity]
         self._ready: collections.deque = collections.deque()
         self._timers: list = []
         self._timer_seq = itertools.count()
@@ -81,10 +81,16 @@ class EventLoop:
 
     def _set_handler(self, fd: int, slot: int, cb: Callable[[], None] | None) -> None:
         h = self._handlers.get(fd)
+        if h is not None and cb is not None and h[2] != _file_identity(fd):
+            # The fd was closed behind the loop's back and its number now names another file:
+            # the entry's callbacks belong to the closed one. Start afresh.
+            del self._handlers[fd]
+            self._sel.unregister(fd)
+            h = None
         if h is None:
             if cb is None:
                 return
-            h = [None, None]
+            h = [None, None, _file_identity(fd)]
             h[slot] = cb
             self._handlers[fd] = h
             self._sel.register(fd, selectors.EVENT_READ if slot == 0 else selectors.EVENT_WRITE)
@@ -93,11 +99,20 @@ class EventLoop:
             return
         h[slot] = cb
         events = (selectors.EVENT_READ if h[0] else 0) | (selectors.EVENT_WRITE if h[1] else 0)
-        if events:
-            self._sel.modify(fd, events)
-        else:
+        if not events:
             del self._handlers[fd]
             self._sel.unregister(fd)
+        elif cb is not None:
+            # Register anew rather than modify: epoll silently forgets a closed file (one that
+            # shares an identity with the new one, like every eventfd), and the selector skips
+            # the kernel when the events do not change.
+            self._sel.unregister(fd)
+            self._sel.register(fd, events)
+        else:
+            try:
+                self._sel.modify(fd, events)
+            except OSError:  # closed behind the loop's back: the selector dropped it already
+                del self._handlers[fd]
 
     def wake(self) -> None:
         """Interrupt the loop's wait (thread-safe; a no-op once the loop is closed)."""
@@ -164,3 +179,12 @@ class EventLoop:
         self._wake_fd = -1
         self._ready.clear()
         self._timers.clear()
+
+
+def _file_identity(fd: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file ``fd`` refers to now; None if ``fd`` is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

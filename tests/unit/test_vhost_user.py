@@ -345,6 +345,55 @@ def test_call_soon_call_later_and_add_reader_run_on_the_loop(served):
         b.close()
 
 
+def _socket_at(fd: int, sock: socket.socket) -> socket.socket:
+    """``sock`` moved to descriptor number ``fd`` (a free one)."""
+    if sock.fileno() == fd:
+        return sock
+    os.dup2(sock.fileno(), fd)
+    sock.close()
+    return socket.socket(fileno=fd)
+
+
+@pytest.mark.parametrize("old_slot", ["reader", "writer"])
+def test_an_fd_number_closed_behind_the_loops_back_can_be_watched_again(served, old_slot):
+    # A device closes a watched socket without remove_reader/remove_writer: epoll forgets the
+    # file, the loop's table still has its number. A new socket with that number must then be
+    # watched for real, and the dead socket's callback must never run for it.
+    dev, be, fe = served
+    fired = []
+    readable = threading.Event()
+    old_a, old_b = socket.socketpair()
+    new: list[socket.socket] = []
+
+    def on_new_readable() -> None:
+        fired.append(new[0].recv(10))
+        readable.set()
+
+    def reuse_the_number() -> int:
+        n = old_a.fileno()
+        watch = be.add_reader if old_slot == "reader" else be.add_writer
+        watch(n, lambda: fired.append("old"))
+        old_a.close()  # behind the loop's back
+        a, b = socket.socketpair()
+        new.extend((_socket_at(n, a), b))
+        be.add_reader(n, on_new_readable)
+        return n
+
+    try:
+        n = dev.run_on_loop(reuse_the_number)
+        assert new[0].fileno() == n
+        new[1].send(b"ping")
+        assert readable.wait(5), "the new socket's reader never ran"
+        time.sleep(0.05)
+        assert fired == [b"ping"]
+        assert be.error is None
+        dev.run_on_loop(lambda: be.remove_reader(n))
+    finally:
+        old_b.close()
+        for s in new:
+            s.close()
+
+
 def test_second_connection_is_refused(served):
     dev, be, fe = served
     fe.handshake()
