@@ -58,8 +58,10 @@ class EchoServer:
                 received += chunk
             # Reply only after the client's half-close: proves SHUT_WR crosses the proxy.
             conn.sendall(self.prefix + received)
-        with self.lock:
-            self.open -= 1
+            # Counted closed before the close the proxy can see: a proxy worker freed by that close
+            # may connect the next client at once, and must not find this one still counted.
+            with self.lock:
+                self.open -= 1
 
     def close(self):
         self.sock.close()
