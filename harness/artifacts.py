@@ -13,7 +13,8 @@ from pathlib import Path
 
 __all__ = ["KEPT_FILES", "keep", "kept_console_log"]
 
-KEPT_FILES = ("console.log", "qemu.cmdline", "qemu.stderr", "vsock.trace", "nsm.trace")
+KEPT_FILES = ("console.log", "qemu.cmdline", "qemu.stderr", "vsock.trace", "nsm.trace",
+              "vring.journal")
 
 
 def keep(state_dir: Path | None, artifacts_dir: Path | None) -> None:

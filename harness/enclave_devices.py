@@ -37,6 +37,7 @@ class EnclaveDevices:
         self.nsm: Any = None
         self.nsm_status = "not started"
         self._vsock_trace: Any = None
+        self.state_dir: Path | None = None
 
     def start_vsock(self, state_dir: Path, cid: int) -> None:
         """Start the vsock device for guest ``cid`` on ``state_dir/vsock.sock``, with the
@@ -46,6 +47,7 @@ class EnclaveDevices:
         from harness.vhost_user import VhostUserBackend
         from harness.vsock import VsockDevice
 
+        self.state_dir = state_dir
         # Packet headers for the artifacts folder (kept when a test fails).
         self._vsock_trace = open(state_dir / "vsock.trace", "a", buffering=1 << 16)
         trace_file = self._vsock_trace
@@ -128,6 +130,19 @@ class EnclaveDevices:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(tid, set(others))
 
+    def _write_journals(self) -> None:
+        """Write the virtqueue journals (NITRO_HARNESS_VRING_JOURNAL) to ``vring.journal`` in the
+        state folder, one line per pop or push, so they are kept with the artifacts."""
+        lines = []
+        for backend in self.backends:
+            device = type(backend.device).__name__
+            for q in backend.queues:
+                for op in q.journal or ():
+                    lines.append(f"{device} {q.name} " + " ".join(map(str, op)))
+        if lines and self.state_dir is not None:
+            with contextlib.suppress(OSError):
+                (self.state_dir / "vring.journal").write_text("\n".join(lines) + "\n")
+
     def stop(self) -> list[str]:
         """Stop every back end, close the vsock device and its trace (idempotent).
 
@@ -140,6 +155,7 @@ class EnclaveDevices:
                 backend.stop()  # releases its fds and guest memory even when it fails
             except Exception as e:
                 stuck.append(str(e))
+        self._write_journals()
         if self.vsock is not None:
             with contextlib.suppress(Exception):
                 self.vsock.close()

@@ -9,6 +9,8 @@ import collections
 import os
 import struct
 import sys
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from harness.vhost_user.memory import MemoryTable
@@ -127,6 +129,11 @@ class VirtQueue:
         self._holders: list[DescriptorChain | None] = []  # head -> the chain that holds it
         self.outstanding = 0  # heads popped and not yet pushed
         self.history: collections.deque[tuple] = collections.deque(maxlen=self.HISTORY)
+        # A long journal of every pop and push, for debugging a driver that rejects our
+        # used entries (NITRO_HARNESS_VRING_JOURNAL=N keeps the last N operations per queue).
+        depth = int(os.environ.get("NITRO_HARNESS_VRING_JOURNAL", "0") or 0)
+        self.journal: collections.deque[tuple] | None = (
+            collections.deque(maxlen=depth) if depth > 0 else None)
 
     @property
     def name(self) -> str:
@@ -142,6 +149,15 @@ class VirtQueue:
         self._holders = [None] * self.num if self.num else []
         self.outstanding = 0
         self.history.append(("reset", why, self.last_avail_idx, self.used_idx))
+
+    def _check_thread(self, op: str) -> None:
+        # Rings belong to the back end's loop thread (docs/vhost-user.md#used-ring-invariant);
+        # a device touching one from another thread races the loop on the same indices.
+        t = getattr(self.backend, "_thread", None)
+        if t is not None and t.ident != threading.get_ident() and t.is_alive():
+            raise VhostUserError(
+                f"queue {self.name}: {op} from thread {threading.current_thread().name!r}, not "
+                f"the back end's loop thread {t.name!r}")
 
     def _history_text(self) -> str:
         return "; ".join(" ".join(str(x) for x in op) for op in self.history)
@@ -243,9 +259,13 @@ class VirtQueue:
             i = nxt
             if i >= limit:
                 raise VhostUserError(f"queue {self.index}: next descriptor {i} out of range")
+        self._check_thread("pop")
         chain = DescriptorChain(head, readable, writable, self.generation)
         self._holders[head] = chain
         self.outstanding += 1
+        if self.journal is not None:
+            self.journal.append(("pop", time.monotonic(), head, last, last % n, idx,
+                                 chain.readable_len, chain.writable_len, threading.get_ident()))
         self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
         return chain
 
@@ -270,11 +290,22 @@ class VirtQueue:
                 f"queue {self.name}: {sys._getframe(1).f_code.co_name} returned head {head}, "
                 f"which the device does not hold ({why}; last operations: "
                 f"{self._history_text()})")
-        holders[head] = None
-        self.outstanding -= 1
+        self._check_thread("push")
         mm, o = self._used
         u = self.used_idx
+        ring_idx = _U16.unpack_from(mm, o + 2)[0]
+        if ring_idx != u:
+            # Only the device writes the used ring: a different index means another writer.
+            raise VhostUserError(
+                f"queue {self.name}: the used ring's index reads {ring_idx}, but the device last "
+                f"wrote {u}: something else writes this ring (last operations: "
+                f"{self._history_text()})")
+        holders[head] = None
+        self.outstanding -= 1
         self.history.append(("push", head, u, length, sys._getframe(1).f_code.co_name))
+        if self.journal is not None:
+            self.journal.append(("push", time.monotonic(), head, u, u % self.num, length,
+                                 threading.get_ident()))
         _USED_ELEM.pack_into(mm, o + 4 + 8 * (u % self.num), chain.head, length)
         u = (u + 1) & 0xFFFF
         # x86 and the guest see stores in order; the element is visible before the index.

@@ -539,3 +539,30 @@ def test_a_stuck_loop_is_reported_by_stop_and_its_resources_are_released(sock_pa
         fe.close()
     assert not be._thread.is_alive()
     assert not (_fds() - before), "fd leak"
+
+
+def test_a_used_index_changed_behind_the_device_is_refused(holding):
+    # Only the device writes the used ring: another writer is named at the next push.
+    dev, be, fe, q0 = holding
+    q0.add([b"a"], [8])
+    q0.kick()
+    _wait_held(dev, 1)
+    fe.write_mem(q0.used + 2, struct.pack("<H", 5))
+    q = be.queues[0]
+    chain = dev.held[0]
+    with pytest.raises(NitroError) as exc:
+        dev.run_on_loop(lambda: q.push(chain, 0))
+    assert "the used ring's index reads 5, but the device last wrote 0: something else writes" \
+        in str(exc.value)
+
+
+def test_a_ring_touched_off_the_loop_thread_is_refused(holding):
+    dev, be, fe, q0 = holding
+    q0.add([b"a"], [8])
+    q0.kick()
+    _wait_held(dev, 1)
+    q = be.queues[0]
+    with pytest.raises(NitroError) as exc:
+        q.push(dev.held[0], 0)  # from the test's thread while the loop runs
+    assert "push from thread 'MainThread', not the back end's loop thread" in str(exc.value)
+    assert q0.used_idx() == 0
