@@ -7,8 +7,12 @@ docs/kms.md is the contract. boto3 (and any SigV4 client) talks to :class:`KmsSe
   as KMS returns them (:class:`KmsError`).
 * ``store``: keys and aliases, persisted to a JSON file with :mod:`harness.atomic_file`.
 * ``service``: :class:`KmsService`, one request dispatched to its operation, key-policy checks.
-* ``keys``, ``aliases``, ``crypto``: the operations, one function each.
-* ``blob``: the emulator's opaque symmetric ciphertext blob.
+* ``keys``, ``aliases``, ``crypto``, ``data_key_pairs``, ``signing``, ``mac``, ``key_agreement``:
+  the operations, one function each; ``key_use``: the checks every key operation makes.
+* ``key_specs``: key specs, their key usages and algorithms; ``asymmetric``: key pairs and their
+  primitives (signatures, RSAES-OAEP, ECDH).
+* ``blob``: the emulator's opaque symmetric ciphertext blob; ``ciphertext``: blob or RSAES-OAEP
+  by key spec.
 * ``recipient``: ``Recipient`` attestation documents and ``CiphertextForRecipient``.
 * ``cms``: the CMS EnvelopedData bytes of a CiphertextForRecipient.
 * ``policy``: IAM-style key policy evaluation.

@@ -1,8 +1,11 @@
-"""KMS key management operations: create, describe, list, enable/disable, deletion, key policy, tags.
+"""KMS key management operations: create, describe, list, enable/disable, deletion, key policy,
+tags, and GetPublicKey.
 
 One function per operation, ``(service, decoded params, caller) -> response dict``, registered
-by KMS name in :data:`OPERATIONS`. Keys are SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys of AWS_KMS
-origin, the kind an enclave's data keys come from (docs/kms.md).
+by KMS name in :data:`OPERATIONS`. Keys are of AWS_KMS origin and single-Region: symmetric
+(SYMMETRIC_DEFAULT), HMAC (HMAC_224/256/384/512) or asymmetric (RSA_2048/3072/4096,
+ECC_NIST_P256/P384/P521, ECC_SECG_P256K1), each with one key usage its spec allows
+(docs/kms.md#key-specs).
 """
 
 from __future__ import annotations
@@ -14,19 +17,29 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from collections.abc import Mapping
 
-from harness.kms import policy
+from harness.kms import asymmetric, policy
 from harness.kms.credentials import Caller
+from harness.kms.key_specs import (
+    ASYMMETRIC_SPECS,
+    HMAC_KEY_BYTES,
+    algorithm_fields,
+    check_new_key,
+    spec_of,
+    usage_of,
+)
+from harness.kms.key_use import key_for_use
 from harness.kms.store import require_usable
 from harness.kms.wire import KmsError, Validation, paginate
 
 if TYPE_CHECKING:
     from harness.kms.service import KmsService
 
-__all__ = ["OPERATIONS", "check_new_policy", "metadata"]
+__all__ = ["OPERATIONS", "check_new_policy", "metadata", "new_key_material"]
 
 
 def metadata(svc: KmsService, key: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``KeyMetadata`` KMS answers for ``key`` (DeletionDate only while pending deletion)."""
+    """The ``KeyMetadata`` KMS answers for ``key``: its spec, usage and the algorithms they allow
+    (DeletionDate only while pending deletion)."""
     meta = {
         "AWSAccountId": svc.account_id,
         "KeyId": key["KeyId"],
@@ -34,19 +47,28 @@ def metadata(svc: KmsService, key: Mapping[str, Any]) -> dict[str, Any]:
         "CreationDate": key["CreationDate"],
         "Enabled": key["KeyState"] == "Enabled",
         "Description": key["Description"],
-        "KeyUsage": "ENCRYPT_DECRYPT",
+        "KeyUsage": usage_of(key),
         "KeyState": key["KeyState"],
         "Origin": "AWS_KMS",
         "KeyManager": "CUSTOMER",
-        "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
-        "KeySpec": "SYMMETRIC_DEFAULT",
-        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        "CustomerMasterKeySpec": spec_of(key),
+        "KeySpec": spec_of(key),
+        **algorithm_fields(key),
         "MultiRegion": False,
     }
     if key["KeyState"] == "PendingDeletion":
         meta["DeletionDate"] = key["DeletionDate"]
         meta["PendingDeletionWindowInDays"] = key["PendingWindowInDays"]
     return meta
+
+
+def new_key_material(spec: str) -> dict[str, str]:
+    """The key record members holding a new key's secret: ``PrivateKey`` (base64 PKCS#8 DER)
+    for a key pair, else ``Material`` (base64 of 32 random bytes, or the HMAC spec's length)."""
+    if spec in ASYMMETRIC_SPECS:
+        private = asymmetric.generate_private_key(spec)
+        return {"PrivateKey": base64.b64encode(asymmetric.private_der(private)).decode()}
+    return {"Material": base64.b64encode(os.urandom(HMAC_KEY_BYTES.get(spec, 32))).decode()}
 
 
 def check_new_policy(text: str, caller: Caller, key_arn: str, bypass: bool) -> None:
@@ -70,14 +92,20 @@ def check_new_policy(text: str, caller: Caller, key_arn: str, bypass: bool) -> N
 
 
 def create_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
-    """CreateKey: a new Enabled key with 32 random bytes; the default key policy unless one is given."""
+    """CreateKey: a new Enabled key of ``KeySpec`` (default SYMMETRIC_DEFAULT) and ``KeyUsage``
+    (default ENCRYPT_DECRYPT) with fresh key material; the default key policy unless one is given.
+
+    ValidationException for a usage the spec does not allow or both KeySpec and the deprecated
+    CustomerMasterKeySpec; UnsupportedOperationException for specs the emulator does not make."""
+    if "KeySpec" in p and "CustomerMasterKeySpec" in p:
+        raise KmsError(
+            "ValidationException",
+            "You cannot specify KeySpec and CustomerMasterKeySpec in the same request. "
+            "CustomerMasterKeySpec parameter is deprecated. Use KeySpec only",
+        )
     usage = p.get("KeyUsage", "ENCRYPT_DECRYPT")
     spec = p.get("KeySpec", p.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
-    if usage != "ENCRYPT_DECRYPT" or spec != "SYMMETRIC_DEFAULT":
-        raise KmsError(
-            "UnsupportedOperationException",
-            f"The KMS emulator supports only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys, not {spec}/{usage}",
-        )
+    check_new_key(spec, usage)
     if p.get("Origin", "AWS_KMS") != "AWS_KMS" or p.get("CustomKeyStoreId") or p.get("MultiRegion"):
         raise KmsError(
             "UnsupportedOperationException",
@@ -98,7 +126,9 @@ def create_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, 
         "KeyState": "Enabled",
         "Policy": key_policy,
         "Tags": {t["TagKey"]: t["TagValue"] for t in p.get("Tags", [])},
-        "Material": base64.b64encode(os.urandom(32)).decode(),
+        "KeySpec": spec,
+        "KeyUsage": usage,
+        **new_key_material(spec),
     }
     with svc.store.lock:
         svc.store.keys[key_id] = key
@@ -265,8 +295,28 @@ def list_resource_tags(svc: KmsService, p: dict[str, Any], caller: Caller) -> di
     return {"Tags": page, "NextMarker": marker, "Truncated": marker is not None}
 
 
+def get_public_key(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
+    """GetPublicKey: the DER SubjectPublicKeyInfo of an asymmetric key, with its spec, usage and
+    algorithms. UnsupportedOperationException for symmetric and HMAC keys."""
+    key = key_for_use(svc, p, caller, "GetPublicKey", None)
+    if spec_of(key) not in ASYMMETRIC_SPECS:
+        raise KmsError(
+            "UnsupportedOperationException",
+            f"{key['Arn']} is a {spec_of(key)} key; GetPublicKey works on asymmetric keys only.",
+        )
+    return {
+        "KeyId": key["Arn"],
+        "PublicKey": asymmetric.public_der(asymmetric.load_private_key(key["PrivateKey"])),
+        "CustomerMasterKeySpec": spec_of(key),
+        "KeySpec": spec_of(key),
+        "KeyUsage": usage_of(key),
+        **algorithm_fields(key),
+    }
+
+
 OPERATIONS = {
     "CreateKey": create_key,
+    "GetPublicKey": get_public_key,
     "DescribeKey": describe_key,
     "ListKeys": list_keys,
     "EnableKey": enable_key,

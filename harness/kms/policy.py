@@ -19,6 +19,9 @@ docs/kms.md and AWS's IAM policy evaluation logic, restricted to what a KMS key 
 The request's keys are built by the caller (:mod:`harness.kms.service`): ``aws:PrincipalArn``,
 ``kms:EncryptionContext:<key>``, ``kms:RecipientAttestation:ImageSha384`` and
 ``kms:RecipientAttestation:PCR<n>`` (lower-case hex, only from a verified attestation document).
+A policy naming another ``kms:RecipientAttestation:*`` key (PCR32, a typo) or comparing one with
+an operator other than the String operators and ``Null`` is refused when stored, so that it
+cannot silently never match (docs/kms.md#condition-keys).
 
 Emulation choice (documented, no IAM exists here): a principal naming an account
 (``"111122223333"`` or ``arn:aws:iam::111122223333:root``) matches every caller of that account,
@@ -42,6 +45,7 @@ __all__ = [
     "evaluate",
     "denial_message",
     "default_key_policy",
+    "ATTESTATION_OPERATORS",
 ]
 
 _SET_PREFIXES = ("foranyvalue:", "forallvalues:")
@@ -58,6 +62,18 @@ _STRING_OPERATORS = {
     "arnnotlike": ("like", False, True),
     "bool": ("equals", True, False),
 }
+#: ``kms:RecipientAttestation:ImageSha384`` and ``PCR0`` to ``PCR31`` (every PCR an NSM holds).
+_ATTESTATION_KEY_RE = re.compile(r"^kms:recipientattestation:(imagesha384|pcr([0-9]|[12][0-9]|3[01]))$")
+#: The operators an attestation key takes (each with ForAnyValue:/ForAllValues: and IfExists but Null).
+ATTESTATION_OPERATORS = (
+    "StringEquals",
+    "StringNotEquals",
+    "StringEqualsIgnoreCase",
+    "StringNotEqualsIgnoreCase",
+    "StringLike",
+    "StringNotLike",
+    "Null",
+)
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _ROOT_RE = re.compile(r"^arn:aws[\w-]*:iam::(\d{12}):root$")
 _ASSUMED_ROLE_RE = re.compile(r"^arn:(aws[\w-]*):sts::(\d{12}):assumed-role/([^/]+)/[^/]+$")
@@ -168,6 +184,25 @@ def _split_operator(name: str, where: str) -> tuple[str, str, bool]:
     return prefix, lowered, if_exists
 
 
+def _check_attestation_key(operator: str, key: str, where: str) -> None:
+    """PolicyError for an unknown ``kms:RecipientAttestation:*`` key or an operator that cannot
+    compare a hex digest (module docstring)."""
+    lowered = key.lower()
+    if not lowered.startswith("kms:recipientattestation:"):
+        return
+    if not _ATTESTATION_KEY_RE.match(lowered):
+        raise PolicyError(
+            f"{where}: unknown condition key {key!r}; the attestation keys are "
+            "kms:RecipientAttestation:ImageSha384 and kms:RecipientAttestation:PCR0 to PCR31"
+        )
+    base = _split_operator(operator, where)[1]
+    if base not in {name.lower() for name in ATTESTATION_OPERATORS}:
+        raise PolicyError(
+            f"{where}: operator {operator!r} cannot compare {key} (hex text); "
+            f"use one of {', '.join(ATTESTATION_OPERATORS)}"
+        )
+
+
 def _check_principal(value: Any, where: str) -> None:
     if value == "*":
         return
@@ -231,6 +266,7 @@ def parse_policy(text: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
                 raise PolicyError(f"{where}.Condition.{op}: must map condition keys to values")
             for key, values in block.items():
                 _condition_values(values, f"{where}.Condition.{op}.{key}")
+                _check_attestation_key(op, key, f"{where}.Condition.{op}")
                 if op.lower() == "null":
                     for v in _condition_values(values, f"{where}.Condition.Null.{key}"):
                         if v.lower() not in ("true", "false"):

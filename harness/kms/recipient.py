@@ -1,6 +1,7 @@
 """``Recipient``: an enclave's attestation document in a KMS request, and CiphertextForRecipient.
 
-``Recipient`` (Decrypt, GenerateDataKey, GenerateDataKeyPair, GenerateRandom) carries an
+``Recipient`` (Decrypt, GenerateDataKey, GenerateDataKeyPair, GenerateRandom,
+DeriveSharedSecret) carries an
 attestation document; it is verified with ``harness.attestation.verify_document`` against the
 configured roots (the harness PKI's root by default), its PCRs become the
 ``kms:RecipientAttestation:*`` condition keys, and the secret is returned only as

@@ -1,9 +1,11 @@
 """The KMS service: one request decoded by the model, dispatched to its operation, answered.
 
 Independent of HTTP (:mod:`harness.kms.server` carries it). The operations live in
-:mod:`harness.kms.keys`, :mod:`harness.kms.aliases` and :mod:`harness.kms.crypto`, one
-function each, registered here by their KMS names; they reach the key store, the key-policy
-check and the Recipient verifier through the :class:`KmsService` they are given.
+:mod:`harness.kms.keys`, :mod:`harness.kms.aliases`, :mod:`harness.kms.crypto`,
+:mod:`harness.kms.data_key_pairs`, :mod:`harness.kms.signing`, :mod:`harness.kms.mac` and
+:mod:`harness.kms.key_agreement`, one function each, registered here by their KMS names; they
+reach the key store, the key-policy check and the Recipient verifier through the
+:class:`KmsService` they are given.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from harness.errors import ErrorCode, NitroError
-from harness.kms import aliases, crypto, keys, policy
+from harness.kms import aliases, crypto, data_key_pairs, key_agreement, keys, mac, policy, signing
 from harness.kms.credentials import Caller
+from harness.kms.key_specs import spec_of, usage_of
 from harness.kms.recipient import RecipientVerifier
 from harness.kms.store import KeyStore
 from harness.kms.wire import KmsError, Validation, decode, encode, service_model
@@ -33,6 +36,10 @@ OPERATIONS: dict[str, Callable[[KmsService, dict[str, Any], Caller], dict[str, A
     **keys.OPERATIONS,
     **aliases.OPERATIONS,
     **crypto.OPERATIONS,
+    **data_key_pairs.OPERATIONS,
+    **signing.OPERATIONS,
+    **mac.OPERATIONS,
+    **key_agreement.OPERATIONS,
 }
 
 
@@ -134,14 +141,18 @@ class KmsService:
         """Evaluate ``key``'s policy for ``kms:<action>`` by ``caller``; AccessDeniedException if denied.
 
         The request's condition keys: ``aws:PrincipalArn``, ``aws:PrincipalAccount``,
-        ``kms:CallerAccount``, ``kms:EncryptionContext:<name>`` and ``kms:EncryptionContextKeys``
-        from ``encryption_context``, the Recipient's ``attestation`` keys, and ``extra`` (None
-        values dropped). Rule: docs/kms.md, explicit Deny beats Allow.
+        ``kms:CallerAccount``, the key's ``kms:KeySpec``, ``kms:KeyUsage`` and ``kms:KeyOrigin``,
+        ``kms:EncryptionContext:<name>`` and ``kms:EncryptionContextKeys`` from
+        ``encryption_context``, the Recipient's ``attestation`` keys, and ``extra`` (None values
+        dropped). Rule: docs/kms.md#condition-keys, explicit Deny beats Allow.
         """
         condition_keys: dict[str, Any] = {
             "aws:PrincipalArn": caller.principal_arn,
             "aws:PrincipalAccount": _account_of(caller.principal_arn),
             "kms:CallerAccount": _account_of(caller.principal_arn),
+            "kms:KeySpec": spec_of(key),
+            "kms:KeyUsage": usage_of(key),
+            "kms:KeyOrigin": "AWS_KMS",
         }
         if encryption_context:
             for name, value in encryption_context.items():

@@ -2,7 +2,10 @@
 
 The file is ``{"version": 1, "keys": {key id: key}, "aliases": {alias name: alias}}``; every
 change rewrites it with :func:`harness.atomic_file.write_atomically` (mode 0600: it holds key
-material), so a crash leaves either the old or the new state, never a torn file.
+material), so a crash leaves either the old or the new state, never a torn file. A key holds
+``KeySpec`` and ``KeyUsage`` (absent in files written before asymmetric keys: SYMMETRIC_DEFAULT,
+ENCRYPT_DECRYPT) and its secret: ``Material`` (base64; 32 bytes, or an HMAC spec's length) or,
+for a key pair, ``PrivateKey`` (base64 PKCS#8 DER; docs/kms.md#key-specs).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Mapping
 
 from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
+from harness.kms import asymmetric
+from harness.kms.key_specs import ASYMMETRIC_SPECS, HMAC_KEY_BYTES, KEY_USAGES, spec_of, usage_of
 from harness.kms.wire import KmsError
 
 __all__ = ["KeyStore", "load_state", "require_usable"]
@@ -33,8 +38,8 @@ def load_state(path: Path) -> dict[str, Any]:
     """Read a state file written by :meth:`KeyStore.save`; a missing file is an empty store.
 
     Raises NitroError (FileOperationFailure) naming the file and field when it is unreadable,
-    not JSON, of another version, or holds key material that is not 32 bytes of base64; the
-    file is left untouched.
+    not JSON, of another version, or holds a key whose spec, usage or key material does not
+    fit (module docstring); the file is left untouched.
     """
     try:
         raw = path.read_bytes()
@@ -63,15 +68,36 @@ def load_state(path: Path) -> dict[str, Any]:
                 f"KMS state file {path}: field '{field_name}' must be an object",
             )
     for key_id, key in state["keys"].items():
-        try:
-            if len(base64.b64decode(key["Material"], validate=True)) != 32:
-                raise ValueError("not 32 bytes")
-        except (KeyError, TypeError, ValueError, binascii.Error) as err:
+        problem = _key_problem(key)
+        if problem:
             raise NitroError(
                 ErrorCode.FileOperationFailure,
-                f"KMS state file {path}: keys.{key_id}.Material must be 32 bytes of base64 ({err})",
+                f"KMS state file {path}: keys.{key_id}{problem}; the file was left untouched",
             ) from None
     return state
+
+
+def _key_problem(key: Any) -> str | None:
+    """What is wrong with one stored key record (``".<field> must ..."``), None if nothing."""
+    if not isinstance(key, dict):
+        return " must be an object"
+    spec, usage = spec_of(key), usage_of(key)
+    if spec not in KEY_USAGES:
+        return f".KeySpec must be one of {', '.join(KEY_USAGES)}, not {spec!r}"
+    if usage not in KEY_USAGES[spec]:
+        return f".KeyUsage must be one of {', '.join(KEY_USAGES[spec])} for {spec}, not {usage!r}"
+    if spec in ASYMMETRIC_SPECS:
+        try:
+            actual = asymmetric.spec_of_private_key(asymmetric.load_private_key(key["PrivateKey"]))
+        except (KeyError, TypeError, ValueError, binascii.Error) as err:
+            return f".PrivateKey must be base64 of a PKCS#8 DER private key ({type(err).__name__}: {err})"
+        return None if actual == spec else f".PrivateKey must be a {spec} private key, not {actual}"
+    want = HMAC_KEY_BYTES.get(spec, 32)
+    try:
+        size = len(base64.b64decode(key["Material"], validate=True))
+    except (KeyError, TypeError, ValueError, binascii.Error) as err:
+        return f".Material must be {want} bytes of base64 ({type(err).__name__}: {err})"
+    return None if size == want else f".Material must be {want} bytes of base64 (not {size} bytes)"
 
 
 def require_usable(key: Mapping[str, Any]) -> None:

@@ -1,14 +1,18 @@
 """Shared by the KMS emulator and vsock-proxy tests: the account, principals and PCR0 they use,
 attestation documents for a recipient key, an enclave-only key policy (docs/kms.md), the TLS
-identity, and the guest's kms_client.py with the interpreter that runs it."""
+identity, the guest's kms_client.py with the interpreter that runs it, a boto3 client for an
+emulator, the KMS error of a ClientError, and the openssl binary."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import boto3
+from botocore.config import Config
 from cryptography.hazmat.primitives import serialization
 
 from harness import attestation
@@ -79,3 +83,26 @@ def make_tls(tmp_path: Path) -> tuple[Path, Path, Path]:
     """CA, server certificate and key for kms.<region>.amazonaws.com (what the image trusts)."""
     identity = ensure_tls_identity(tmp_path, region=REGION)
     return identity.ca_certificate, identity.certificate, identity.private_key
+
+
+def boto_client(server, cred: KmsCredential | None = ALICE):
+    """A boto3 KMS client for a running ``KmsServer`` signing as ``cred`` (no retries)."""
+    return boto3.client(
+        "kms",
+        endpoint_url=server.endpoint_url,
+        region_name=REGION,
+        aws_access_key_id=cred.access_key_id if cred else "AKIDANY",
+        aws_secret_access_key=cred.secret_access_key if cred else "any",
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+def error_of(excinfo) -> tuple[str, str]:
+    """(KMS error code, message) of a ``pytest.raises(ClientError)`` result."""
+    err = excinfo.value.response["Error"]
+    return err["Code"], err["Message"]
+
+
+def openssl(*args: str | os.PathLike, data: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``openssl`` binary with ``args`` (stdin ``data``); output as bytes, never raises."""
+    return subprocess.run(["openssl", *map(str, args)], input=data, capture_output=True, timeout=60)

@@ -328,7 +328,15 @@ def test_raw_json_protocol(open_server):
         "Sign",
         json.dumps({"KeyId": key, "Message": "eA==", "SigningAlgorithm": "ECDSA_SHA_256"}).encode(),
     )
-    assert (status, body["__type"]) == (400, "UnsupportedOperationException")
+    assert (status, body) == (
+        400,
+        {
+            "__type": "InvalidKeyUsageException",
+            "message": f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key} key usage is ENCRYPT_DECRYPT which is not valid for Sign.",
+        },
+    )
+    status, body = raw_post(open_server, "RetireGrant", json.dumps({"GrantToken": "t"}).encode())
+    assert (status, body["__type"]) == (400, "UnsupportedOperationException")  # in the model, not emulated
     status, body = raw_post(open_server, "DescribeKey", json.dumps({"KeyId": "alias/missing"}).encode())
     assert (status, body) == (
         400,

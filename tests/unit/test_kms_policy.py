@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness.kms.policy import (
+    ATTESTATION_OPERATORS,
     PolicyError,
     RequestContext,
     default_key_policy,
@@ -273,3 +274,30 @@ def test_trace_explains_each_statement():
 def test_malformed_policies_name_the_field(text, message):
     with pytest.raises(PolicyError, match=message):
         parse_policy(text)
+
+
+def test_attestation_keys_pcr0_to_pcr31_with_string_operators_and_null():
+    """docs/kms.md#condition-keys: every PCR an NSM holds is a key; each takes the String
+    operators (with set prefixes and IfExists) and Null; anything else is refused when stored."""
+    for index in range(32):
+        for operator in ATTESTATION_OPERATORS:
+            value = "false" if operator == "Null" else PCR0
+            parse_policy(policy(allow_decrypt_if(operator, f"kms:RecipientAttestation:PCR{index}", value)))
+    for operator in (
+        "ForAnyValue:StringEqualsIgnoreCase",
+        "StringLikeIfExists",
+        "ForAllValues:StringNotEquals",
+    ):
+        parse_policy(policy(allow_decrypt_if(operator, "kms:RecipientAttestation:ImageSha384", PCR0)))
+    doc = policy(allow_decrypt_if("StringEquals", "kms:RecipientAttestation:PCR23", PCR0))
+    assert evaluate(doc, request(**{"kms__RecipientAttestation__PCR23": PCR0})).allowed
+    assert not evaluate(doc, request(**{"kms__RecipientAttestation__PCR23": OTHER_PCR0})).allowed
+    for operator, key in (
+        ("StringEquals", "kms:RecipientAttestation:PCR32"),
+        ("StringEquals", "kms:RecipientAttestation:Pcr-1"),
+        ("StringEquals", "kms:RecipientAttestation:NitroTPMPCR4"),
+        ("Bool", "kms:RecipientAttestation:PCR0"),
+        ("ArnEquals", "kms:RecipientAttestation:ImageSha384"),
+    ):
+        with pytest.raises(PolicyError, match=r"Statement\[0\] \(Sid 'EnclaveOnly'\)\.Condition"):
+            parse_policy(policy(allow_decrypt_if(operator, key, PCR0)))
