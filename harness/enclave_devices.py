@@ -130,10 +130,22 @@ class EnclaveDevices:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(tid, set(others))
 
-    def _write_journals(self) -> None:
+    def _ring_snapshots(self) -> list[str]:
+        """One JSON line per journalled queue with its ring contents, taken before the back ends
+        stop (they unmap guest RAM)."""
+        out = []
+        for backend in self.backends:
+            for q in backend.queues:
+                if q.journal is not None:
+                    with contextlib.suppress(Exception):
+                        out.append(f"{type(backend.device).__name__} {q.name} ring "
+                                   + json.dumps(q.snapshot()))
+        return out
+
+    def _write_journals(self, rings: list[str]) -> None:
         """Write the virtqueue journals (NITRO_HARNESS_VRING_JOURNAL) to ``vring.journal`` in the
         state folder, one line per pop or push, so they are kept with the artifacts."""
-        lines = []
+        lines = list(rings)
         for backend in self.backends:
             device = type(backend.device).__name__
             for q in backend.queues:
@@ -150,12 +162,13 @@ class EnclaveDevices:
         is returned, one string each, after its fds and guest memory were released anyway.
         """
         stuck: list[str] = []
+        rings = self._ring_snapshots()
         for backend in self.backends:
             try:
                 backend.stop()  # releases its fds and guest memory even when it fails
             except Exception as e:
                 stuck.append(str(e))
-        self._write_journals()
+        self._write_journals(rings)
         if self.vsock is not None:
             with contextlib.suppress(Exception):
                 self.vsock.close()

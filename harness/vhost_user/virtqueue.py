@@ -39,11 +39,12 @@ class DescriptorChain:
     """
 
     __slots__ = ("head", "readable", "writable", "written", "readable_len", "writable_len",
-                 "generation")
+                 "generation", "avail_index")
 
     def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 generation: int = 0):
+                 generation: int = 0, avail_index: int | None = None):
         self.head = head
+        self.avail_index = avail_index  # the avail ring index it was taken from
         self.generation = generation  # the ring session it was popped in (VirtQueue.generation)
         self.readable = readable
         self.writable = writable
@@ -149,6 +150,23 @@ class VirtQueue:
         self._holders = [None] * self.num if self.num else []
         self.outstanding = 0
         self.history.append(("reset", why, self.last_avail_idx, self.used_idx))
+
+    def snapshot(self) -> dict:
+        """The ring as the device sees it now (for debugging journals): indices, and every avail
+        and used slot. Empty when the ring is not mapped."""
+        if self._avail is None or self._used is None or not self.num:
+            return {}
+        amm, ao = self._avail
+        umm, uo = self._used
+        n = self.num
+        return {
+            "avail_idx": _U16.unpack_from(amm, ao + 2)[0],
+            "used_idx": _U16.unpack_from(umm, uo + 2)[0],
+            "last_avail_idx": self.last_avail_idx,
+            "device_used_idx": self.used_idx,
+            "avail": [_U16.unpack_from(amm, ao + 4 + 2 * i)[0] for i in range(n)],
+            "used": [list(_USED_ELEM.unpack_from(umm, uo + 4 + 8 * i)) for i in range(n)],
+        }
 
     def _check_thread(self, op: str) -> None:
         # Rings belong to the back end's loop thread (docs/vhost-user.md#used-ring-invariant);
@@ -260,7 +278,7 @@ class VirtQueue:
             if i >= limit:
                 raise VhostUserError(f"queue {self.index}: next descriptor {i} out of range")
         self._check_thread("pop")
-        chain = DescriptorChain(head, readable, writable, self.generation)
+        chain = DescriptorChain(head, readable, writable, self.generation, last)
         self._holders[head] = chain
         self.outstanding += 1
         if self.journal is not None:
@@ -300,6 +318,18 @@ class VirtQueue:
                 f"queue {self.name}: the used ring's index reads {ring_idx}, but the device last "
                 f"wrote {u}: something else writes this ring (last operations: "
                 f"{self._history_text()})")
+        if chain.avail_index is not None and self._avail is not None:
+            # While the device holds a head the driver cannot reuse its avail slot (that needs
+            # every descriptor free), so the slot still names it; if not, the pop read a stale
+            # entry and this return would hand the driver a head it does not expect.
+            amm, ao = self._avail
+            now = _U16.unpack_from(amm, ao + 4 + 2 * (chain.avail_index % self.num))[0]
+            if now != head:
+                raise VhostUserError(
+                    f"queue {self.name}: head {head} was taken from avail index "
+                    f"{chain.avail_index}, whose slot now reads {now}: the driver rewrote a slot "
+                    f"the device still holds, or the pop read a stale entry (last operations: "
+                    f"{self._history_text()})")
         holders[head] = None
         self.outstanding -= 1
         self.history.append(("push", head, u, length, sys._getframe(1).f_code.co_name))
