@@ -17,7 +17,7 @@ Rows (each N runs after a warm-up):
 Output: per row p50 / p99 / mean latency (ms), operations per second, and the ratio of the
 row's p50 to its reference's p50 (the reference runs interleaved with the row, call for call, so
 load from other processes hits both alike). Usage: ``python benchmarks/bench_attestation.py [-n 300]``.
-In-guest latency (aws-nsm-interface through /dev/nsm) comes from ``images/guest/nsm_tool.py
+In-guest latency (aws-nsm-interface through /dev/nsm) comes from ``harness/data/guest/nsm_tool.py
 bench --count N`` inside a booted enclave; put its p50/p99 next to ``device round trip``.
 """
 

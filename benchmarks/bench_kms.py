@@ -91,7 +91,9 @@ def _request(port: int, target: str, params: dict, signed: bool) -> bytes:
         "X-Amz-Target": f"TrentService.{target}",
     }
     if signed:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images" / "guest"))
+        from harness import assets
+
+        sys.path.insert(0, str(assets.guest_dir()))
         from kms_client import sign_request
 
         sign_request(
@@ -149,7 +151,9 @@ def _breakdown(pki, document: bytes, count: int) -> list[tuple[str, float]]:
 
     from harness.kms import KmsCredential, _SigV4
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "images" / "guest"))
+    from harness import assets
+
+    sys.path.insert(0, str(assets.guest_dir()))
     from kms_client import sign_request
 
     body = b'{"CiphertextBlob": "AAAA"}'

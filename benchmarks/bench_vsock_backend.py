@@ -41,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "images" / "guest"))
+from harness import assets  # noqa: E402
+
+sys.path.insert(0, str(assets.guest_dir()))
 
 from harness.vhost_user import VhostUserBackend  # noqa: E402
 from harness.vsock import HEADER, Op, VsockDevice  # noqa: E402
@@ -308,7 +310,7 @@ def bench_qemu(nbytes: int, qemu: str | None = None) -> tuple[float, float] | No
         with open(bf.initrd, "ab") as f:
             write_cpio(f, [Entry.file("cmd", b"/bin/sh\n-c\n" + script.encode() + b"\n"),
                            Entry.file("rootfs/opt/nitro-harness/vsock_echo.py",
-                                      (ROOT / "images/guest/vsock_echo.py").read_bytes(),
+                                      (assets.guest_dir() / "vsock_echo.py").read_bytes(),
                                       mode=0o755)], add_parents=False)
         dev = VsockDevice(CID)
         hb = dev.heartbeat()

@@ -74,8 +74,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "images" / "guest"))
+from harness import assets  # noqa: E402
+
+sys.path.insert(0, str(assets.guest_dir()))
 
 from harness.console import ConsoleError, ConsoleTimeout  # noqa: E402
 from harness.enclave import Enclave, EnclaveConfig  # noqa: E402

@@ -8,18 +8,22 @@ Two things live here:
 - :func:`diagnose` -- the full report (:class:`Report`): QEMU path and version, whether it
   accepts ``vhost-user-device`` (the NSM needs it), ``vhost-user-vsock-device``, ``microvm``,
   ``nitro-enclave``; qboot; accelerator; ``/dev/vhost-vsock``; hugepages; CPU topology and
-  the enclave CPU pool. Each :class:`Check` that is not fine carries the command that fixes it.
+  the enclave CPU pool; what ``nitro-harness setup`` provides (apt packages, the Nitro-style
+  kernel, the hello image). Each :class:`Check` that is not fine carries the command that fixes
+  it, a ``nitro-harness setup --only STEP`` where the set-up provides the piece.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import assets
 from harness import host as hostmod
 from harness import qemu as qemumod
 from harness.errors import ErrorCode, NitroError
@@ -199,7 +203,7 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-_REBUILD = "scripts/build-qemu.sh (the patched QEMU; or scripts/setup.sh for everything)"
+_REBUILD = "nitro-harness setup --only qemu (the patched QEMU; nitro-harness setup for everything)"
 
 
 def _qemu_checks(info: QemuInfo, from_env: bool) -> list[Check]:
@@ -214,8 +218,8 @@ def _qemu_checks(info: QemuInfo, from_env: bool) -> list[Check]:
     if patch and wanted and patch != wanted:
         checks.append(Check(
             "qemu patches", WARN,
-            f"this build has patches {patch} but scripts/qemu-patches/ is now {wanted}",
-            "scripts/build-qemu.sh",
+            f"this build has patches {patch} but harness/data/qemu-patches/ is now {wanted}",
+            qemumod.SETUP_HINT,
         ))
     if info.vhost_user_device_creatable:
         checks.append(Check("vhost-user-device", OK, "creatable (the NSM, virtio ID 33, needs it)"))
@@ -333,7 +337,7 @@ def _host_checks(host: HostFacts) -> list[Check]:
 
 
 def _kernel_check() -> Check:
-    """The Nitro-style kernel scripts/build-kernel.sh caches (``kernel-*/`` with ``.complete``
+    """The Nitro-style kernel the set-up's kernel step caches (``kernel-*/`` with ``.complete``
     and a bzImage), which the shipped image recipes boot; the newest one is reported."""
     import json
 
@@ -344,7 +348,7 @@ def _kernel_check() -> Check:
     if not builds:
         return Check("nitro kernel", WARN,
                      f"no complete build in {qemumod.cache_dir()}/kernel-* "
-                     "(the hello and python recipes boot it)", "scripts/build-kernel.sh")
+                     "(the hello and python recipes boot it)", "nitro-harness setup --only kernel")
     newest = max(builds)[1]
     try:
         release = json.loads((newest / "build-info.json").read_text()).get("kernelrelease", "?")
@@ -352,6 +356,30 @@ def _kernel_check() -> Check:
         release = "?"
     nsm = "with nsm.ko" if (newest / "nsm.ko").is_file() else "no nsm.ko"
     return Check("nitro kernel", OK, f"{newest} ({release}, {nsm})")
+
+
+def _setup_checks() -> list[Check]:
+    """What ``nitro-harness setup`` provides besides QEMU and the kernel: the apt packages image
+    builds need (gcc for init, cpio, xz, zstd, ...) and the default image, built once."""
+    from harness.images import debian
+    from harness.setup.apt import missing_packages
+    from harness.setup.context import Context
+
+    checks = []
+    if shutil.which("dpkg-query") is None:
+        checks.append(Check("packages", INFO, "not a Debian host: cannot check the apt packages "
+                            "image builds need (gcc, make, cpio, xz, zstd)"))
+    else:
+        missing = missing_packages(Context())
+        checks.append(Check("packages", WARN, f"missing: {' '.join(missing)}",
+                            "nitro-harness setup --only packages") if missing
+                      else Check("packages", OK, "host tools and build dependencies installed"))
+    images = sorted((debian.cache_root() / "images").glob("hello-*.eif"))
+    checks.append(Check("hello image", OK, f"built ({len(images)} in the image cache)") if images
+                  else Check("hello image", WARN, "not built yet (the enclave fixture's default "
+                             "image; built on first use otherwise)",
+                             "nitro-harness setup --only images"))
+    return checks
 
 
 def diagnose(
@@ -384,7 +412,7 @@ def diagnose(
         Check("firmware", OK, f"qboot at {firmware}")
         if firmware
         else Check("firmware", FAIL, "qboot.rom not found (microvm boots with qboot)",
-                   "sudo apt-get install qemu-system-data")
+                   "nitro-harness setup --only packages (installs qemu-system-data)")
     )
 
     if info is not None:
@@ -395,8 +423,9 @@ def diagnose(
             else Check("kernel loader", FAIL,
                        "linuxboot_dma.bin is in none of QEMU's data dirs "
                        f"({', '.join(map(str, info.data_dirs)) or 'none'}); -kernel boots fail",
-                       "sudo apt-get install qemu-system-data, then scripts/build-qemu.sh --force "
-                       "(copies it beside the build); or add -L /usr/share/qemu")
+                       "nitro-harness setup --only packages (qemu-system-data), then "
+                       f"bash {assets.build_script('build-qemu.sh')} --force (copies it beside "
+                       "the build); or add -L /usr/share/qemu")
         )
 
     accel, reason = "tcg", "no usable QEMU"
@@ -414,6 +443,7 @@ def diagnose(
                                     f"tcg (slower, works everywhere): {reason}",
                                     _accelerator_fix(host.kvm, reason)))
     checks.append(_kernel_check())
+    checks.extend(_setup_checks())
     checks.extend(_host_checks(host))
     return Report(checks=checks, host=host, qemu=info, firmware=firmware,
                   accelerator=accel, accelerator_reason=reason)

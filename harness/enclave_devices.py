@@ -110,13 +110,14 @@ class EnclaveDevices:
             raise NitroError(
                 ErrorCode.EnclaveBootFailure,
                 "this QEMU cannot create vhost-user-device, so it cannot host the harness NSM "
-                "(run scripts/setup.sh to build the patched QEMU, or use nsm: auto)",
+                "(run nitro-harness setup --only qemu to build the patched QEMU, or use nsm: auto)",
             )
         if mode == "qemu" and qemu_info.has_virtio_nsm_device:
             self.nsm_status = "QEMU's own virtio-nsm: documents are unsigned and fail verification"
             return "qemu", None
         self.nsm_status = (
-            "no NSM: this QEMU refuses vhost-user-device (run scripts/setup.sh for the patched QEMU)"
+            "no NSM: this QEMU refuses vhost-user-device (run nitro-harness setup --only qemu for the "
+            "patched QEMU)"
         )
         return None, None
 

@@ -14,7 +14,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -139,20 +139,26 @@ class RunningEnclave(Protocol):
 
 
 def resolve_eif(image: str | None = None, eif: str | Path | None = None,
-                base: Path | None = None) -> Path:
-    """EIF path for a scenario's ``image`` (recipe, built and cached) or ``eif`` (relative to ``base``).
+                base: Path | Sequence[Path] | None = None) -> Path:
+    """EIF path for a scenario's ``image`` (recipe, built and cached) or ``eif``.
 
-    Raises NitroError E19 when an ``eif`` path does not exist, E03 (MissingArgument) when
-    neither is given; recipe build errors propagate from ``harness.images.recipes.build_image``
-    (E48).
+    A relative ``eif`` is tried against each folder of ``base`` in order, first match wins
+    (the pytest plugin passes the test file's folder, then pytest's rootdir; the scenario runner
+    the scenario file's folder, then the rootdir or the current folder); without ``base``,
+    against the current folder. Raises NitroError E19 naming every place tried when none
+    exists, E03 (MissingArgument) when neither is given; recipe build errors propagate from
+    ``harness.images.recipes.build_image`` (E48).
     """
     if eif is not None:
-        path = Path(eif)
-        if not path.is_absolute() and base is not None:
-            path = base / path
-        if not path.exists():
-            raise NitroError(ErrorCode.FileOperationFailure, f"{path}: EIF file not found")
-        return path
+        given = Path(eif).expanduser()
+        bases = [base] if isinstance(base, (str, Path)) else list(base or [])
+        tried = [given] if given.is_absolute() or not bases else [
+            Path(b) / given for b in dict.fromkeys(bases)]
+        for path in tried:
+            if path.exists():
+                return path
+        raise NitroError(ErrorCode.FileOperationFailure,
+                         f"{eif}: EIF file not found (tried {', '.join(map(str, tried))})")
     if not image:
         raise NitroError(ErrorCode.MissingArgument, "no image or eif given")
     from harness.images.recipes import build_image
@@ -180,7 +186,7 @@ class EnclaveFactory:
         self._count = 0
 
     def config(self, *, image: str | None = None, eif: str | Path | None = None,
-               base: Path | None = None, **settings: Any) -> EnclaveConfig:
+               base: Path | Sequence[Path] | None = None, **settings: Any) -> EnclaveConfig:
         """Build an ``EnclaveConfig`` from scenario-style settings (snake_case keys).
 
         Fills a CID from ``cids`` and the :data:`DEFAULT_ENCLAVE` memory and CPU count (not

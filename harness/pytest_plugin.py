@@ -13,7 +13,11 @@ skip with the reason).
   parent's vsock endpoints of that enclave), ``nitro_artifacts`` (the test's artifacts folder).
 - Markers: ``enclave(image=..., eif=..., memory_mib=..., cpu_count=..., ...)``, ``requires_kvm``,
   ``requires_nsm`` (skipped with the doctor's reason).
-- Options: ``--qemu``, ``--accel``, ``--keep-artifacts``, ``--artifacts-dir``.
+- Options: ``--qemu``, ``--accel``, ``--keep-artifacts``, ``--artifacts-dir``, ``--kernel``,
+  ``--recipes DIR`` (and ini ``nitro_harness_recipes``: the user's recipe folders, searched before
+  the shipped ones), ``--shard-id K --num-shards N`` (:mod:`harness.pytest_shard`).
+- EIF paths (``enclave(eif=...)``, a scenario's ``eif:``) are tried relative to the test or
+  scenario file's folder, then to pytest's rootdir.
 - pytest-xdist: each worker gets its own runtime directory (so ``terminate-enclave --all`` in one
   worker never touches another's enclaves) and its own CID range.
 """
@@ -31,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from harness import assets, pytest_shard
 from harness import scenario as scn
 from harness.enclave_factory import (
     DEFAULT_ENCLAVE,
@@ -76,6 +81,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "default: the nitro_harness_kernels ini value, else nitro")
     parser.addini("nitro_harness_kernels", type="args", default=["nitro"],
                   help="kernels YAML scenarios run on when --kernel is not given (nitro, debian)")
+    group.addoption("--recipes", action="append", metavar="DIR", default=None, dest="nitro_recipes",
+                    help="a folder of the user's image recipes (repeatable), searched before "
+                         "the shipped recipes and those of the nitro_harness_recipes ini option")
+    parser.addini("nitro_harness_recipes", type="paths", default=[],
+                  help="folders of the user's image recipes (relative to the ini file), searched "
+                       "before the shipped recipes")
+    pytest_shard.add_options(group)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,6 +104,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown or not config.getini("nitro_harness_kernels"):
         raise pytest.UsageError(f"ini option nitro_harness_kernels: {unknown or 'empty'}: "
                                 f"each must be one of {', '.join(scn.KERNELS)}")
+    here = Path(config.invocation_params.dir)
+    recipe_dirs = [*(here / d for d in config.getoption("nitro_recipes") or []),
+                   *config.getini("nitro_harness_recipes")]
+    try:
+        # Through the environment: nitro-harness commands that scenario steps run see them too.
+        assets.add_recipe_dirs(recipe_dirs)
+    except ValueError as err:
+        raise pytest.UsageError(f"--recipes / nitro_harness_recipes: {err}") from None
+    pytest_shard.chosen_shard(config)  # a usage error before collection
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker:
         index = int(re.sub(r"\D", "", worker) or 0)
@@ -104,6 +125,17 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ["NITRO_HARNESS_RUNTIME_DIR"] = str(private)
         start = CID_RANGE_BASE + index * CID_RANGE_SIZE
         config.stash[_CIDS_KEY] = iter(range(start, start + CID_RANGE_SIZE))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``--shard-id K --num-shards N``, keep only shard K's items (the others deselected)."""
+    pytest_shard.deselect_other_shards(config, items)
+
+
+def _eif_bases(request: pytest.FixtureRequest) -> list[Path]:
+    """Folders a relative ``eif=`` path is tried against: the test file's, then the rootdir."""
+    return [Path(str(request.node.path)).parent, request.config.rootpath]
 
 
 def _kernels(config: pytest.Config) -> list[str]:
@@ -248,7 +280,7 @@ def eif(request: pytest.FixtureRequest) -> Path:
     """Path of the EIF the test's enclave boots (marker/param ``image=`` recipe or ``eif=`` path)."""
     settings = _enclave_settings(request)
     return resolve_eif(settings.get("image", None if "eif" in settings else DEFAULT_IMAGE),
-                           settings.get("eif"), Path(str(request.node.path)).parent)
+                       settings.get("eif"), _eif_bases(request))
 
 
 @pytest.fixture
@@ -262,8 +294,7 @@ def enclave(request: pytest.FixtureRequest, enclave_factory: Callable[..., Runni
     if "cpu_ids" in settings and "cpu_count" not in _enclave_settings(request):
         settings.pop("cpu_count")
     image, eif_path = settings.pop("image", None), settings.pop("eif", None)
-    path = resolve_eif(image or (None if eif_path else DEFAULT_IMAGE), eif_path,
-                           Path(str(request.node.path)).parent)
+    path = resolve_eif(image or (None if eif_path else DEFAULT_IMAGE), eif_path, _eif_bases(request))
     return enclave_factory(eif=path, **settings)
 
 
@@ -373,7 +404,8 @@ class ScenarioItem(pytest.Item):
         artifacts = artifacts_dir_for(self)
         factory = EnclaveFactory(artifacts, qemu=config.getoption("--qemu"),
                                      accel=config.getoption("--accel"), cids=_cids(config))
-        self.result = scn.ScenarioRunner(self.scenario, factory, artifacts_dir=artifacts).run()
+        self.result = scn.ScenarioRunner(self.scenario, factory, artifacts_dir=artifacts,
+                                         eif_dirs=[config.rootpath]).run()
         for step in self.result.steps:
             self.user_properties.append((f"step {step.number}",
                                          f"{step.status} {step.elapsed:.1f}s {step.label}"))

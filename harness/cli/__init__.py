@@ -34,6 +34,7 @@ COMMAND_MODULES = {
     "harness.cli.kms_commands": ("kms", "vsock-proxy"),
     "harness.cli.image_commands": ("images",),
     "harness.cli.doctor_commands": ("doctor",),
+    "harness.cli.setup_commands": ("setup",),
     "harness.cli.scenario_commands": ("run",),
 }
 

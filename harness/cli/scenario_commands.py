@@ -125,7 +125,8 @@ def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: arg
         progress(f"{head} {mark} ({step.elapsed:.1f}s)")
 
     factory = EnclaveFactory(folder, qemu=args.qemu, accel=args.accel)
-    result = scn.ScenarioRunner(case, factory, artifacts_dir=folder, on_step=on_step).run()
+    result = scn.ScenarioRunner(case, factory, artifacts_dir=folder, on_step=on_step,
+                                eif_dirs=[Path.cwd()]).run()
     progress(f"    {result.status} in {result.elapsed:.1f}s ({steps_total} top-level steps)")
     if result.status == scn.Status.PASSED and not args.keep_artifacts:
         shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,7 @@ from typing import Iterable
 from harness.errors import ErrorCode, NitroError
 
 #: Recipe-independent hint printed with every apt failure.
-_APT_HINT = "run `apt-get update` (scripts/setup.sh adds bookworm-backports) and retry"
+_APT_HINT = "run `apt-get update` (`nitro-harness setup --only sources` adds bookworm-backports) and retry"
 
 
 def cache_root() -> Path:

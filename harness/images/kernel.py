@@ -4,7 +4,7 @@ A ``kernel.package`` is unpacked once (``dpkg -x``, never installed) into
 ``~/.cache/nitro-harness/kernels/``; the modules the recipe lists are ordered after their
 ``depends`` (read from each module's ``.modinfo``, as depmod does) and decompressed for the
 bootstrap ramdisk, and ``nsm`` becomes ``/nsm.ko``. A ``kernel.directory`` is a prebuilt
-kernel (``bzImage``, ``nsm.ko``, drivers built in; scripts/build-kernel.sh writes one).
+kernel (``bzImage``, ``nsm.ko``, drivers built in; ``nitro-harness setup --only kernel`` writes one).
 :func:`kernel_parts` gives a build what it needs of either. Errors are NitroError(E48).
 """
 
@@ -279,7 +279,7 @@ def prebuilt_kernel_dir(r: Recipe) -> Path:
     """The directory a ``kernel.directory`` recipe names: ``{cache}`` is the harness cache
     (``$NITRO_HARNESS_CACHE`` or ``~/.cache/nitro-harness``), ``~`` expanded, relative to the
     recipe; a glob picks the newest match holding a ``.complete`` marker (a finished
-    ``scripts/build-kernel.sh`` output, which also points ``{cache}/kernel-current`` at the
+    ``nitro-harness setup --only kernel`` output, which also points ``{cache}/kernel-current`` at the
     build of the current config). Raises NitroError(E48) when none has a bzImage."""
     raw = os.path.expanduser(r.kernel["directory"].replace("{cache}", str(debian.cache_root())))
     pattern = raw if os.path.isabs(raw) else str(r.base / raw)
@@ -288,7 +288,7 @@ def prebuilt_kernel_dir(r: Recipe) -> Path:
         hits.sort(key=lambda h: (h / ".complete").stat().st_mtime)
         if not hits:
             raise fail(r.path, f"kernel.directory: nothing matches {pattern} with a .complete "
-                       "marker (build it first, e.g. scripts/build-kernel.sh)")
+                       "marker (build it first: nitro-harness setup --only kernel)")
         d = hits[-1]
     else:
         d = Path(pattern)

@@ -1,6 +1,7 @@
 """Image recipes: finding, loading and validating the YAML files that say how to build an EIF.
 
-A recipe (``images/recipes/<name>.yaml``) names a kernel (a Debian package or a prebuilt
+A recipe (``<name>.yaml`` in a recipes folder: the user's, then the shipped
+``harness/data/recipes``; :mod:`harness.assets`) names a kernel (a Debian package or a prebuilt
 directory), the kernel modules init loads, the command line, and the application's root
 filesystem (Debian packages, inline files, PyPI wheels, the harness's guest helpers, static
 programs, a ``docker save``/OCI tarball or a directory), plus cmd and env. Every field is
@@ -15,8 +16,9 @@ described in ``harness/data/recipe_schema.yaml`` (JSON Schema, checked with ``js
       files: [{path: /usr/bin/hello, mode: 0755, content: "..."}]
     cmd: [/usr/bin/hello]
 
-This module also knows where the sources a recipe names live (``images/``: recipes, guest
-helpers, static programs) and holds the conventions every image-building step shares: progress
+This module also looks recipes up by name and finds the sources a recipe names (guest helpers,
+static programs) through :mod:`harness.assets`, the one place that knows where they live, and
+holds the conventions every image-building step shares: progress
 goes to a :data:`Log` callable, and every failure is
 ``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>")`` (:func:`fail`).
 """
@@ -31,6 +33,7 @@ from typing import Any, Callable
 import jsonschema
 import yaml
 
+from harness import assets
 from harness.errors import ErrorCode, NitroError
 
 #: AWS's x86_64 blob command line (docs/boot.md), the default ``kernel.cmdline``.
@@ -38,9 +41,7 @@ AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8
                "i8042.nopnp i8042.dumbkbd random.trust_cpu=on")
 
 #: The schema every recipe is checked against (shipped as package data).
-RECIPE_SCHEMA_PATH = Path(__file__).resolve().parents[1] / "data" / "recipe_schema.yaml"
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE_SCHEMA_PATH = assets.data_dir() / "recipe_schema.yaml"
 
 #: Receives one progress line at a time (e.g. ``print`` or a logger's ``info``).
 Log = Callable[[str], None]
@@ -58,38 +59,47 @@ def fail(where: Path | str, rule: str) -> NitroError:
 # --- where recipes and the sources they name live ---------------------------------------
 
 
-def images_dir() -> Path:
-    """The repository's ``images/`` directory (``$NITRO_HARNESS_IMAGES_DIR`` overrides it)."""
-    env = os.environ.get("NITRO_HARNESS_IMAGES_DIR")
-    return Path(env) if env else _REPO_ROOT / "images"
-
-
 def recipes_dir() -> Path:
-    """Directory of the recipes the harness ships (``images/recipes``)."""
-    return images_dir() / "recipes"
+    """Folder of the recipes the harness ships (``harness/data/recipes``)."""
+    return assets.shipped_recipes_dir()
+
+
+def recipe_dirs() -> list[Path]:
+    """Folders a recipe name is looked up in, first match wins (:func:`harness.assets.recipe_dirs`:
+    ``$NITRO_HARNESS_RECIPES`` folders, then the shipped one)."""
+    return assets.recipe_dirs()
 
 
 def guest_dir() -> Path:
-    """Directory of the guest-side helpers copied into images (``images/guest``)."""
-    return images_dir() / "guest"
+    """Folder of the guest-side helpers copied into images (``harness/data/guest``)."""
+    return assets.guest_dir()
 
 
 def program_source_dir(name: str) -> Path:
-    """Directory of a static program's source (``images/<name>``: ``<name>.c``, a Makefile)."""
-    return images_dir() / name
+    """Folder of a static program's source (``harness/data/programs/<name>``: ``<name>.c``, a
+    Makefile). Raises NitroError(E48) for a name that is not a plain folder name."""
+    try:
+        return assets.program_dir(name)
+    except ValueError as e:
+        raise fail(name, f"program: {e}") from None
 
 
 def recipe_path(name: str | Path) -> Path:
     """Return the recipe file for ``name``: an existing ``.yaml``/``.yml`` path, else
-    ``images/recipes/<name>.yaml``. Raises NitroError(E48) listing the known recipes."""
+    ``<name>.yaml`` in the first of :func:`recipe_dirs` that has it. Raises NitroError(E48)
+    listing the folders searched and the known recipes."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p.resolve()
-    cand = recipes_dir() / f"{name}.yaml"
-    if cand.is_file():
-        return cand
-    known = ", ".join(sorted(x.stem for x in recipes_dir().glob("*.yaml"))) or "none"
-    raise fail(name, f"recipe: no such recipe file or name (known recipes: {known})")
+    dirs = recipe_dirs()
+    for d in dirs:
+        cand = d / f"{name}.yaml"
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted({x.stem for d in dirs for x in d.glob("*.yaml")})) or "none"
+    searched = ", ".join(str(d) for d in dirs)
+    raise fail(name, f"recipe: no such recipe file or name (searched {searched}; "
+               f"known recipes: {known})")
 
 
 # --- schema and loading -----------------------------------------------------------------
@@ -142,7 +152,7 @@ class Recipe:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load and validate a recipe by name (``images/recipes/<name>.yaml``) or path.
+    """Load and validate a recipe by name (:func:`recipe_path`) or path.
 
     Raises NitroError(E48) naming the file and the offending field for unreadable YAML,
     schema violations (``harness/data/recipe_schema.yaml``; the first error by field path),
@@ -181,5 +191,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 
 
 def list_recipes() -> list[Recipe]:
-    """Every recipe under ``images/recipes`` (sorted by name); invalid ones raise."""
-    return [load_recipe(p) for p in sorted(recipes_dir().glob("*.yaml"))]
+    """Every recipe of :func:`recipe_dirs`, sorted by name; a name in an earlier folder hides
+    the same name in a later one. Invalid recipes raise."""
+    found: dict[str, Path] = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            found.setdefault(p.stem, p)
+    return [load_recipe(found[name]) for name in sorted(found)]

@@ -6,7 +6,7 @@
 
 * kernel: the bzImage of a Debian kernel package or of a prebuilt kernel directory
   (:mod:`harness.images.kernel`);
-* bootstrap ramdisk: the harness's static init (``images/init``,
+* bootstrap ramdisk: the harness's static init (``harness/data/programs/init``,
   :mod:`harness.images.static_programs`), ``nsm.ko``, and ``modules/`` with the kernel's
   vsock/virtio-mmio modules in dependency order (a harness extension: Debian's cloud kernel
   has them as modules, AWS's blobs build them in);
@@ -21,8 +21,8 @@ owner 0:0 for package files), so PCRs only change when an input does. Every fail
 Public API: :func:`build_image` (path of the EIF), :func:`build` (path, cache hit, info),
 :func:`recipe_path`, :func:`load_recipe`, :func:`list_recipes`, :func:`cached_images`,
 :func:`build_init` (the static init alone), :func:`build_static_program` (init, nsm-pcr or
-another program under ``images/``). The names of the modules above are importable from here
-too. The CLI front is ``nitro-harness images``.
+another program under ``harness/data/programs/``). The names of the modules above are
+importable from here too. The CLI front is ``nitro-harness images``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from harness.images.kernel import (Kernel, KernelParts, decompressed_module, ker
                                    module_depends, module_load_order, prebuilt_kernel_dir,
                                    prebuilt_kernel_key, prepare_kernel, resolve_kernel_package)
 from harness.images.recipe import (AWS_CMDLINE, RECIPE_SCHEMA, Log, Recipe, fail, guest_dir,
-                                   images_dir, list_recipes, load_recipe, nolog,
-                                   program_source_dir, recipe_path, recipes_dir)
+                                   list_recipes, load_recipe, nolog, program_source_dir,
+                                   recipe_dirs, recipe_path, recipes_dir)
 from harness.images.rootfs import (FIXED_MTIME, application_entries, assemble_rootfs,
                                    fetch_wheel, rootfs_entries)
 from harness.images.static_programs import (build_init, build_static_program, elf_interpreter,
@@ -57,10 +57,10 @@ __all__ = [
     "AWS_CMDLINE", "FIXED_MTIME", "KEEP_BUILDS", "RECIPE_SCHEMA", "BuiltImage", "Inputs",
     "Kernel", "KernelParts", "Log", "Recipe", "build", "build_image", "build_init",
     "build_static_program", "cached_images", "decompressed_module", "elf_interpreter",
-    "fetch_wheel", "guest_dir", "image_cache", "images_dir", "init_key", "init_source_dir",
+    "fetch_wheel", "guest_dir", "image_cache", "init_key", "init_source_dir",
     "list_recipes", "load_recipe", "module_depends", "module_load_order", "prebuilt_kernel_dir",
     "prebuilt_kernel_key", "prepare_kernel", "program_key", "program_source_dir",
-    "recipe_path", "recipes_dir", "resolve_inputs", "resolve_kernel_package",
+    "recipe_dirs", "recipe_path", "recipes_dir", "resolve_inputs", "resolve_kernel_package",
 ]
 
 
@@ -80,7 +80,8 @@ class BuiltImage:
 def build_image(name_or_path: str | Path, output: str | Path | None = None, *,
                 cmd: Sequence[str] | None = None, env: Sequence[str] | None = None,
                 log: Log = nolog) -> Path:
-    """Build the image of a recipe (name in ``images/recipes`` or a path) and return the EIF.
+    """Build the image of a recipe (a name looked up in the recipe folders, or a path) and
+    return the EIF.
 
     Returns the cached EIF (``~/.cache/nitro-harness/images/<name>-<hash>.eif``), or
     ``output`` (a copy written atomically) when given. Unchanged inputs hit the cache: no work,

@@ -3,7 +3,7 @@
 In order (later steps win): the ``application`` (a ``docker save``/OCI tarball or a
 directory), then in a scratch root the ``rootfs.debs`` unpacked (``dpkg -x``, never
 installed), ``prune`` globs removed, ``busybox_links``, inline ``files``, static ``programs``,
-pure-Python ``pip`` wheels, the ``guest`` helpers of ``images/guest`` and ``compile_python``'s
+pure-Python ``pip`` wheels, the ``guest`` helpers of ``harness/data/guest`` and ``compile_python``'s
 precompiled pycs. Entries the build created get :data:`FIXED_MTIME` and owner 0:0, so a cold
 build is reproducible (docs/boot.md). Errors are NitroError(E48) naming the recipe field.
 """
@@ -80,12 +80,13 @@ def _install_wheel(wheel: Path, target: Path) -> None:
 
 
 def guest_file_skipped(p: Path) -> bool:
-    """Whether ``p`` under images/guest/ stays out of images: caches and hidden files."""
+    """Whether ``p`` under harness/data/guest/ stays out of images: caches and hidden files."""
     return p.name == "__pycache__" or p.name.endswith(".pyc") or p.name.startswith(".")
 
 
 def _copy_guest(dest: Path) -> int:
-    """Copy every file of images/guest/ to ``dest``: mode 0755 if executable there, else 0644."""
+    """Copy every file of harness/data/guest/ to ``dest``: mode 0755 if executable there, else
+    0644."""
     src = guest_dir()
     n = 0
     if not src.is_dir():

@@ -1,8 +1,9 @@
-"""Static programs built from ``images/<name>/``: the enclave's init and helpers like nsm-pcr.
+"""Static programs built from ``harness/data/programs/<name>/``: the enclave's init and helpers
+like nsm-pcr.
 
-Each program is ``images/<name>/<name>.c`` (plus other C sources and headers) and a Makefile
-that links statically: the bootstrap ramdisk and busybox images have no libc, and a dynamically
-linked init cannot boot (docs/boot.md). A build is cached under
+Each program is ``harness/data/programs/<name>/<name>.c`` (plus other C sources and headers)
+and a Makefile that links statically: the bootstrap ramdisk and busybox images have no libc, and
+a dynamically linked init cannot boot (docs/boot.md). A build is cached under
 ``~/.cache/nitro-harness/init/<key>/init`` (init) or ``.../programs/<name>/<key>/<name>``, keyed
 by :func:`program_key`: the sources, the Makefile and the toolchain's versions. Errors are
 NitroError(E48) naming the source file.
@@ -49,7 +50,8 @@ def _program_sources(name: str) -> list[str]:
 def program_key(name: str) -> str:
     """Cache key of a static program: its sources, Makefile and the toolchain's versions.
 
-    Raises NitroError(E48) when ``images/<name>`` lacks ``<name>.c`` or its Makefile."""
+    Raises NitroError(E48) when ``harness/data/programs/<name>`` lacks ``<name>.c`` or its
+    Makefile."""
     src = program_source_dir(name)
     h = hashlib.sha256(_toolchain_id().encode())
     for n in _program_sources(name):
@@ -70,12 +72,13 @@ def _program_cache_dir(name: str) -> Path:
 
 
 def build_static_program(name: str, log: Log = nolog) -> Path:
-    """Build (or reuse) the static program ``images/<name>`` and return its path in the cache.
+    """Build (or reuse) the static program ``harness/data/programs/<name>`` and return its path
+    in the cache.
 
-    Runs ``make -C images/<name> OUT=<cache>/<key>/<name>`` (the Makefile links statically:
-    the bootstrap ramdisk and busybox images have no libc). Raises NitroError(E48) when gcc or
-    make is missing (``apt-get install build-essential``), the build fails, or the result is
-    dynamically linked.
+    Runs ``make -C harness/data/programs/<name> OUT=<cache>/<key>/<name>`` (the Makefile links
+    statically: the bootstrap ramdisk and busybox images have no libc). Raises NitroError(E48)
+    when gcc or make is missing (``apt-get install build-essential``), the build fails, or the
+    result is dynamically linked.
     """
     src = program_source_dir(name)
     key = program_key(name)
@@ -107,7 +110,8 @@ def build_static_program(name: str, log: Log = nolog) -> Path:
 
 
 def init_source_dir() -> Path:
-    """Directory of the enclave init's source (``images/init``: init.c and its Makefile)."""
+    """Directory of the enclave init's source (``harness/data/programs/init``: init.c and its
+    Makefile)."""
     return program_source_dir("init")
 
 
@@ -119,7 +123,7 @@ def init_key() -> str:
 def build_init(log: Log = nolog) -> Path:
     """Build (or reuse) the static enclave init and return its path in the cache.
 
-    :func:`build_static_program` of ``images/init`` (gcc -static -O2; docs/boot.md: a
+    :func:`build_static_program` of ``harness/data/programs/init`` (gcc -static -O2; docs/boot.md: a
     dynamically linked init cannot boot). Raises NitroError(E48) when gcc or the static libc
     is missing (``apt-get install build-essential``) or the build fails.
     """

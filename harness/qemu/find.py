@@ -1,8 +1,8 @@
 """Find the QEMU binary and the qboot firmware the harness runs enclaves with.
 
-Where QEMU comes from (docs/architecture.md#qemu-build): ``scripts/build-qemu.sh`` builds
-Debian's qemu 10.0 source with a patch that makes ``vhost-user-device`` user-creatable and
-installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
+Where QEMU comes from (docs/architecture.md#qemu-build): ``nitro-harness setup --only qemu``
+(``harness/data/build/build-qemu.sh``) builds Debian's qemu 10.0 source with a patch that makes
+``vhost-user-device`` user-creatable and installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
 ``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64``; :func:`harness.qemu.probe_qemu`
 then says what that binary lacks.
 """
@@ -14,19 +14,21 @@ import os
 import shutil
 from pathlib import Path
 
+from harness import assets
 from harness.errors import ErrorCode, NitroError
 
 QEMU_ENV = "NITRO_HARNESS_QEMU"
 QBOOT_ENV = "NITRO_HARNESS_QBOOT"
 BINARY = "qemu-system-x86_64"
-SETUP_HINT = "scripts/setup.sh"
+#: The command that builds the patched QEMU (the doctor's and the errors' fix).
+SETUP_HINT = "nitro-harness setup --only qemu"
 # Debian's qemu-system-data ships qboot; build-qemu.sh also copies it beside the build.
 SYSTEM_QBOOT = Path("/usr/share/qemu/qboot.rom")
 
 
 def cache_dir() -> Path:
     """The harness's cache root: ``$NITRO_HARNESS_CACHE``, else ``~/.cache/nitro-harness``
-    (the same rule as scripts/build-qemu.sh and the image cache)."""
+    (the same rule as build-qemu.sh and the image cache)."""
     explicit = os.environ.get("NITRO_HARNESS_CACHE")
     return Path(explicit) if explicit else Path.home() / ".cache" / "nitro-harness"
 
@@ -46,13 +48,16 @@ def _cached_builds(root: Path) -> list[Path]:
     return [binary for _, binary in sorted(builds, key=lambda b: b[0], reverse=True)]
 
 
-PATCH_DIR = Path(__file__).resolve().parents[2] / "scripts" / "qemu-patches"
+#: The patches of the harness's QEMU build (package data: :func:`harness.assets.qemu_patches_dir`).
+PATCH_DIR = assets.qemu_patches_dir()
 
 
-def patch_hash(patch_dir: Path = PATCH_DIR) -> str | None:
-    """The cache key scripts/build-qemu.sh derives from the patches: sha256 over each
-    ``*.patch`` in name order as ``name + "\\n" + bytes``, first 12 hex digits; ``None`` when
-    the directory is absent (an installed wheel without the repository's scripts/)."""
+def patch_hash(patch_dir: Path | None = None) -> str | None:
+    """The cache key build-qemu.sh derives from the patches (default :data:`PATCH_DIR`): sha256
+    over each ``*.patch`` in name order as ``name + "\\n" + bytes``, first 12 hex digits (names and
+    bytes only, so the key does not depend on where the package is installed); ``None`` when
+    the folder holds no patch."""
+    patch_dir = PATCH_DIR if patch_dir is None else patch_dir
     patches = sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
     if not patches:
         return None
@@ -63,7 +68,7 @@ def patch_hash(patch_dir: Path = PATCH_DIR) -> str | None:
 
 
 def current_build() -> Path | None:
-    """The complete cached build for the repository's current patch set
+    """The complete cached build for the shipped patch set
     (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), or ``None``."""
     wanted = patch_hash()
     if wanted is None:
@@ -78,10 +83,10 @@ def find_qemu() -> Path:
     """The ``qemu-system-x86_64`` to run enclaves with.
 
     Order: ``$NITRO_HARNESS_QEMU`` (must be an executable file), else the cached build of the
-    repository's current patches (:func:`current_build`), else the newest complete build in
+    shipped patches (:func:`current_build`), else the newest complete build in
     :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), else
     ``qemu-system-x86_64`` on ``PATH``. Raises ``NitroError(E19 FileOperationFailure)`` when
-    none exists, naming the fix (``scripts/setup.sh``). Whether the binary is fit for
+    none exists, naming the fix (:data:`SETUP_HINT`). Whether the binary is fit for
     enclaves (patched, microvm, ...) is :func:`probe_qemu`'s question.
     """
     explicit = os.environ.get(QEMU_ENV)
@@ -114,7 +119,7 @@ def find_firmware(qemu: str | os.PathLike[str] | None = None) -> Path | None:
     """The qboot firmware microvm boots with (SeaBIOS hung on microvm with this QEMU).
 
     Order: ``$NITRO_HARNESS_QBOOT``; ``<qemu prefix>/share/qemu/qboot.rom`` beside ``qemu``
-    (scripts/build-qemu.sh copies it there); ``/usr/share/qemu/qboot.rom`` from Debian's
+    (build-qemu.sh copies it there); ``/usr/share/qemu/qboot.rom`` from Debian's
     ``qemu-system-data``. Returns ``None`` when none exists (fix:
     ``apt-get install qemu-system-data``).
     """

@@ -18,7 +18,7 @@ class QemuInfo:
     ``vhost_user_device_creatable``: creating ``vhost-user-device`` passed QEMU's user-creatable
     check (only creating it tells: docs/vhost-user.md#generic-device);
     ``vhost_user_device_detail``: what QEMU said when asked to create it; ``build_info``: the
-    ``build-info.json`` that scripts/build-qemu.sh writes beside its builds, or ``None`` for other
+    ``build-info.json`` that build-qemu.sh writes beside its builds, or ``None`` for other
     binaries.
     """
 
@@ -117,7 +117,7 @@ class QemuInfo:
 
 
 def _read_build_info(path: Path) -> dict[str, Any] | None:
-    """``<prefix>/build-info.json`` written by scripts/build-qemu.sh, if this is such a build."""
+    """``<prefix>/build-info.json`` written by build-qemu.sh, if this is such a build."""
     info = path.resolve().parent.parent / "build-info.json"
     try:
         data = json.loads(info.read_text())

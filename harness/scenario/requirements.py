@@ -34,5 +34,5 @@ def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
         if getattr(info, "vhost_user_device", False):
             return None
         return (f"needs the harness NSM: {path} refuses vhost-user-device "
-                "(run scripts/setup.sh to build the patched QEMU, or set NITRO_HARNESS_QEMU)")
+                "(run nitro-harness setup --only qemu to build the patched QEMU, or set NITRO_HARNESS_QEMU)")
     return f"unknown requirement {requirement!r}"

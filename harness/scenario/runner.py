@@ -13,7 +13,7 @@ import contextlib
 import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +37,9 @@ class ScenarioRunner:
 
     ``factory`` starts and finally terminates the enclaves; ``artifacts_dir`` receives the
     expanded scenario, attestation documents and the enclaves' files; ``on_step(event, result)``
-    is called with ``"start"`` and ``"end"`` for each step (the CLI's live lines). The enclave
+    is called with ``"start"`` and ``"end"`` for each step (the CLI's live lines); ``eif_dirs``
+    are folders a relative ``eif:`` path is tried against after the scenario file's own (pytest's
+    rootdir, or the current folder for ``nitro-harness run``). The enclave
     boots before the first step that needs one. Step and scenario timeouts (LAVA-style) cap every
     wait; a failure stops the scenario (later steps are not run).
 
@@ -49,8 +51,10 @@ class ScenarioRunner:
     """
 
     def __init__(self, scenario: Scenario, factory: EnclaveFactory, *, artifacts_dir: Path,
-                 on_step: Callable[[str, StepResult], None] | None = None):
+                 on_step: Callable[[str, StepResult], None] | None = None,
+                 eif_dirs: Sequence[Path] = ()):
         self.scenario = scenario
+        self.eif_dirs = [Path(d) for d in eif_dirs]
         self.factory = factory
         self.artifacts_dir = Path(artifacts_dir)
         self.on_step = on_step or (lambda event, result: None)
@@ -170,11 +174,16 @@ class ScenarioRunner:
         """The scenario's enclave settings (defaults filled in), a copy."""
         return dict(self.scenario.enclave)
 
+    def eif_bases(self) -> list[Path]:
+        """Folders a relative ``eif:`` path is tried against, in order: the scenario file's,
+        then ``eif_dirs``."""
+        return [self.scenario.path.parent, *self.eif_dirs]
+
     def scenario_eif(self) -> Path:
         """The EIF of the scenario's ``image`` (built on first use) or ``eif``; kept once known."""
         if self.eif_path is None:
             data = self.scenario.data
-            self.eif_path = resolve_eif(data.get("image"), data.get("eif"), self.scenario.path.parent)
+            self.eif_path = resolve_eif(data.get("image"), data.get("eif"), self.eif_bases())
         return self.eif_path
 
     def boot(self, limit: float) -> RunningEnclave:

@@ -22,7 +22,7 @@ def _qemu_nitro_loader():
     try:
         q = qemu.find_qemu()
     except NitroError:
-        pytest.skip("no QEMU build (scripts/setup.sh builds one)")
+        pytest.skip("no QEMU build (nitro-harness setup --only qemu builds one)")
     machines = subprocess.run([str(q), "-M", "help"], capture_output=True, text=True,
                               timeout=30).stdout
     if "nitro-enclave" not in machines:

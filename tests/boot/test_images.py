@@ -1,7 +1,7 @@
 """Image builds: the hello EIF entry by entry, the caches, the docker-archive and directory
 applications, the python image. Recipe checks that build nothing are tests/unit/test_recipes.py.
 
-Uses the package cache that ``scripts/setup.sh`` fills (it builds hello); expected values are
+Uses the package cache that ``nitro-harness setup`` fills (it builds hello); expected values are
 computed here independently: SHA-384 over the sections for PCRs, bytes straight out of the
 Debian packages (``dpkg-deb --fsys-tarfile``) for files, the ELF header read with ``struct``.
 """
@@ -126,7 +126,7 @@ def test_hello_bootstrap_ramdisk(hello):
         deps = re.search(rb"depends=([^\0]*)\0", boot[f"modules/{name}"].data).group(1)
         for d in filter(None, deps.decode().split(",")):
             assert order.index(f"{d}.ko") < order.index(name), (name, d)
-    # init is the static binary built from images/init, nsm.ko the package's module, unpacked.
+    # init is the static binary built from harness/data/programs/init, nsm.ko the package's module, unpacked.
     assert boot["init"].data == recipes.build_init().read_bytes()
     release = built.info["Kernel"]["release"]
     nsm_xz = _kernel_root(built) / "lib/modules" / release / "kernel/drivers/misc/nsm.ko.xz"
@@ -412,7 +412,7 @@ def test_python_image_contents(python_image):
     assert f"{dist}/aws_nsm_interface/__init__.py" in names
     assert f"{dist}/ioctl_opt/__init__.py" in names
     assert stat.S_ISLNK(cust["rootfs/bin/sh"].mode) and cust["rootfs/bin/sh"].data == b"/bin/busybox"
-    # Every file of images/guest/ is in /opt/nitro-harness with its executable bit.
+    # Every file of harness/data/guest/ is in /opt/nitro-harness with its executable bit.
     guest = recipes.guest_dir()
     for p in sorted(guest.rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc"):

@@ -1,4 +1,4 @@
-"""nsm-pcr (images/nsm-pcr) in the built hello images: the images carry the static tool and
+"""nsm-pcr (harness/data/programs/nsm-pcr) in the built hello images: the images carry the static tool and
 their application runs it before its greeting. The tool itself is tests/unit/test_nsm_pcr.py;
 tests/boot/test_qemu_cross_check.py boots hello and reads its lines on QEMU's NSM."""
 

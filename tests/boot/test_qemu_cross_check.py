@@ -9,7 +9,7 @@ appear in the same order on both consoles.
 
 PCRs are read from inside each guest with the image's own tool: ``python`` runs
 ``nsm_tool.py describe-pcr`` through its debug console shell; ``hello`` (busybox, no python)
-prints them itself at start with the static ``nsm-pcr`` (``images/nsm-pcr``), one JSON line per
+prints them itself at start with the static ``nsm-pcr`` (``harness/data/programs/nsm-pcr``), one JSON line per
 PCR before its first greeting, and the test reads those lines from the console.
 """
 

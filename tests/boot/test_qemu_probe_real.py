@@ -1,8 +1,8 @@
 """harness.qemu against the real patched build: probing it, its firmware, probe boots.
 
-The binary is the one scripts/build-qemu.sh builds, located independently of the code under
-test (the ``built_qemu`` fixture, tests/boot/conftest.py); finding QEMU without one is tested
-in tests/unit/test_qemu_probe.py.
+The binary is the one build-qemu.sh (``nitro-harness setup --only qemu``) builds, located
+independently of the code under test (the ``built_qemu`` fixture, tests/boot/conftest.py);
+finding QEMU without one is tested in tests/unit/test_qemu_probe.py.
 """
 
 from __future__ import annotations

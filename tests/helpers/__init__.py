@@ -6,5 +6,5 @@ path (``pythonpath = ["tests"]``). ``REPO`` is the repository root.
 
 from pathlib import Path
 
-#: The repository root (the folder holding harness/, images/, scripts/, tests/).
+#: The repository root (the folder holding harness/, scenarios/, scripts/, tests/).
 REPO = Path(__file__).resolve().parents[2]

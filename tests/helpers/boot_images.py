@@ -17,7 +17,7 @@ AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8
 
 
 def recipe_eif(name: str) -> Path:
-    """The cached EIF of ``images/recipes/<name>.yaml`` (built on first use)."""
+    """The cached EIF of the shipped recipe ``<name>`` (built on first use)."""
     return build_image(name)
 
 

@@ -23,7 +23,7 @@ ACCOUNT = "111122223333"
 REGION = "us-east-1"
 MODULE_ID = "i-0123456789abcdef0-enc0123456789abcdef"
 IMAGE_PCR0 = bytes(range(48))
-GUEST_CLIENT = REPO / "images" / "guest" / "kms_client.py"
+GUEST_CLIENT = REPO / "harness" / "data" / "guest" / "kms_client.py"
 # The guest client runs under this interpreter; point it at a venv with the image's versions
 # (cryptography 38.0.4, asn1crypto 1.5.1) to check the guest's APIs on the host.
 GUEST_PYTHON = os.environ.get("NITRO_HARNESS_GUEST_PYTHON", sys.executable)

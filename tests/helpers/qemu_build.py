@@ -1,4 +1,4 @@
-"""Where scripts/build-qemu.sh puts the patched QEMU, recomputed independently of harness.qemu,
+"""Where build-qemu.sh (``nitro-harness setup --only qemu``) puts the patched QEMU, recomputed independently of harness.qemu,
 and fake builds of it for tests that need no real QEMU."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from helpers import REPO
 
-PATCHES = REPO / "scripts" / "qemu-patches"
+PATCHES = REPO / "harness" / "data" / "qemu-patches"
+#: The build script the set-up runs (package data).
+BUILD_QEMU = REPO / "harness" / "data" / "build" / "build-qemu.sh"
 
 
 def expected_build_dir() -> Path:

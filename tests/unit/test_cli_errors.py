@@ -208,6 +208,12 @@ ROWS = [
     row("images", "list", "--all", code=E.InvalidArgument, names=("unrecognized arguments: --all",)),
     # doctor's findings are its report (exit 1); its arguments fail as any command's.
     row("doctor", "--yaml", code=E.InvalidArgument, names=("unrecognized arguments: --yaml",)),
+    row("images", "list", "--recipes", "{missing}", code=E.FileOperationFailure,
+        names=("{missing}", "recipes folder not found")),
+    # setup: a step's failure is its "setup: FAILED at step" line (exit 1); its arguments fail
+    # as any command's.
+    row("setup", "--only", "qemu,bogus", code=E.InvalidArgument, names=("unknown step 'bogus'",)),
+    row("setup", "--fast", code=E.InvalidArgument, names=("unrecognized arguments: --fast",)),
     # run (YAML scenarios): everything is validated before anything boots.
     row("run", code=E.MissingArgument, names=("PATH",)),
     row("run", "{missing}", code=E.FileOperationFailure, names=("{missing}", "no such scenario")),

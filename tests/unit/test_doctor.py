@@ -19,7 +19,6 @@ import pytest
 from harness import doctor
 from harness.errors import ErrorCode, NitroError
 from harness.qemu import BootProbe, QemuInfo
-from helpers import REPO
 from helpers.fake_host import (AMD_SVM, INTEL_NO_VMX, INTEL_VMX, fake_cpus, fake_host, fake_hugepages,
                                interleaved, no_probe, write)
 
@@ -125,7 +124,7 @@ def test_report_without_qemu_fails_with_setup_fix(tmp_path: Path, monkeypatch: p
     report = doctor.diagnose(root, probe=no_probe)
     checks = by_name(report)
     assert not report.ok
-    assert checks["qemu"].status == "fail" and checks["qemu"].fix == "scripts/setup.sh"
+    assert checks["qemu"].status == "fail" and checks["qemu"].fix == "nitro-harness setup --only qemu"
     assert "NITRO_HARNESS_QEMU" in checks["qemu"].detail
 
 
@@ -143,13 +142,13 @@ def test_report_fix_commands_for_host_pieces(tmp_path: Path, monkeypatch: pytest
 
 
 def test_report_nitro_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel build scripts/build-kernel.sh caches: missing -> warn + fix; newest reported."""
+    """The kernel build the set-up caches: missing -> warn + fix; newest reported."""
     root = fake_host(tmp_path / "root", INTEL_NO_VMX)
     cache = tmp_path / "cache"
     monkeypatch.setenv("NITRO_HARNESS_CACHE", str(cache))
     monkeypatch.setenv("NITRO_HARNESS_QEMU", str(tmp_path / "missing-qemu"))
     check = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel"]
-    assert (check.status, check.fix) == ("warn", "scripts/build-kernel.sh")
+    assert (check.status, check.fix) == ("warn", "nitro-harness setup --only kernel")
     for name, release, stamp in (("kernel-6.12.1-aaaa", "6.12.1-old", 1_000_000),
                                  ("kernel-6.12.2-bbbb", "6.12.2-new", 2_000_000),
                                  ("kernel-6.12.3-cccc", "6.12.3-unfinished", None)):
@@ -174,84 +173,4 @@ def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 1
-    assert "fix: scripts/setup.sh" in out.stdout and "Traceback" not in out.stderr
-
-
-# --- scripts/setup.sh: the apt sources step, against a fake /etc/apt --------------------------
-
-SETUP = REPO / "scripts" / "setup.sh"
-MAIN_SOURCES = """Types: deb
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-
-
-def run_sources_step(tmp_path: Path, codename: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "os-release").write_text(f"ID=debian\nVERSION_CODENAME={codename}\n")
-    env = {**__import__("os").environ,
-           "NITRO_HARNESS_APT_ETC": str(tmp_path / "apt"),
-           "NITRO_HARNESS_OS_RELEASE": str(tmp_path / "os-release")}
-    return subprocess.run(["bash", str(SETUP), "--only", "sources", *extra],
-                          capture_output=True, text=True, env=env, timeout=60)
-
-
-def apt_tree(tmp_path: Path, files: dict[str, str]) -> Path:
-    apt = tmp_path / "apt"
-    (apt / "sources.list.d").mkdir(parents=True)
-    for name, text in files.items():
-        (apt / name).write_text(text)
-    return apt
-
-
-def test_setup_adds_backports_once_and_nothing_else(tmp_path: Path) -> None:
-    apt = apt_tree(tmp_path, {"sources.list.d/debian.sources": MAIN_SOURCES})
-    first = run_sources_step(tmp_path, "bookworm")
-    assert first.returncode == 0, first.stderr
-    added = apt / "sources.list.d" / "nitro-harness-bookworm-backports.sources"
-    text = added.read_text()
-    assert "Types: deb deb-src\n" in text and "Suites: bookworm-backports\n" in text
-    # Never another release: the only suite named anywhere new is bookworm-backports.
-    suites = [ln for ln in text.splitlines() if ln.startswith("Suites:")]
-    assert suites == ["Suites: bookworm-backports"] and "trixie" not in text
-    assert sorted(p.name for p in (apt / "sources.list.d").iterdir()) == [
-        "debian.sources", "nitro-harness-bookworm-backports.sources"]
-    again = run_sources_step(tmp_path, "bookworm")
-    assert again.returncode == 0 and "cached: bookworm-backports" in again.stderr
-    assert added.read_text() == text
-
-
-def test_setup_adds_only_the_missing_deb_src(tmp_path: Path) -> None:
-    apt = apt_tree(tmp_path, {
-        "sources.list": "deb http://deb.debian.org/debian bookworm main\n"
-                        "deb http://deb.debian.org/debian bookworm-backports main\n",
-    })
-    out = run_sources_step(tmp_path, "bookworm")
-    assert out.returncode == 0, out.stderr
-    text = (apt / "sources.list.d" / "nitro-harness-bookworm-backports.sources").read_text()
-    assert "Types: deb-src\n" in text
-
-
-def test_setup_ignores_disabled_stanza_and_dry_run_writes_nothing(tmp_path: Path) -> None:
-    apt = apt_tree(tmp_path, {"sources.list.d/bp.sources": (
-        "Types: deb deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n"
-        "Components: main\nEnabled: no\n")})
-    out = run_sources_step(tmp_path, "bookworm", "--dry-run")
-    assert out.returncode == 0
-    assert "would add bookworm-backports (deb deb-src)" in out.stderr
-    assert [p.name for p in (apt / "sources.list.d").iterdir()] == ["bp.sources"]
-
-
-def test_setup_adds_no_sources_off_bookworm(tmp_path: Path) -> None:
-    apt = apt_tree(tmp_path, {})
-    out = run_sources_step(tmp_path, "trixie")
-    assert out.returncode == 0 and "not bookworm" in out.stderr
-    assert list((apt / "sources.list.d").iterdir()) == []
-
-
-def test_setup_rejects_unknown_step(tmp_path: Path) -> None:
-    out = subprocess.run(["bash", str(SETUP), "--only", "qemu,bogus"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1
-    assert out.stderr.count("FAILED") == 1 and "unknown step 'bogus'" in out.stderr
+    assert "fix: nitro-harness setup --only qemu" in out.stdout and "Traceback" not in out.stderr

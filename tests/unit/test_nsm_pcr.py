@@ -1,4 +1,4 @@
-"""nsm-pcr (images/nsm-pcr): the static DescribePCR tool of the busybox images.
+"""nsm-pcr (harness/data/programs/nsm-pcr): the static DescribePCR tool of the busybox images.
 
 No boot and no image here (tests/boot/test_nsm_pcr_images.py checks the hello images carry it;
 tests/boot/test_qemu_cross_check.py boots hello and reads its lines on QEMU's NSM): the build

@@ -179,6 +179,74 @@ def test_eif_and_enclave_fixtures_follow_the_marker(pytester):
     assert "missing.eif: EIF file not found" in text
 
 
+def test_eif_paths_resolve_from_the_test_file_then_the_rootdir(pytester):
+    """A relative eif= is tried next to the test file, then at pytest's rootdir (where a
+    user's build-enclave writes it); the error lists both places."""
+    pytester.makeini("[pytest]\n")
+    pytester.path.joinpath("root.eif").write_bytes(b"root")
+    pytester.path.joinpath("both.eif").write_bytes(b"root")
+    tests = pytester.mkdir("tests")
+    tests.joinpath("both.eif").write_bytes(b"beside the test")
+    tests.joinpath("test_user.py").write_text(textwrap.dedent("""
+        import pytest
+        from pathlib import Path
+
+        @pytest.mark.enclave(eif="root.eif")
+        def test_root(eif, request):
+            assert eif == request.config.rootpath / "root.eif"
+
+        @pytest.mark.enclave(eif="both.eif")
+        def test_beside_wins(eif):
+            assert eif == Path(__file__).parent / "both.eif"
+
+        @pytest.mark.enclave(eif="nowhere.eif")
+        def test_missing(eif):
+            pass
+    """))
+    result = pytester.runpytest("-q", "tests")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines([
+        f"*[[] E19 []] FileOperationFailure: nowhere.eif: EIF file not found (tried "
+        f"{tests / 'nowhere.eif'}, {pytester.path / 'nowhere.eif'})*"])
+
+
+def test_scenario_eif_resolves_from_the_rootdir(pytester):
+    pytester.makeini("[pytest]\n")
+    pytester.path.joinpath("app.eif").write_bytes(b"garbage" * 100)
+    scenario_file(pytester, "app.yaml", """
+        name: app
+        eif: app.eif
+        steps:
+          - expect_failure: {code: E35}
+        """)
+    result = pytester.runpytest("-q", "scenarios", f"--artifacts-dir={pytester.path / 'a'}")
+    result.assert_outcomes(passed=1)  # found at the rootdir; the EIF reader refused it (E35)
+
+
+def test_recipes_option_and_ini_put_user_folders_first(pytester, monkeypatch):
+    monkeypatch.setenv("NITRO_HARNESS_RECIPES", "")  # restored after the in-process runs
+    for folder in ("cli-recipes", "ini-recipes"):
+        pytester.mkdir(folder).joinpath(f"{folder}.yaml").write_text(
+            "kernel: {package: linux-image-6.12-cloud-amd64}\n")
+    pytester.makeini("[pytest]\nnitro_harness_recipes = ini-recipes\n")
+    pytester.makepyfile("""
+        from harness.images.recipes import recipe_path
+        from harness import assets
+
+        def test_found(request):
+            root = request.config.rootpath
+            assert assets.recipe_dirs()[:2] == [root / "cli-recipes", root / "ini-recipes"]
+            assert recipe_path("cli-recipes") == root / "cli-recipes" / "cli-recipes.yaml"
+            assert recipe_path("ini-recipes") == root / "ini-recipes" / "ini-recipes.yaml"
+            assert recipe_path("hello") == assets.shipped_recipes_dir() / "hello.yaml"
+    """)
+    result = pytester.runpytest("-q", "--recipes", "cli-recipes")
+    result.assert_outcomes(passed=1)
+    result = pytester.runpytest("-q", "--recipes", "absent")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--recipes / nitro_harness_recipes: */absent: recipes folder not found*"])
+
+
 def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
     out = pytester.path / "out"
     out.mkdir()

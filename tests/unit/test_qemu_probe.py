@@ -1,5 +1,5 @@
 """harness.qemu without running QEMU: finding it, refusing what is not QEMU, the probe
-firmware, and scripts/build-qemu.sh's cache directory.
+firmware, and build-qemu.sh's cache directory.
 
 Fake builds stand for the real one here; the real patched build is probed in
 tests/boot/test_qemu_probe_real.py.
@@ -15,12 +15,11 @@ import pytest
 
 from harness import qemu
 from harness.errors import ErrorCode, NitroError
-from helpers import REPO
-from helpers.qemu_build import PATCHES, expected_build_dir, fake_build
+from helpers.qemu_build import BUILD_QEMU, PATCHES, expected_build_dir, fake_build
 
 
 def test_build_script_agrees_on_cache_dir() -> None:
-    out = subprocess.run([str(REPO / "scripts" / "build-qemu.sh"), "--print-dir"],
+    out = subprocess.run(["bash", str(BUILD_QEMU), "--print-dir"],
                          capture_output=True, text=True, check=True, timeout=30)
     assert out.stdout.strip() == str(expected_build_dir())
 
@@ -44,7 +43,7 @@ def test_find_qemu_newest_cached_build(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_find_qemu_prefers_current_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A newer build of other patches loses to the build of scripts/qemu-patches/ as it is."""
+    """A newer build of other patches loses to the build of the shipped patches as they are."""
     monkeypatch.delenv("NITRO_HARNESS_QEMU", raising=False)
     monkeypatch.setenv("NITRO_HARNESS_CACHE", str(tmp_path))
     current_hash = expected_build_dir().name.rsplit("-", 1)[1]
@@ -62,7 +61,7 @@ def test_find_qemu_missing_names_setup(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(NitroError) as info:
         qemu.find_qemu()
     assert info.value.code == ErrorCode.FileOperationFailure
-    assert "scripts/setup.sh" in info.value.message
+    assert "nitro-harness setup --only qemu" in info.value.message
 
 
 def test_find_qemu_bad_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,7 +119,7 @@ def test_probe_rom_reset_vector() -> None:
     assert rom[0] == 0xFA  # cli
 
 
-# --- scripts/build-qemu.sh without building ---------------------------------------------------
+# --- build-qemu.sh without building ----------------------------------------------------------
 
 def test_build_script_reuses_a_complete_build(tmp_path: Path) -> None:
     """Second run: a complete build for the current patches is reused ("cached"), in well
@@ -128,7 +127,7 @@ def test_build_script_reuses_a_complete_build(tmp_path: Path) -> None:
     name = expected_build_dir().name
     fake_build(tmp_path, name, 1_000_000)
     env = {**os.environ, "NITRO_HARNESS_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([str(REPO / "scripts" / "build-qemu.sh")], capture_output=True,
+    out = subprocess.run(["bash", str(BUILD_QEMU)], capture_output=True,
                          text=True, env=env, timeout=30)
     assert out.returncode == 0, out.stderr
     assert f"cached: {tmp_path / name / 'bin' / 'qemu-system-x86_64'}" in out.stderr
@@ -136,7 +135,7 @@ def test_build_script_reuses_a_complete_build(tmp_path: Path) -> None:
 
 
 def test_build_script_rejects_unknown_argument() -> None:
-    out = subprocess.run([str(REPO / "scripts" / "build-qemu.sh"), "--fast"],
+    out = subprocess.run(["bash", str(BUILD_QEMU), "--fast"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1
     assert out.stderr.count("FAILED") == 1 and "unknown argument '--fast'" in out.stderr

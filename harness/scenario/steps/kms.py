@@ -133,7 +133,7 @@ def _pcr0(runner: ScenarioRunner, spec: str) -> str:
         image = image_for_kernel(spec[len("image:"):], runner.scenario.kernel)
         return measure_eif(resolve_eif(image)).as_dict()[0].hex()
     if spec.startswith("eif:"):
-        return measure_eif(resolve_eif(eif=spec[len("eif:"):], base=runner.scenario.path.parent)
+        return measure_eif(resolve_eif(eif=spec[len("eif:"):], base=runner.eif_bases())
                            ).as_dict()[0].hex()
     raise StepFailed(f"pcr0: {spec!r} is not eif, zero, image:<recipe>, eif:<path> or 96 hex digits")
 

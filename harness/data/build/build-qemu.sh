@@ -3,24 +3,25 @@
 #
 # What: Debian's qemu 10.0 source (bookworm-backports deb-src), x86_64-softmmu only, with
 # vhost-user, libcbor and gnutls (so QEMU's own `nitro-enclave` machine exists as a reference),
-# plus the patches in scripts/qemu-patches/ (vhost-user-device made
-# user-creatable: docs/vhost-user.md#generic-device).
+# plus the patches in ../qemu-patches/ (harness/data/qemu-patches: vhost-user-device made
+# user-creatable: docs/vhost-user.md#generic-device). `nitro-harness setup --only qemu` runs it.
 # Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-x86_64
 #        (the cache root is $NITRO_HARNESS_CACHE when set, as for the image cache).
 # Idempotent: a finished build (its .complete stamp) is reused and "cached" is printed.
 # Facts followed: docs/architecture.md#qemu-build (packages, configure flags, edk2/bzip2 caveat).
 #
-# Usage: scripts/build-qemu.sh [--print-dir] [--force]
+# Usage: bash build-qemu.sh [--print-dir] [--force]
 #   --print-dir  print the install directory this source tree maps to, build nothing
 #   --force      rebuild even if the cache is complete
-# Env: QEMU_VERSION (default 10.0.2), JOBS (default 2: the cores are shared), PYTHON (python3).
+# Env: QEMU_VERSION (default 10.0.2), JOBS (default 2: the cores are shared), PYTHON (python3),
+#      NITRO_HARNESS_QEMU_PATCHES (the patch folder; default ../qemu-patches beside this script).
 set -euo pipefail
 
 QEMU_VERSION="${QEMU_VERSION:-10.0.2}"
 JOBS="${JOBS:-2}"
 PYTHON="${PYTHON:-python3}"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PATCH_DIR="$REPO/scripts/qemu-patches"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PATCH_DIR="${NITRO_HARNESS_QEMU_PATCHES:-$HERE/../qemu-patches}"
 CACHE="${NITRO_HARNESS_CACHE:-$HOME/.cache/nitro-harness}"
 APT_WAIT=(-o DPkg::Lock::Timeout=600)
 
@@ -45,7 +46,7 @@ for arg in "$@"; do
     case "$arg" in
         --force) FORCE=1 ;;
         --print-dir) PRINT_DIR=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) die "unknown argument '$arg' (expected --force or --print-dir)" ;;
     esac
 done
@@ -85,7 +86,7 @@ for p in "${BUILD_DEPS[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing: ${missing[*]}"
-    [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]}: run 'sudo apt-get install ${missing[*]}' or scripts/setup.sh as root"
+    [ "$(id -u)" = 0 ] || die "missing packages ${missing[*]}: run 'sudo apt-get install ${missing[*]}' or 'nitro-harness setup --only packages' as root"
     DEBIAN_FRONTEND=noninteractive apt-get "${APT_WAIT[@]}" install -y --no-install-recommends "${missing[@]}" >&2 \
         || die "apt-get install ${missing[*]} failed"
 fi
@@ -101,7 +102,7 @@ expected="$(apt-cache showsrc qemu 2>/dev/null | awk -v t="$TARBALL" '
     /^Checksums-Sha256:/ {inside=1; next}
     /^[^ ]/ {inside=0}
     inside && $3 == t && !found {print $1; found=1}')"
-[ -n "$expected" ] || die "no deb-src entry lists $TARBALL: add a deb-src line for bookworm-backports (scripts/setup.sh does) and run 'apt-get update'"
+[ -n "$expected" ] || die "no deb-src entry lists $TARBALL: add a deb-src line for bookworm-backports ('nitro-harness setup --only sources' does) and run 'apt-get update'"
 if [ ! -f "$SRC_DIR/$TARBALL" ] || [ "$(sha256sum "$SRC_DIR/$TARBALL" | cut -d' ' -f1)" != "$expected" ]; then
     rm -f "$SRC_DIR/$TARBALL"
     dl_version="$(apt-cache showsrc qemu | awk -v v="$QEMU_VERSION" '

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Build the Nitro-style enclave kernel (docs/boot.md#enclave-kernels) from Debian's
-# linux-source-6.12 (bookworm-backports): `make tinyconfig` + images/kernel/nitro.config, bzImage
-# and nsm.ko.
+# linux-source-6.12 (bookworm-backports): `make tinyconfig` + ../kernel/nitro.config
+# (harness/data/kernel/nitro.config, or $NITRO_HARNESS_KERNEL_CONFIG), bzImage and nsm.ko.
+# `nitro-harness setup --only kernel` runs it.
 #
 # Cached by source version and config hash:
 #   ~/.cache/nitro-harness/kernel-<version>-<config hash>/{bzImage,nsm.ko,config,build-info.json}
 # A second run with the same inputs prints "cached" and does nothing.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${NITRO_HARNESS_CACHE:-$HOME/.cache/nitro-harness}"
-FRAGMENT="$REPO/images/kernel/nitro.config"
+FRAGMENT="${NITRO_HARNESS_KERNEL_CONFIG:-$HERE/../kernel/nitro.config}"
 PACKAGE="${NITRO_HARNESS_KERNEL_SOURCE:-linux-source-6.12}"
 JOBS="${JOBS:-$(nproc)}"
 
@@ -19,7 +20,7 @@ die() { printf 'build-kernel: error: %s\n' "$*" >&2; exit 1; }
 
 [ -f "$FRAGMENT" ] || die "missing $FRAGMENT"
 VERSION="$(apt-cache policy "$PACKAGE" 2>/dev/null | awk '/Candidate:/ {print $2}')"
-[ -n "$VERSION" ] && [ "$VERSION" != "(none)" ] || die "apt knows no $PACKAGE: add bookworm-backports and run apt-get update (scripts/setup.sh does)"
+[ -n "$VERSION" ] && [ "$VERSION" != "(none)" ] || die "apt knows no $PACKAGE: add bookworm-backports and run apt-get update ('nitro-harness setup --only sources,packages' does)"
 CHASH="$( (cat "$FRAGMENT"; printf '%s\n' "$VERSION") | sha256sum | cut -c1-12)"
 OUT="$CACHE/kernel-${VERSION%%-*}-$CHASH"
 # The recipes name {cache}/kernel-current: point it at the build of the current config.
@@ -31,7 +32,7 @@ if [ -f "$OUT/.complete" ]; then
 fi
 
 for tool in make gcc flex bison bc; do
-    command -v "$tool" >/dev/null || die "$tool is missing (scripts/setup.sh installs it)"
+    command -v "$tool" >/dev/null || die "$tool is missing ('nitro-harness setup --only packages' installs it)"
 done
 
 mkdir -p "$CACHE/debs"
