@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources
+from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight
 from harness import eif as eif_mod
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
@@ -41,6 +41,8 @@ from harness.enclave_devices import EnclaveDevices
 from harness.errors import ErrorCode, NitroError
 from harness.heartbeat_wait import HEARTBEAT_PORT as HEARTBEAT_PORT  # importable from here, as before
 from harness.heartbeat_wait import heartbeat_timeout, wait_for_heartbeat
+from harness.bzimage import read_kernel_image
+from harness.ended_enclaves import record_end
 from harness.layout import Layout, choose_layout
 from harness.machine import QemuMachine
 from harness.registry import EnclaveRecord, Registry
@@ -132,6 +134,8 @@ class Enclave:
         self.layout: Layout | None = None
         self.heartbeat_seconds: float | None = None
         self.end_reason: str | None = None
+        self.preflight: list[preflight.Finding] = []
+        self._ended_by_itself = False
         self._monitor: threading.Thread | None = None
         self._devices = EnclaveDevices()
         self._lock = threading.Lock()
@@ -185,7 +189,10 @@ class Enclave:
         qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
         self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
         boot = eif_mod.extract_boot_files(eif_path, self.state_dir)
-        self.layout = choose_layout(boot.kernel, cfg.layout)
+        kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
+        self.layout = choose_layout(kernel, cfg.layout)
+        self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
+                                                self.state_dir)
 
         self._devices.start_vsock(self.state_dir, self.cid)
         nsm_mode, nsm_socket = self._devices.start_nsm(
@@ -202,11 +209,12 @@ class Enclave:
         self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
         enclave_boot.launch(self.machine)
         self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
-        self.heartbeat_seconds = wait_for_heartbeat(
-            self._devices.heartbeat, self.machine, self._devices.backends,
-            cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
-            artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
-        )
+        with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
+            self.heartbeat_seconds = wait_for_heartbeat(
+                self._devices.heartbeat, self.machine, self._devices.backends,
+                cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
+                artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
+            )
         self.state = "RUNNING"
         self._write_record()
         self._monitor = threading.Thread(target=self._watch, name="enclave-monitor", daemon=True)
@@ -223,7 +231,9 @@ class Enclave:
         with self._lock:
             if self._terminated:  # the parent terminated it: its reason stands
                 return
-            self.end_reason = enclave_monitor.end_reason(self.machine, *ended)
+            self.end_reason = enclave_monitor.end_reason(self.machine, *ended,
+                                                         self.machine.console.text())
+            self._ended_by_itself = True
         try:
             self.terminate()
         except NitroError as err:  # released; a stuck thread is recorded, not thrown away
@@ -307,24 +317,7 @@ class Enclave:
         return self.machine is not None and self.machine.poll() is None and not self._terminated
 
     def _record(self) -> EnclaveRecord:
-        assert self.state_dir is not None
-        return EnclaveRecord(
-            slot=self.slot if self.slot is not None else -1,
-            enclave_id=self.enclave_id,
-            name=self.name,
-            cid=self.cid,
-            cpu_ids=list(self.vcpu_cpus),
-            memory_mib=self.memory_mib,
-            pid=os.getpid(),
-            state_dir=str(self.state_dir),
-            shared_cpus=self.cpu_mode == "shared",
-            debug_mode=self.debug_mode,
-            control_socket=self.control_socket,
-            qemu_pid=self.machine.pid if self.machine else None,
-            eif_path=str(self.config.eif_path),
-            measurements=self.measurements.to_json() if self.measurements else {},
-            state=self.state if self.running or self.state != "RUNNING" else "EMPTY",
-        )
+        return enclave_record(self)
 
     def describe(self) -> dict:
         """This enclave as one entry of nitro-cli's describe-enclaves output
@@ -373,6 +366,11 @@ class Enclave:
             finally:
                 try:
                     with contextlib.suppress(OSError):  # artifacts are best effort, release is not
+                        if self._ended_by_itself and self.control_socket:  # a run-enclave one
+                            assert self.state_dir is not None and self.end_reason is not None
+                            record_end(self.registry, self._record(), self.end_reason,
+                                       self.state_dir / "console.log")
+                    with contextlib.suppress(OSError):
                         artifacts.keep(self.state_dir, self.artifacts_dir)
                     enclave_resources.release(self.registry, self.slot, self.state_dir)
                 finally:
@@ -389,3 +387,26 @@ class Enclave:
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+def enclave_record(enclave: Enclave) -> EnclaveRecord:
+    """The registry record of ``enclave`` (docs/nitro-cli.md#describe-enclaves)."""
+    assert enclave.state_dir is not None
+    return EnclaveRecord(
+        slot=enclave.slot if enclave.slot is not None else -1,
+        enclave_id=enclave.enclave_id,
+        name=enclave.name,
+        cid=enclave.cid,
+        cpu_ids=list(enclave.vcpu_cpus),
+        memory_mib=enclave.memory_mib,
+        pid=os.getpid(),
+        state_dir=str(enclave.state_dir),
+        shared_cpus=enclave.cpu_mode == "shared",
+        debug_mode=enclave.debug_mode,
+        control_socket=enclave.control_socket,
+        qemu_pid=enclave.machine.pid if enclave.machine else None,
+        eif_path=str(enclave.config.eif_path),
+        measurements=enclave.measurements.to_json() if enclave.measurements else {},
+        state=enclave.state if enclave.running or enclave.state != "RUNNING" else "EMPTY",
+        nitro_warning=enclave.layout.nitro_warning if enclave.layout else None,
+    )

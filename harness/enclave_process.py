@@ -2,11 +2,12 @@
 
 ``run-enclave`` starts ``python -m harness.enclave_process`` in its own session, writes the
 :class:`~harness.enclave.EnclaveConfig` as JSON on its stdin and reads one JSON line back:
-``{"ok": <run-enclave output>}`` once the heartbeat arrived, or ``{"error": {"code", "message",
-"details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a control
-socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or because the
-application exited and init rebooted the VM (docs/boot.md#enclave-end: the enclave
-then terminates).
+``{"ok": <run-enclave output>, "preflight": [<finding line>, ...]}`` once the heartbeat arrived
+(the preflight's errors and warnings, :mod:`harness.preflight`), or ``{"error": {"code",
+"message", "details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a
+control socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or by itself
+(the application exited and init rebooted the VM, the kernel panicked, QEMU died;
+docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enclaves`).
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
@@ -169,7 +170,8 @@ def main() -> int:
             return err.code.exit_status
         _answer(
             result_out,
-            {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control)},
+            {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control),
+             "preflight": [f.line() for f in enclave.preflight if f.severity != "info"]},
         )
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:
