@@ -124,9 +124,8 @@ def cmdline_devices(kernel: Path | bytes | KernelImage) -> CmdlineDevices:
         return CmdlineDevices(True, "embedded config: CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y")
     if PARAM_MARKER in image.payload:
         return CmdlineDevices(True, "built-in parameter virtio_mmio.device")
-    return CmdlineDevices(False, "no embedded config, and no built-in virtio_mmio.device "
-                                 "parameter (virtio-mmio is a module or lacks command-line "
-                                 "devices)")
+    return CmdlineDevices(False, "no embedded config and no built-in virtio_mmio.device "
+                                 "parameter")
 
 
 def choose_layout(kernel: Path | bytes | KernelImage, requested: str = "auto") -> Layout:

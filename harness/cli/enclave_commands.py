@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     run.add_argument("--heartbeat-timeout", type=float, help="seconds (default: nitro-cli's formula)")
     run.add_argument("--layout", choices=LAYOUTS, default="auto",
                      help="machine layout (harness extension): nitro = no ACPI, devices on the kernel "
-                          "command line; acpi = ACPI discovery; auto = from the kernel's embedded config")
+                          "command line; acpi = ACPI discovery; auto = from what the kernel can do "
+                          "(docs/boot.md#choosing-a-layout)")
     run.add_argument("--accel", choices=("kvm", "tcg"), help="default: the doctor's choice")
     run.set_defaults(func=run_enclave)
 

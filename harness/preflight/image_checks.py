@@ -134,7 +134,7 @@ def _argv0_findings(ramfs: Initramfs, argv0: str, arch: str, env: list[str],
         fix = f"use an absolute path: CMD [\"{suggestion}\", ...]"
         if works:
             return [warning("cmd-relative", text + f"; it happens to resolve to {found.path}", fix)]
-        return [error("cmd-relative", text + ", so it is not found (aws-nitro-enclaves-cli#388)",
+        return [error("cmd-relative", text + ", so init cannot execute it",
                       fix)]
     found = ramfs.lookup(argv0, _ROOT)
     if found.node is None:
