@@ -1,10 +1,12 @@
 """EIFs as nitro-cli users bring them, booted (docs/nitro-cli.md#build-enclave,
-docs/nitro-cli.md#console).
+docs/nitro-cli.md#console, docs/boot.md#choosing-a-layout).
 
-One boot: ``build-enclave --docker-archive`` of an OCI archive the test makes, on a machine with
-no nitro-cli blobs (the harness's own kernel, cmdline, init and nsm.ko are used), passes
+Two boots. ``build-enclave --docker-archive`` of an OCI archive the test makes, on a machine
+with no nitro-cli blobs (the harness's own kernel, cmdline, init and nsm.ko are used), passes
 ``check-eif``, and ``run-enclave`` boots it; its application prints two lines and exits with
-status 3, after which ``console`` prints the kept log and why and when the enclave ended.
+status 3, after which ``console`` prints the kept log and why and when the enclave ended. And
+an EIF built with ``--blobs`` around a kernel that embeds no configuration, as AWS's do, boots in
+the Nitro layout with no option given.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 
 from harness.images.blobs import DEFAULT_BLOBS_PATH
 from helpers.image_archives import oci_tarball
-from helpers.kernels import cached_kernel
+from helpers.kernels import cached_kernel, cached_nsm_ko, without_embedded_config
 
 APP = r"""
 #include <stdio.h>
@@ -50,9 +52,9 @@ def cli(tmp_path):
     run("terminate-enclave", "--all", timeout=120)
 
 
-def _oci_archive(work: Path) -> Path:
+def _oci_archive(work: Path, app: str = APP) -> Path:
     source = work / "app.c"
-    source.write_text(APP)
+    source.write_text(app)
     binary = work / "app"
     subprocess.run(["gcc", "-static", "-O2", "-o", str(binary), str(source)], check=True)
     layer = [("app", "dir", None, {}),
@@ -100,3 +102,42 @@ def test_oci_archive_without_blobs_boots_and_its_end_is_kept(cli, tmp_path):
     assert cleared.returncode == 0 and json.loads(cleared.stdout) == []
     again = cli("console", "--enclave-id", enclave_id)
     assert again.returncode == 3 and "no running enclave has it" in again.stderr
+
+
+def test_kernel_without_embedded_config_boots_in_the_nitro_layout(cli, tmp_path):
+    from harness.enclave import Enclave, EnclaveConfig
+    from harness.images.recipe import AWS_CMDLINE
+    from harness.images.static_programs import build_init
+    from harness.registry import Registry
+
+    kernel, nsm = cached_kernel("nitro"), cached_nsm_ko("nitro")
+    if kernel is None or nsm is None:
+        pytest.skip("the harness's kernel is not built ({cache}/kernel-current; scripts/setup.sh)")
+    bare = without_embedded_config(kernel.read_bytes())
+    if bare is None:
+        pytest.skip("the kernel's payload does not fit again once recompressed")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "bzImage").write_bytes(bare)
+    (blobs / "nsm.ko").write_bytes(nsm.read_bytes())
+    (blobs / "init").write_bytes(build_init().read_bytes())
+    (blobs / "cmdline").write_text(AWS_CMDLINE + "\n")
+    eif = tmp_path / "bare.eif"
+    app = APP.replace("sleep(4)", "sleep(600)")
+    built = cli("build-enclave", "--blobs", str(blobs), "--docker-archive", str(_oci_archive(tmp_path, app)),
+                "--output-file", str(eif))
+    assert built.returncode == 0, built.stderr
+
+    enclave = Enclave.start(EnclaveConfig(eif_path=eif, memory_mib=256, cpu_count=2, debug_mode=True),
+                            registry=Registry(tmp_path / "run-api"))
+    try:
+        assert enclave.layout.name == "nitro"
+        assert enclave.layout.devices.evidence == "built-in parameter virtio_mmio.device"
+        assert "-icount" not in enclave.qemu_cmdline  # the ACPI layout's slow path under TCG
+        enclave.console.expect("oci-app: started in the enclave", timeout=60)
+        boot_line = next(line for line in enclave.console.text().splitlines() if "Command line:" in line)
+        assert boot_line.count("virtio_mmio.device=") == 2  # what a Nitro enclave's kernel sees
+        assert [f.line() for f in enclave.preflight if f.severity != "info"] == []
+        print(f"heartbeat after {enclave.heartbeat_seconds:.2f} s ({enclave.accel}, Nitro layout)")
+    finally:
+        enclave.terminate()

@@ -97,3 +97,27 @@ def cached_nsm_ko(kind: str) -> Path | None:
         return path if path.is_file() else None
     hits = sorted(glob.glob(str(root / "kernels" / "*" / ".ko" / "nsm.ko")))
     return Path(hits[-1]) if hits else None
+
+
+def without_embedded_config(bzimage: bytes) -> bytes | None:
+    """A copy of a gzip bzImage whose embedded configuration cannot be found (its ``IKCFG_ST``
+    marker renamed), everything else unchanged: a real kernel that describes itself as AWS's
+    do, by its built-in parameters only. The payload is recompressed into the same length (the
+    decompressor stub has its size built in; the gzip stream ends early, zeros follow). None
+    when the kernel's payload is not gzip or does not fit again."""
+    import zlib
+
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start:start + length]
+    if not payload.startswith(b"\x1f\x8b"):
+        return None
+    vmlinux_bytes = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    if vmlinux_bytes.count(b"IKCFG_ST") != 1:
+        return None
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    packed = packer.compress(vmlinux_bytes.replace(b"IKCFG_ST", b"IKCFG_XX")) + packer.flush()
+    if len(packed) > length:
+        return None
+    return bzimage[:start] + packed + b"\0" * (length - len(packed)) + bzimage[start + length:]

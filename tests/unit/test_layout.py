@@ -7,7 +7,7 @@ from harness.bzimage import read_kernel_image
 from harness.errors import NitroError
 from harness.layout import choose_layout, cmdline_devices, embedded_config
 from helpers.kernels import (FAKE_RELEASE, FAKE_VERMAGIC, cached_kernel, compress, fake_bzimage,
-                             vmlinux)
+                             vmlinux, without_embedded_config)
 
 NITRO_CONFIG = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n# CONFIG_ACPI is not set\n"
 
@@ -87,11 +87,14 @@ def test_the_harness_kernel_takes_cmdline_devices():
     image = read_kernel_image(kernel)
     assert image.format == "bzImage" and image.arch == "x86_64"
     assert image.vermagic().startswith(image.release + " ")
-    # Decided by the parameter alone too, as for a kernel built without IKCONFIG.
     assert b"\0virtio_mmio.device\0" in image.payload
-    stripped = image.payload.replace(b"IKCFG_ST", b"IKCFG_XX")
-    assert cmdline_devices(fake_bzimage(stripped)).supported is True
-    assert choose_layout(kernel).name == "nitro"
+    assert choose_layout(kernel).name == "nitro" and "embedded config" in choose_layout(kernel).reason
+    # Decided by the parameter alone too, as for AWS's kernels, which embed no config.
+    bare = without_embedded_config(kernel.read_bytes())
+    assert bare is not None and len(bare) == len(kernel.read_bytes())
+    assert embedded_config(bare) is None
+    chosen = choose_layout(bare)
+    assert chosen.name == "nitro" and chosen.devices.evidence == "built-in parameter virtio_mmio.device"
 
 
 def test_debians_kernel_lacks_cmdline_devices():
