@@ -110,6 +110,16 @@ class Supervisor:
             time.sleep(0.1)
 
 
+def _warnings(enclave: Enclave) -> list[str]:
+    """What run-enclave prints as warnings: the preflight's errors and warnings, and the layout's
+    word that the EIF would not boot on Nitro when the preflight did not already say it."""
+    lines = [f.line() for f in enclave.preflight if f.severity != "info"]
+    said = any(f.rule == "kernel-cmdline-devices" for f in enclave.preflight)
+    if enclave.layout is not None and enclave.layout.nitro_warning and not said:
+        lines.append(f"layout: {enclave.layout.nitro_warning}")
+    return lines
+
+
 def _answer(out, payload: dict) -> None:
     with contextlib.suppress(OSError, ValueError):
         out.write(json.dumps(payload) + "\n")
@@ -171,7 +181,7 @@ def main() -> int:
         _answer(
             result_out,
             {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control),
-             "preflight": [f.line() for f in enclave.preflight if f.severity != "info"]},
+             "preflight": _warnings(enclave)},
         )
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:

@@ -200,3 +200,44 @@ def test_the_boot_preflight_is_recorded_and_explains_a_missing_heartbeat(tmp_pat
     # A preflight that cannot run is a warning, never a failed boot.
     broken = enclave_boot.preflight(tmp_path / "missing.eif", config, None, None, tmp_path)
     assert [f.rule for f in broken] == ["preflight"] and broken[0].severity == "warning"
+
+
+def test_run_enclave_prints_the_preflight_as_warnings(tmp_path, capsys, monkeypatch):
+    # The supervising process answers with the preflight's lines; run-enclave prints each as a
+    # warning on stderr and keeps nitro-cli's JSON on stdout.
+    from harness.cli import enclave_commands
+
+    eif_path = Image.good().write(tmp_path / "x.eif")
+    answer = {"ok": {"EnclaveName": "x", "EnclaveID": "i-1-enc0", "ProcessID": 1, "EnclaveCID": 16,
+                     "NumberOfCPUs": 1, "CPUIDs": [1], "MemoryMiB": 256},
+              "control_socket": "/nowhere", "preflight": ["error cmd-relative: /cmd runs './app'; fix: ..."]}
+
+    class Supervisor:
+        def __init__(self, *args, **kwargs):
+            import io
+            self.stdin, self.stdout, self.returncode = io.StringIO(), io.StringIO(json.dumps(answer) + "\n"), 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(enclave_commands.subprocess, "Popen", Supervisor)
+    assert main(["run-enclave", "--eif-path", str(eif_path), "--memory", "256", "--cpu-count", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == answer["ok"]
+    assert "warning: preflight: error cmd-relative: /cmd runs './app'; fix: ...\n" in err
+
+
+def test_describe_enclaves_warns_for_an_eif_that_would_not_boot_on_nitro(tmp_path, capsys, monkeypatch):
+    import os
+
+    from harness.registry import EnclaveRecord, Registry
+
+    monkeypatch.setenv("NITRO_HARNESS_RUNTIME_DIR", str(tmp_path / "run"))
+    record = EnclaveRecord(slot=0, enclave_id="i-1-enc0", name="deb", cid=16, cpu_ids=[1], memory_mib=256,
+                           pid=os.getpid(), state_dir=str(tmp_path), nitro_warning="this EIF would not boot on Nitro: x")
+    Registry().put(record)
+    assert main(["describe-enclaves"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == [record.describe()]  # nitro-cli's shape, no extra field
+    assert "nitro_warning" not in out and "Nitro" not in out
+    assert err == "warning: enclave i-1-enc0: this EIF would not boot on Nitro: x\n"
