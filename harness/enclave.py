@@ -30,6 +30,7 @@ from typing import Any
 
 from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight
 from harness import eif as eif_mod
+from harness.bzimage import read_kernel_image
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
     ConsoleError,
@@ -38,11 +39,10 @@ from harness.console import (
     ExecResult,
 )
 from harness.enclave_devices import EnclaveDevices
+from harness.ended_enclaves import record_end
 from harness.errors import ErrorCode, NitroError
 from harness.heartbeat_wait import HEARTBEAT_PORT as HEARTBEAT_PORT  # importable from here, as before
 from harness.heartbeat_wait import heartbeat_timeout, wait_for_heartbeat
-from harness.bzimage import read_kernel_image
-from harness.ended_enclaves import record_end
 from harness.layout import Layout, choose_layout
 from harness.machine import QemuMachine
 from harness.registry import EnclaveRecord, Registry
@@ -104,7 +104,9 @@ class Enclave:
     ``cpu_mode``, ``memory_mib``, ``debug_mode``, ``measurements`` (:class:`harness.pcr.Measurements`),
     ``console`` (:class:`harness.console.Console`), ``vsock`` (the vsock device's parent side),
     ``nsm`` (:class:`harness.nsm.Nsm` or None, with ``nsm_status`` saying why), ``state``
-    (``RUNNING``, ``TERMINATING``, ``EMPTY``), ``state_dir``, ``artifacts_dir``.
+    (``RUNNING``, ``TERMINATING``, ``EMPTY``), ``state_dir``, ``artifacts_dir``, ``layout``
+    (:class:`harness.layout.Layout`), ``preflight`` (the findings of :mod:`harness.preflight`),
+    ``end_reason`` once it ended.
     """
 
     def __init__(self, config: EnclaveConfig, *, artifacts_dir: Path | None = None,
@@ -338,9 +340,10 @@ class Enclave:
         """Stop the VM and release everything (idempotent, safe from several threads and on any
         path, KeyboardInterrupt included; docs/architecture.md#errors).
 
-        Order: QEMU, the device back ends, the vsock device and its trace, the kept artifacts
-        (console log, QEMU command line and stderr, traces; into ``artifacts_dir`` when one was
-        given), the state folder (sockets, extracted kernel and initrd), the registry record.
+        Order: QEMU, the device back ends, the vsock device and its trace, for an enclave of
+        run-enclave's (a control socket) that ended by itself its ended record
+        (:mod:`harness.ended_enclaves`), the kept artifacts (console log, QEMU command line and
+        stderr, traces, preflight; into ``artifacts_dir`` when one was given), the state folder (sockets, extracted kernel and initrd), the registry record.
         A second caller waits (up to 60 s) for the first to finish. Raises NitroError E00 when
         a back end's thread would not stop, after everything else was released.
         """
