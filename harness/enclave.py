@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources
+from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight
 from harness import eif as eif_mod
+from harness.bzimage import read_kernel_image
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
     ConsoleError,
@@ -38,6 +39,7 @@ from harness.console import (
     ExecResult,
 )
 from harness.enclave_devices import EnclaveDevices
+from harness.ended_enclaves import record_end
 from harness.errors import ErrorCode, NitroError
 from harness.heartbeat_wait import HEARTBEAT_PORT as HEARTBEAT_PORT  # importable from here, as before
 from harness.heartbeat_wait import heartbeat_timeout, wait_for_heartbeat
@@ -102,7 +104,9 @@ class Enclave:
     ``cpu_mode``, ``memory_mib``, ``debug_mode``, ``measurements`` (:class:`harness.pcr.Measurements`),
     ``console`` (:class:`harness.console.Console`), ``vsock`` (the vsock device's parent side),
     ``nsm`` (:class:`harness.nsm.Nsm` or None, with ``nsm_status`` saying why), ``state``
-    (``RUNNING``, ``TERMINATING``, ``EMPTY``), ``state_dir``, ``artifacts_dir``.
+    (``RUNNING``, ``TERMINATING``, ``EMPTY``), ``state_dir``, ``artifacts_dir``, ``layout``
+    (:class:`harness.layout.Layout`), ``preflight`` (the findings of :mod:`harness.preflight`),
+    ``end_reason`` once it ended.
     """
 
     def __init__(self, config: EnclaveConfig, *, artifacts_dir: Path | None = None,
@@ -132,6 +136,8 @@ class Enclave:
         self.layout: Layout | None = None
         self.heartbeat_seconds: float | None = None
         self.end_reason: str | None = None
+        self.preflight: list[preflight.Finding] = []
+        self._ended_by_itself = False
         self._monitor: threading.Thread | None = None
         self._devices = EnclaveDevices()
         self._lock = threading.Lock()
@@ -185,7 +191,10 @@ class Enclave:
         qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
         self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
         boot = eif_mod.extract_boot_files(eif_path, self.state_dir)
-        self.layout = choose_layout(boot.kernel, cfg.layout)
+        kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
+        self.layout = choose_layout(kernel, cfg.layout)
+        self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
+                                                self.state_dir)
 
         self._devices.start_vsock(self.state_dir, self.cid)
         nsm_mode, nsm_socket = self._devices.start_nsm(
@@ -202,11 +211,12 @@ class Enclave:
         self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
         enclave_boot.launch(self.machine)
         self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
-        self.heartbeat_seconds = wait_for_heartbeat(
-            self._devices.heartbeat, self.machine, self._devices.backends,
-            cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
-            artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
-        )
+        with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
+            self.heartbeat_seconds = wait_for_heartbeat(
+                self._devices.heartbeat, self.machine, self._devices.backends,
+                cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
+                artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
+            )
         self.state = "RUNNING"
         self._write_record()
         self._monitor = threading.Thread(target=self._watch, name="enclave-monitor", daemon=True)
@@ -223,7 +233,9 @@ class Enclave:
         with self._lock:
             if self._terminated:  # the parent terminated it: its reason stands
                 return
-            self.end_reason = enclave_monitor.end_reason(self.machine, *ended)
+            self.end_reason = enclave_monitor.end_reason(self.machine, *ended,
+                                                         self.machine.console.text())
+            self._ended_by_itself = True
         try:
             self.terminate()
         except NitroError as err:  # released; a stuck thread is recorded, not thrown away
@@ -307,24 +319,7 @@ class Enclave:
         return self.machine is not None and self.machine.poll() is None and not self._terminated
 
     def _record(self) -> EnclaveRecord:
-        assert self.state_dir is not None
-        return EnclaveRecord(
-            slot=self.slot if self.slot is not None else -1,
-            enclave_id=self.enclave_id,
-            name=self.name,
-            cid=self.cid,
-            cpu_ids=list(self.vcpu_cpus),
-            memory_mib=self.memory_mib,
-            pid=os.getpid(),
-            state_dir=str(self.state_dir),
-            shared_cpus=self.cpu_mode == "shared",
-            debug_mode=self.debug_mode,
-            control_socket=self.control_socket,
-            qemu_pid=self.machine.pid if self.machine else None,
-            eif_path=str(self.config.eif_path),
-            measurements=self.measurements.to_json() if self.measurements else {},
-            state=self.state if self.running or self.state != "RUNNING" else "EMPTY",
-        )
+        return enclave_record(self)
 
     def describe(self) -> dict:
         """This enclave as one entry of nitro-cli's describe-enclaves output
@@ -345,9 +340,10 @@ class Enclave:
         """Stop the VM and release everything (idempotent, safe from several threads and on any
         path, KeyboardInterrupt included; docs/architecture.md#errors).
 
-        Order: QEMU, the device back ends, the vsock device and its trace, the kept artifacts
-        (console log, QEMU command line and stderr, traces; into ``artifacts_dir`` when one was
-        given), the state folder (sockets, extracted kernel and initrd), the registry record.
+        Order: QEMU, the device back ends, the vsock device and its trace, for an enclave of
+        run-enclave's (a control socket) that ended by itself its ended record
+        (:mod:`harness.ended_enclaves`), the kept artifacts (console log, QEMU command line and
+        stderr, traces, preflight; into ``artifacts_dir`` when one was given), the state folder (sockets, extracted kernel and initrd), the registry record.
         A second caller waits (up to 60 s) for the first to finish. Raises NitroError E00 when
         a back end's thread would not stop, after everything else was released.
         """
@@ -373,6 +369,11 @@ class Enclave:
             finally:
                 try:
                     with contextlib.suppress(OSError):  # artifacts are best effort, release is not
+                        if self._ended_by_itself and self.control_socket:  # a run-enclave one
+                            assert self.state_dir is not None and self.end_reason is not None
+                            record_end(self.registry, self._record(), self.end_reason,
+                                       self.state_dir / "console.log")
+                    with contextlib.suppress(OSError):
                         artifacts.keep(self.state_dir, self.artifacts_dir)
                     enclave_resources.release(self.registry, self.slot, self.state_dir)
                 finally:
@@ -389,3 +390,26 @@ class Enclave:
 
     def __exit__(self, *exc: object) -> None:
         self.terminate()
+
+
+def enclave_record(enclave: Enclave) -> EnclaveRecord:
+    """The registry record of ``enclave`` (docs/nitro-cli.md#describe-enclaves)."""
+    assert enclave.state_dir is not None
+    return EnclaveRecord(
+        slot=enclave.slot if enclave.slot is not None else -1,
+        enclave_id=enclave.enclave_id,
+        name=enclave.name,
+        cid=enclave.cid,
+        cpu_ids=list(enclave.vcpu_cpus),
+        memory_mib=enclave.memory_mib,
+        pid=os.getpid(),
+        state_dir=str(enclave.state_dir),
+        shared_cpus=enclave.cpu_mode == "shared",
+        debug_mode=enclave.debug_mode,
+        control_socket=enclave.control_socket,
+        qemu_pid=enclave.machine.pid if enclave.machine else None,
+        eif_path=str(enclave.config.eif_path),
+        measurements=enclave.measurements.to_json() if enclave.measurements else {},
+        state=enclave.state if enclave.running or enclave.state != "RUNNING" else "EMPTY",
+        nitro_warning=enclave.layout.nitro_warning if enclave.layout else None,
+    )

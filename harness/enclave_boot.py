@@ -7,9 +7,10 @@ docs/eif-format.md#crc); the PCRs come from the same read (docs/pcrs.md#one-pass
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness import doctor, host
 from harness import eif as eif_mod
@@ -17,7 +18,11 @@ from harness import qemu as qemu_mod
 from harness.errors import ErrorCode, NitroError
 from harness.machine import MachineError, MachineSpec, QemuMachine
 
-__all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch"]
+__all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch", "preflight",
+           "explained_by", "PREFLIGHT_FILE"]
+
+#: The preflight's findings, one line each, in the state folder (kept with the artifacts).
+PREFLIGHT_FILE = "preflight.txt"
 
 
 def check_eif(eif_path: Path) -> tuple[Any, int]:
@@ -108,3 +113,36 @@ def launch(machine: QemuMachine) -> None:
         machine.launch()
     except MachineError as err:
         raise NitroError(ErrorCode.EnclaveBootFailure, str(err)) from None
+
+
+def preflight(eif_path: Path, config: Any, kernel: Any, measurements: Any,
+              state_dir: Path) -> list:
+    """The preflight findings (:func:`harness.preflight.check_eif`) for ``config``'s run of
+    ``eif_path`` (already checked and measured: ``measurements``; ``kernel`` already read), also
+    written to ``state_dir/preflight.txt``. Never raises: the preflight advises, it never stops
+    a boot, so a check that fails is itself reported as a warning finding."""
+    from harness.preflight import check_eif
+    from harness.preflight.findings import warning
+
+    try:
+        found = check_eif(eif_path, memory_mib=config.memory_mib, debug_mode=config.debug_mode,
+                          kernel=kernel, measurements=measurements)
+    except Exception as err:  # noqa: BLE001 - advice only: a bug here must not stop a boot
+        found = [warning("preflight", f"the preflight checks failed: {type(err).__name__}: {err}")]
+    with contextlib.suppress(OSError):
+        (state_dir / PREFLIGHT_FILE).write_text("".join(f.line() + "\n" for f in found))
+    return found
+
+
+@contextlib.contextmanager
+def explained_by(findings: list) -> Iterator[None]:
+    """Add the preflight's errors and warnings to the ``details`` of a boot failure (E36) raised
+    in the block, after what is there: they often say why the heartbeat never came (an nsm.ko
+    for another kernel, a dynamic init)."""
+    try:
+        yield
+    except NitroError as err:
+        lines = [f.line() for f in findings if f.severity != "info"]
+        if lines and err.code == ErrorCode.EnclaveBootFailure:
+            err.details = "\n".join(x for x in (err.details, "preflight findings:", *lines) if x)
+        raise

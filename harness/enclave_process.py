@@ -2,11 +2,12 @@
 
 ``run-enclave`` starts ``python -m harness.enclave_process`` in its own session, writes the
 :class:`~harness.enclave.EnclaveConfig` as JSON on its stdin and reads one JSON line back:
-``{"ok": <run-enclave output>}`` once the heartbeat arrived, or ``{"error": {"code", "message",
-"details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a control
-socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or because the
-application exited and init rebooted the VM (docs/boot.md#enclave-end: the enclave
-then terminates).
+``{"ok": <run-enclave output>, "preflight": [<finding line>, ...]}`` once the heartbeat arrived
+(the preflight's errors and warnings, :mod:`harness.preflight`), or ``{"error": {"code",
+"message", "details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a
+control socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or by itself
+(the application exited and init rebooted the VM, the kernel panicked, QEMU died;
+docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enclaves`).
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
@@ -109,6 +110,16 @@ class Supervisor:
             time.sleep(0.1)
 
 
+def _warnings(enclave: Enclave) -> list[str]:
+    """What run-enclave prints as warnings: the preflight's errors and warnings, and the layout's
+    word that the EIF would not boot on Nitro when the preflight did not already say it."""
+    lines = [f.line() for f in enclave.preflight if f.severity != "info"]
+    said = any(f.rule == "kernel-cmdline-devices" for f in enclave.preflight)
+    if enclave.layout is not None and enclave.layout.nitro_warning and not said:
+        lines.append(f"layout: {enclave.layout.nitro_warning}")
+    return lines
+
+
 def _answer(out, payload: dict) -> None:
     with contextlib.suppress(OSError, ValueError):
         out.write(json.dumps(payload) + "\n")
@@ -169,7 +180,8 @@ def main() -> int:
             return err.code.exit_status
         _answer(
             result_out,
-            {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control)},
+            {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control),
+             "preflight": _warnings(enclave)},
         )
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:

@@ -53,7 +53,9 @@ class EnclaveRecord:
 
     ``slot`` is the enclave's number (the hex suffix of its ID), ``pid`` the process that owns
     the enclave (supervisor or test process), ``control_socket`` its control endpoint (None for
-    in-process enclaves), ``state_dir`` the folder with its sockets and logs.
+    in-process enclaves), ``state_dir`` the folder with its sockets and logs,
+    ``nitro_warning`` the line saying the EIF would not boot on Nitro (a kernel without
+    command-line devices, booted in the ACPI layout; docs/boot.md#choosing-a-layout), else None.
     """
 
     slot: int
@@ -71,6 +73,7 @@ class EnclaveRecord:
     eif_path: str = ""
     measurements: dict = field(default_factory=dict)
     state: str = "RUNNING"
+    nitro_warning: str | None = None
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""

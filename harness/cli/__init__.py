@@ -29,10 +29,12 @@ from harness.errors import ErrorCode, NitroError
 # should not pay for the KMS server or the scenario engine); --help imports them all.
 COMMAND_MODULES = {
     "harness.cli.eif_commands": ("build-enclave", "describe-eif", "pcr", "sign-eif"),
+    "harness.cli.check_commands": ("check-eif",),
     "harness.cli.enclave_commands": ("run-enclave", "describe-enclaves", "console", "terminate-enclave"),
     "harness.cli.attestation_commands": ("attest", "verify-attestation", "pki"),
     "harness.cli.kms_commands": ("kms", "vsock-proxy"),
     "harness.cli.image_commands": ("images",),
+    "harness.cli.blobs_commands": ("blobs",),
     "harness.cli.doctor_commands": ("doctor",),
     "harness.cli.setup_commands": ("setup",),
     "harness.cli.scenario_commands": ("run",),

@@ -6,7 +6,7 @@ BlobsPathNotSet, E59/E60 signature checking/signing, E49/E50 Docker build/pull).
 
 Harness extensions beyond nitro-cli's flags: ``build-enclave --docker-archive FILE`` and
 ``--rootfs DIR --cmd ... --env K=V`` (no Docker engine needed), ``--blobs DIR`` (wins over
-``NITRO_CLI_BLOBS``), ``--module KO`` (extra modules loaded by init before the heartbeat),
+``NITRO_CLI_BLOBS``; with no blobs anywhere the harness's own are used), ``--module KO`` (extra modules loaded by init before the heartbeat),
 ``SOURCE_DATE_EPOCH`` pins BuildTime for byte-identical builds; ``sign-eif --output-file``
 writes a signed copy instead of signing in place; ``describe-eif`` warns on stderr where
 nitro-cli's sequential reader would read the file differently from the hypervisor.
@@ -303,6 +303,22 @@ def _build_time() -> str:
     return t.isoformat()
 
 
+def _blobs(blobs_dir: Path | None):
+    """nitro-cli's blobs (``--blobs``, ``NITRO_CLI_BLOBS``, the default folder), else the
+    harness's own, saying so on stderr with the kernel's version and path (docs/boot.md#blobs)."""
+    from harness.images.blobs import blobs_source, find_blobs
+
+    if blobs_source(blobs_dir) is not None:
+        return find_blobs(blobs_dir)
+    from harness.images.own_blobs import harness_blobs
+
+    blobs = harness_blobs(progress)
+    progress(f"No nitro-cli blobs (--blobs, NITRO_CLI_BLOBS, /usr/share/nitro_enclaves/blobs): "
+             f"using the harness's own kernel {eifmod.kernel_version_of(blobs.kernel) or 'unknown'} "
+             f"({blobs.kernel.resolve()}), its cmdline, init and nsm.ko")
+    return blobs
+
+
 def build_enclave(args) -> int:
     """``build-enclave``: blobs + application -> EIF; prints {"Measurements": ...} (docs/nitro-cli.md#build-enclave).
 
@@ -311,7 +327,6 @@ def build_enclave(args) -> int:
     Checks everything (blobs, metadata file, key) before writing; the output appears
     atomically. Errors: E01/E02 arguments, E48 building, E52 blobs, E60 signing key.
     """
-    from harness.images.blobs import find_blobs
     from harness.images.ramdisk import build_bootstrap_ramdisk, build_customer_ramdisk
 
     if not (args.docker_uri or args.docker_archive or args.rootfs):
@@ -328,7 +343,7 @@ def build_enclave(args) -> int:
         raise NitroError(ErrorCode.MissingArgument,
                          "build-enclave: --signing-certificate and --private-key go together")
     progress("Start building the Enclave Image...")
-    blobs = find_blobs(args.blobs)
+    blobs = _blobs(args.blobs)
     custom = _load_custom_metadata(args.metadata) if args.metadata else None
     signer = None
     if args.signing_certificate:

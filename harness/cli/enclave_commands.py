@@ -2,7 +2,8 @@
 
 docs/nitro-cli.md. ``run-enclave`` hands the enclave to a supervising process (:mod:`harness.enclave_process`)
 and returns once the heartbeat arrived, so later commands find the enclave through the runtime
-directory (:mod:`harness.registry`).
+directory (:mod:`harness.registry`). An enclave that ended by itself leaves a record
+(:mod:`harness.ended_enclaves`): ``console`` then prints its kept log and why it ended.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import allocator
+from harness import allocator, ended_enclaves
 from harness.cli import print_json, progress
 from harness.enclave import EnclaveConfig
 from harness.enclave_process import control_request
@@ -49,7 +50,8 @@ def register(subparsers) -> None:
     run.add_argument("--heartbeat-timeout", type=float, help="seconds (default: nitro-cli's formula)")
     run.add_argument("--layout", choices=LAYOUTS, default="auto",
                      help="machine layout (harness extension): nitro = no ACPI, devices on the kernel "
-                          "command line; acpi = ACPI discovery; auto = from the kernel's embedded config")
+                          "command line; acpi = ACPI discovery; auto = from what the kernel can do "
+                          "(docs/boot.md#choosing-a-layout)")
     run.add_argument("--accel", choices=("kvm", "tcg"), help="default: the doctor's choice")
     run.set_defaults(func=run_enclave)
 
@@ -173,22 +175,31 @@ def run_enclave(args) -> int:
         err = answer["error"]
         raise NitroError(ErrorCode(err["code"]), err["message"], err.get("details"))
     info = answer["ok"]
+    for line in answer.get("preflight", []):
+        progress(f"warning: preflight: {line}")
     progress(f"Started enclave with enclave-cid: {info['EnclaveCID']}, memory: {info['MemoryMiB']} MiB, cpu-ids: {info['CPUIDs']}")
     print_json(info)
     if attach:
         # The supervisor's own socket: an enclave that already ended is then E39, not "unknown ID".
-        return _stream_console(answer["control_socket"], None)
+        if _stream_console(answer["control_socket"], None):
+            _say_how_it_ended(Registry(), info["EnclaveID"], time.time())
     return 0
 
 
 def describe_enclaves(args) -> int:
-    """describe-enclaves: a JSON array of every running enclave (docs/nitro-cli.md#describe-enclaves)."""
-    print_json([r.describe() for r in Registry().records() if r.state in ("RUNNING", "TERMINATING")])
+    """describe-enclaves: a JSON array of every running enclave (docs/nitro-cli.md#describe-enclaves);
+    an enclave whose EIF would not boot on Nitro gets a warning line on stderr (the JSON keeps
+    nitro-cli's shape)."""
+    records = [r for r in Registry().records() if r.state in ("RUNNING", "TERMINATING")]
+    for r in records:
+        if r.nitro_warning:
+            progress(f"warning: enclave {r.enclave_id}: {r.nitro_warning}")
+    print_json([r.describe() for r in records])
     return 0
 
 
-def _find(args):
-    registry = Registry()
+def _find(args, registry: Registry | None = None):
+    registry = registry or Registry()
     if args.enclave_id:
         return registry.find(enclave_id=args.enclave_id)
     if args.enclave_name:
@@ -199,9 +210,56 @@ def _find(args):
     raise NitroError(ErrorCode.MissingArgument, "the --enclave-id argument is required")
 
 
+def _ended(args, registry: Registry, err: NitroError):
+    """The ended record ``args`` names when ``err`` says no running enclave matched (with
+    neither ID nor name: the newest, when nothing runs), else None."""
+    if err.code == ErrorCode.InvalidArgument and (args.enclave_id or args.enclave_name):
+        return ended_enclaves.find_ended(registry, enclave_id=args.enclave_id, name=args.enclave_name)
+    if err.code == ErrorCode.MissingArgument and not args.enclave_id and not args.enclave_name \
+            and not [r for r in registry.records() if r.state == "RUNNING"]:
+        return ended_enclaves.find_ended(registry)
+    return None
+
+
+def _post_mortem(ended) -> int:
+    """Print an ended enclave's kept console log on stdout and one line on when and why it ended
+    (E44 for an enclave without debug mode: it had no console, but the line says why it ended)."""
+    if not ended.debug_mode:
+        raise NitroError(ErrorCode.EnclaveConsoleConnectionFailure,
+                         f"{ended.line()}; it was not started with --debug-mode, so it had no console")
+    log = Path(ended.console_log) if ended.console_log else None
+    if log is not None and log.is_file():
+        sys.stdout.buffer.write(log.read_bytes())
+        sys.stdout.flush()
+    else:
+        progress("(no console log was kept)")
+    progress(ended.line())
+    return 0
+
+
+def _say_how_it_ended(registry: Registry, enclave_id: str, since: float) -> None:
+    """After a console stream closed: print the ended line of ``enclave_id`` when it ended by
+    itself (its record appears within 3 s, the supervisor writing it while it releases)."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        ended = ended_enclaves.find_ended(registry, enclave_id=enclave_id)
+        if ended is not None and ended_enclaves.ended_after(ended, since):
+            progress(ended.line())
+            return
+        time.sleep(0.1)
+
+
 def console_cmd(args) -> int:
-    """console: stream a debug-mode enclave's console (docs/nitro-cli.md#console: E44 without debug mode)."""
-    record = _find(args)
+    """console: stream a debug-mode enclave's console (docs/nitro-cli.md#console: E44 without
+    debug mode); for an enclave that ended by itself, its kept log and why it ended."""
+    registry = Registry()
+    try:
+        record = _find(args, registry)
+    except NitroError as err:
+        ended = _ended(args, registry, err)
+        if ended is None:
+            raise
+        return _post_mortem(ended)
     if not record.debug_mode:
         raise NitroError(
             ErrorCode.EnclaveConsoleConnectionFailure,
@@ -214,10 +272,15 @@ def console_cmd(args) -> int:
             f"serves no console socket; read {record.state_dir}/console.log",
         )
     progress(f"Connecting to the console for enclave {record.enclave_id}...")
-    return _stream_console(record.control_socket, args.disconnect_timeout)
+    since = time.time()
+    if _stream_console(record.control_socket, args.disconnect_timeout):
+        _say_how_it_ended(registry, record.enclave_id, since)
+    return 0
 
 
-def _stream_console(control_socket: str | None, disconnect_timeout: int | None) -> int:
+def _stream_console(control_socket: str | None, disconnect_timeout: int | None) -> bool:
+    """Copy the console to stdout until the enclave side closes (True) or the timeout passes
+    (False)."""
     if not control_socket:
         raise NitroError(ErrorCode.EnclaveConsoleConnectionFailure, "the enclave serves no console")
     sock = control_request(control_socket, {"op": "console"})
@@ -235,18 +298,20 @@ def _stream_console(control_socket: str | None, disconnect_timeout: int | None) 
             try:
                 data = sock.recv(65536)
             except TimeoutError:
-                break
+                return False
             if not data:
-                break
+                return True
             out.write(data)
             out.flush()
-    return 0
+    return False
 
 
 def terminate_enclave(args) -> int:
-    """terminate-enclave: end one enclave (by ID or name) or ``--all``; prints nitro-cli's JSON."""
+    """terminate-enclave: end one enclave (by ID or name) or ``--all``; prints nitro-cli's JSON.
+    ``--all`` also removes the records of enclaves that ended by themselves."""
     registry = Registry()
-    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")] if args.all else [_find(args)]
+    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")] if args.all \
+        else [_find_running(args, registry)]
     results = []
     for record in records:
         if not record.control_socket:
@@ -276,10 +341,25 @@ def terminate_enclave(args) -> int:
         _wait_gone(record.pid, 30)
         results.append({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": True})
     if args.all:
+        removed = ended_enclaves.clear_ended(registry)
+        if removed:
+            progress(f"Removed the records of {removed} enclave(s) that had ended by themselves.")
         print_json(results)
     else:
         print_json(results[0])
     return 0
+
+
+def _find_running(args, registry: Registry):
+    """:func:`_find`, whose unknown-enclave error also says when and why a matching enclave
+    ended by itself."""
+    try:
+        return _find(args, registry)
+    except NitroError as err:
+        ended = _ended(args, registry, err) if err.code == ErrorCode.InvalidArgument else None
+        if ended is not None:
+            err.message += f" ({ended.line()})"
+        raise
 
 
 def _wait_gone(pid: int, timeout: float) -> None:

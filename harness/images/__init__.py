@@ -2,7 +2,8 @@
 
 docs/boot.md describes what nitro-cli puts in the two ramdisks. ``ramdisk`` builds them
 deterministically (same inputs, same bytes, same PCRs); ``blobs`` finds nitro-cli's blob
-directory (kernel, cmdline, init, nsm.ko); ``docker_archive`` turns a ``docker save`` or OCI
+directory (kernel, cmdline, init, nsm.ko), ``own_blobs`` gives the harness's own in its place
+and exports them; ``docker_archive`` turns a ``docker save`` or OCI
 image-layout tarball into a root filesystem plus Cmd/Env; ``debian`` fetches and unpacks
 Debian packages. Building the images the harness ships from their recipes: ``recipe``
 (loading and validating recipe files), ``static_programs`` (init, nsm-pcr), ``kernel``,

@@ -4,7 +4,8 @@ nitro-cli takes the blobs from ``$NITRO_CLI_BLOBS`` (default
 ``/usr/share/nitro_enclaves/blobs``): ``bzImage`` (x86_64) or ``Image`` (aarch64), ``cmdline``
 (the kernel command line, trimmed), ``init`` (static) and ``nsm.ko``; ``bzImage.config`` (or
 ``Image.config``) optionally gives the kernel version recorded in the metadata. The harness
-also accepts ``--blobs DIR``, which wins over the environment.
+also accepts ``--blobs DIR``, which wins over the environment; when none of the three is set
+or present, ``build-enclave`` uses the harness's own blobs (:mod:`harness.images.own_blobs`).
 """
 
 from __future__ import annotations
@@ -55,18 +56,27 @@ class Blobs:
         return kernel_version_of(self.kernel) or "unknown"
 
 
+def blobs_source(blobs_dir: Path | str | None = None) -> tuple[Path, str] | None:
+    """Where nitro-cli would take its blobs from, and which setting named it: ``blobs_dir``
+    (``"--blobs"``), else ``$NITRO_CLI_BLOBS``, else the default folder when it exists
+    (``"default path"``); None when none of them is set or present, which is when
+    ``build-enclave`` uses the harness's own blobs (:mod:`harness.images.own_blobs`)."""
+    if blobs_dir is not None:
+        return Path(blobs_dir), "--blobs"
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]), ENV_VAR
+    if DEFAULT_BLOBS_PATH.is_dir():
+        return DEFAULT_BLOBS_PATH, "default path"
+    return None
+
+
 def resolve_blobs_dir(blobs_dir: Path | str | None = None) -> Path:
     """Return the blob directory: ``blobs_dir``, else ``$NITRO_CLI_BLOBS``, else the default.
 
     Raises ``NitroError(E52 BlobsPathNotSet)`` when the chosen directory does not exist,
     naming where the path came from.
     """
-    if blobs_dir is not None:
-        path, origin = Path(blobs_dir), "--blobs"
-    elif os.environ.get(ENV_VAR):
-        path, origin = Path(os.environ[ENV_VAR]), ENV_VAR
-    else:
-        path, origin = DEFAULT_BLOBS_PATH, "default path"
+    path, origin = blobs_source(blobs_dir) or (DEFAULT_BLOBS_PATH, "default path")
     if not path.is_dir():
         raise NitroError(ErrorCode.BlobsPathNotSet,
                          f"{path}: blobs directory ({origin}) does not exist; pass --blobs DIR "

@@ -78,6 +78,13 @@ ROWS = [
     row("describe-eif", "--eif-path", "{missing}", code=E.FileOperationFailure, names=("{missing}", "No such file")),
     row("describe-eif", "--eif-path", "{corrupt_eif}", code=E.EifParsingError, names=("{corrupt_eif}", "header")),
     row("describe-eif", "--eif-path", "{dir}", code=E.FileOperationFailure, names=("{dir}", "Is a directory")),
+    # check-eif: findings are its report; an error among them ends it with that error's code.
+    row("check-eif", code=E.MissingArgument, names=("--eif-path",)),
+    row("check-eif", "--eif-path", "{missing}", code=E.FileOperationFailure, names=("{missing}", "not found")),
+    row("check-eif", "--eif-path", "{corrupt_eif}", code=E.EifParsingError,
+        names=("{corrupt_eif}", "eif-structure", "header")),
+    row("check-eif", "--eif-path", "{eif}", code=E.EnclaveBootFailure, names=("{eif}", "kernel-format", "bzImage")),
+    row("check-eif", "--eif-path", "{eif}", "--memory", "lots", code=E.InvalidArgument, names=("--memory", "'lots'")),
     # pcr
     row("pcr", code=E.MissingArgument, names=("--input", "--signing-certificate")),
     row("pcr", "--input", "{missing}", code=E.FileOperationFailure, names=("{missing}",)),
@@ -206,6 +213,10 @@ ROWS = [
     row("images", "build", "no-such-recipe", code=E.EifBuildingError, names=("no-such-recipe", "recipe")),
     row("images", "build", "{bad_yaml}", code=E.EifBuildingError, names=("{bad_yaml}", "YAML")),
     row("images", "list", "--all", code=E.InvalidArgument, names=("unrecognized arguments: --all",)),
+    # blobs: the harness's own kernel is not built in the test's empty cache.
+    row("blobs", code=E.MissingArgument, names=("COMMAND", "export")),
+    row("blobs", "export", code=E.MissingArgument, names=("DIR",)),
+    row("blobs", "export", "{dir}/out", code=E.BlobsPathNotSet, names=("{root}/cache/kernel-current", "not built")),
     # doctor's findings are its report (exit 1); its arguments fail as any command's.
     row("doctor", "--yaml", code=E.InvalidArgument, names=("unrecognized arguments: --yaml",)),
     row("images", "list", "--recipes", "{missing}", code=E.FileOperationFailure,
@@ -307,6 +318,7 @@ def _environment(files: dict[str, str]) -> dict[str, str]:
         "NITRO_HARNESS_RUNTIME_DIR": str(root / "runtime"),
         "NITRO_HARNESS_PKI_DIR": str(root / "pki"),
         "NITRO_CLI_BLOBS": files["no_blobs"],
+        "NITRO_HARNESS_CACHE": str(root / "cache"),
     }
 
 
@@ -345,7 +357,8 @@ def test_every_command_has_error_rows():
     # The commands this table was written for, so a parser that lost its sub-commands fails too.
     assert {p[0] for p in paths} >= {"build-enclave", "describe-eif", "pcr", "sign-eif", "run-enclave",
                                      "describe-enclaves", "console", "terminate-enclave", "attest",
-                                     "verify-attestation", "pki", "kms", "vsock-proxy", "images", "doctor", "run"}
+                                     "verify-attestation", "pki", "kms", "vsock-proxy", "images", "doctor", "run",
+                                     "check-eif", "blobs"}
     assert ("pki", "export-root") in paths and ("kms", "serve") in paths and ("images", "build") in paths
     missing = [" ".join(p) for p in paths if not any(r.argv[: len(p)] == p for r in ROWS)]
     assert missing == [], f"commands without an error row in ROWS: {missing}"

@@ -1,46 +1,114 @@
-"""Machine layout per kernel: embedded configuration read from a bzImage
-(docs/boot.md#choosing-a-layout)."""
-
-import gzip
+"""Machine layout per kernel, decided from the bzImage itself (docs/boot.md#choosing-a-layout):
+its embedded config when it has one, else the built-in ``virtio_mmio.device`` parameter."""
 
 import pytest
 
+from harness.bzimage import read_kernel_image
 from harness.errors import NitroError
-from harness.layout import choose_layout, embedded_config
+from harness.layout import choose_layout, cmdline_devices, embedded_config
+from helpers.kernels import (FAKE_RELEASE, FAKE_VERMAGIC, cached_kernel, compress, fake_bzimage,
+                             vmlinux, without_embedded_config)
+
+NITRO_CONFIG = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n# CONFIG_ACPI is not set\n"
+
+# The decision table: (embedded config, built-in parameter) -> layout, devices supported.
+TABLE = [
+    pytest.param(NITRO_CONFIG, False, "nitro", True, id="config-says-y"),
+    pytest.param("CONFIG_VIRTIO_MMIO=m\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n", False, "acpi", False,
+                 id="config-says-m"),
+    pytest.param("CONFIG_VIRTIO_MMIO=y\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n", False, "acpi",
+                 False, id="config-without-cmdline-devices"),
+    pytest.param(None, True, "nitro", True, id="no-config-with-parameter"),
+    pytest.param(None, False, "acpi", False, id="no-config-no-parameter"),
+]
 
 
-def fake_bzimage(config_text: str | None) -> bytes:
-    # A setup header, then the compressed payload holding vmlinux with IKCONFIG inside, the
-    # way a real bzImage nests them.
-    vmlinux = b"\x7fELF" + b"\0" * 64
-    if config_text is not None:
-        vmlinux += b"IKCFG_ST" + gzip.compress(config_text.encode()) + b"IKCFG_ED"
-    return b"MZ" + b"\0" * 510 + b"HdrS" + b"\0" * 100 + gzip.compress(vmlinux + b"\0" * 32)
-
-
-def test_reads_the_config_inside_the_compressed_payload(tmp_path):
+@pytest.mark.parametrize("config, param, layout, supported", TABLE)
+def test_decision_table(config, param, layout, supported, tmp_path):
     kernel = tmp_path / "bzImage"
-    kernel.write_bytes(fake_bzimage("CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y\n# CONFIG_ACPI is not set\n"))
+    kernel.write_bytes(fake_bzimage(vmlinux(config, param=param)))
+    chosen = choose_layout(kernel)
+    assert (chosen.name, chosen.acpi) == (layout, layout == "acpi")
+    assert chosen.devices.supported is supported
+    # Only a kernel shown to lack command-line devices is said not to boot on Nitro.
+    assert (chosen.nitro_warning is not None) == (not supported)
+    if not supported:
+        assert "would not boot on Nitro" in chosen.nitro_warning
+
+
+@pytest.mark.parametrize("kind", ["gzip", "xz", "lzma", "bzip2", "zstd"])
+def test_every_payload_compression_is_read(kind):
+    if compress(b"x", kind) is None:
+        pytest.skip(f"no {kind} compressor on this machine (zstandard package or zstd command)")
+    image = read_kernel_image(fake_bzimage(vmlinux(None, param=True), kind))
+    assert (image.format, image.arch, image.compression) == ("bzImage", "x86_64", kind)
+    assert image.release == FAKE_RELEASE and image.vermagic() == FAKE_VERMAGIC
+    assert cmdline_devices(image).supported is True
+    assert embedded_config(image) is None
+
+
+def test_embedded_config_is_read_from_the_payload(tmp_path):
+    kernel = tmp_path / "bzImage"
+    kernel.write_bytes(fake_bzimage(vmlinux(NITRO_CONFIG), "xz"))
     assert embedded_config(kernel) == {"CONFIG_VIRTIO_MMIO": "y", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES": "y"}
-    layout = choose_layout(kernel)
-    assert layout.name == "nitro" and not layout.acpi
+    assert "embedded config" in choose_layout(kernel).reason
 
 
-def test_kernel_without_cmdline_devices_gets_acpi(tmp_path):
-    kernel = tmp_path / "bzImage"
-    kernel.write_bytes(fake_bzimage("CONFIG_VIRTIO_MMIO=m\nCONFIG_ACPI=y\n"))
-    assert choose_layout(kernel).name == "acpi"
-    kernel.write_bytes(fake_bzimage(None))
-    assert embedded_config(kernel) is None
-    assert choose_layout(kernel).acpi
+def test_unreadable_payload_is_assumed_nitro():
+    # A payload no decompressor reads proves nothing: the Nitro layout, with the reason said.
+    good = bytearray(fake_bzimage(vmlinux(None, param=True)))
+    good[1024 + 0x80 + 20:1024 + 0x80 + 60] = b"\xff" * 40  # corrupt the deflate stream
+    chosen = choose_layout(bytes(good))
+    assert chosen.name == "nitro" and chosen.devices.supported is None
+    assert "cannot read the kernel's payload" in chosen.reason and chosen.nitro_warning is None
+
+
+def test_formats_and_architectures():
+    assert read_kernel_image(fake_bzimage(vmlinux(), bits64=False)).arch == "i386"
+    arm = b"\0" * 0x38 + b"ARM\x64" + b"\0" * 64
+    assert (read_kernel_image(arm).format, read_kernel_image(arm).arch) == ("Image", "aarch64")
+    assert read_kernel_image(b"\0" * 4096).format == "unknown"
 
 
 def test_explicit_layout_wins_and_bad_names_fail(tmp_path):
     kernel = tmp_path / "bzImage"
-    kernel.write_bytes(fake_bzimage(None))
-    assert choose_layout(kernel, "nitro").name == "nitro"
+    kernel.write_bytes(fake_bzimage(vmlinux(None)))
+    assert choose_layout(kernel).name == "acpi"
+    explicit = choose_layout(kernel, "nitro")
+    assert explicit.name == "nitro" and explicit.nitro_warning is None
     with pytest.raises(NitroError):
         choose_layout(kernel, "pc")
+
+
+def test_the_harness_kernel_takes_cmdline_devices():
+    kernel = cached_kernel("nitro")
+    if kernel is None:
+        pytest.skip("the harness's kernel is not built ({cache}/kernel-current; scripts/setup.sh)")
+    image = read_kernel_image(kernel)
+    assert image.format == "bzImage" and image.arch == "x86_64"
+    assert image.vermagic().startswith(image.release + " ")
+    assert b"\0virtio_mmio.device\0" in image.payload
+    assert choose_layout(kernel).name == "nitro" and "embedded config" in choose_layout(kernel).reason
+    # Decided by the parameter alone too, as for AWS's kernels, which embed no config.
+    bare = without_embedded_config(kernel.read_bytes())
+    assert bare is not None and len(bare) == len(kernel.read_bytes())
+    assert embedded_config(bare) is None
+    chosen = choose_layout(bare)
+    assert chosen.name == "nitro" and chosen.devices.evidence == "built-in parameter virtio_mmio.device"
+
+
+def test_debians_kernel_lacks_cmdline_devices():
+    # Debian's cloud kernel: zstd payload, no IKCONFIG, virtio_mmio as a module.
+    kernel = cached_kernel("debian")
+    if kernel is None:
+        pytest.skip("Debian's cloud kernel is not unpacked in the cache ({cache}/kernels)")
+    image = read_kernel_image(kernel)
+    if image.payload is None:
+        pytest.skip(f"cannot decompress Debian's kernel here: {image.payload_note}")
+    assert image.compression == "zstd" and embedded_config(image) is None
+    assert b"virtio_mmio.device" not in image.payload
+    chosen = choose_layout(image)
+    assert chosen.name == "acpi" and "would not boot on Nitro" in chosen.nitro_warning
 
 
 def test_explicit_layout_reaches_the_engine_from_cli_and_scenarios(tmp_path):

@@ -1,0 +1,123 @@
+"""Kernel images for tests: hand-made bzImages whose payload is any compression the kernel
+offers (a real setup header: ``HdrS``, version string, ``xloadflags``, ``payload_offset`` and
+``payload_length``), and the real kernels the harness caches, when they are there."""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import lzma
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+from harness.images.debian import cache_root
+
+#: The release the hand-made kernels report.
+FAKE_RELEASE = "6.12.9-test"
+FAKE_VERMAGIC = f"{FAKE_RELEASE} SMP mod_unload "
+
+
+def compress(data: bytes, kind: str) -> bytes | None:
+    """``data`` compressed as the kernel's Makefile would for ``kind``; None when no
+    compressor for it is installed (zstd needs the zstandard package or the zstd command)."""
+    if kind == "gzip":
+        return gzip.compress(data, mtime=0)
+    if kind == "xz":
+        return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    if kind == "lzma":
+        return lzma.compress(data, format=lzma.FORMAT_ALONE)
+    if kind == "bzip2":
+        return bz2.compress(data)
+    if kind == "zstd":
+        try:
+            import zstandard
+            return zstandard.ZstdCompressor().compress(data)
+        except ImportError:
+            pass
+        if shutil.which("zstd"):
+            return subprocess.run(["zstd", "-cq"], input=data, capture_output=True, check=True).stdout
+        return None
+    raise ValueError(kind)
+
+
+def vmlinux(config: str | None = None, *, param: bool = False,
+            vermagic: str = FAKE_VERMAGIC) -> bytes:
+    """A stand-in vmlinux: an ELF magic, the module version magic the kernel compares modules
+    with, optionally an embedded config (IKCONFIG markers around a gzip stream) and the
+    built-in ``virtio_mmio.device`` parameter name."""
+    body = b"\x7fELF" + b"\0" * 60 + b"\0" + vermagic.encode() + b"\0" + b"\0" * 32
+    if config is not None:
+        body += b"IKCFG_ST" + gzip.compress(config.encode(), mtime=0) + b"IKCFG_ED"
+    if param:
+        body += b"\0virtio_mmio.device\0"
+    return body + b"\0" * 64
+
+
+def fake_bzimage(payload: bytes, kind: str = "gzip", *, release: str = FAKE_RELEASE,
+                 bits64: bool = True) -> bytes:
+    """A bzImage (boot protocol 2.15) around ``payload`` compressed with ``kind``; the kernel's
+    uncompressed size follows the stream, as the kernel's build appends it."""
+    compressed = compress(payload, kind)
+    if compressed is None:
+        raise LookupError(f"no {kind} compressor installed")
+    compressed += struct.pack("<I", len(payload))
+    setup = bytearray(1024)  # setup_sects 1: the protected-mode code starts at 1024
+    setup[0x1F1] = 1
+    setup[0x1FE:0x200] = b"\x55\xaa"
+    setup[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x20F)
+    version = f"{release} (builder@ci) #1 SMP".encode() + b"\0"
+    setup[0x300:0x300 + len(version)] = version
+    struct.pack_into("<H", setup, 0x20E, 0x100)  # the string is at 0x200 + 0x100
+    struct.pack_into("<H", setup, 0x236, 1 if bits64 else 0)  # xloadflags: XLF_KERNEL_64
+    struct.pack_into("<II", setup, 0x248, 0x80, len(compressed))
+    return bytes(setup) + b"\x90" * 0x80 + compressed
+
+
+def cached_kernel(kind: str) -> Path | None:
+    """The harness's Nitro-style kernel (``"nitro"``: ``{cache}/kernel-current/bzImage``) or
+    Debian's cloud kernel (``"debian"``: unpacked under ``{cache}/kernels``), None when the
+    cache has not got it."""
+    root = cache_root()
+    if kind == "nitro":
+        path = root / "kernel-current" / "bzImage"
+        return path if path.is_file() else None
+    hits = sorted(glob.glob(str(root / "kernels" / "*" / "boot" / "vmlinuz-*")))
+    return Path(hits[-1]) if hits else None
+
+
+def cached_nsm_ko(kind: str) -> Path | None:
+    """The nsm.ko built with :func:`cached_kernel`'s kernel of the same kind, or None."""
+    root = cache_root()
+    if kind == "nitro":
+        path = root / "kernel-current" / "nsm.ko"
+        return path if path.is_file() else None
+    hits = sorted(glob.glob(str(root / "kernels" / "*" / ".ko" / "nsm.ko")))
+    return Path(hits[-1]) if hits else None
+
+
+def without_embedded_config(bzimage: bytes) -> bytes | None:
+    """A copy of a gzip bzImage whose embedded configuration cannot be found (its ``IKCFG_ST``
+    marker renamed), everything else unchanged: a real kernel that describes itself as AWS's
+    do, by its built-in parameters only. The payload is recompressed into the same length (the
+    decompressor stub has its size built in; the gzip stream ends early, zeros follow). None
+    when the kernel's payload is not gzip or does not fit again."""
+    import zlib
+
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = bzimage[start:start + length]
+    if not payload.startswith(b"\x1f\x8b"):
+        return None
+    vmlinux_bytes = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+    if vmlinux_bytes.count(b"IKCFG_ST") != 1:
+        return None
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    packed = packer.compress(vmlinux_bytes.replace(b"IKCFG_ST", b"IKCFG_XX")) + packer.flush()
+    if len(packed) > length:
+        return None
+    return bzimage[:start] + packed + b"\0" * (length - len(packed)) + bzimage[start + length:]
