@@ -3,8 +3,8 @@
 docs/boot.md#blobs. ``build-enclave`` falls back to these when nitro-cli's blobs are nowhere
 (no ``--blobs``, no ``NITRO_CLI_BLOBS``, no ``/usr/share/nitro_enclaves/blobs``): the kernel the
 shipped recipes boot (``{cache}/kernel-current``: ``bzImage``, ``nsm.ko`` and ``config``, built
-by scripts/build-kernel.sh), AWS's x86_64 command line, and the static init built from
-``images/init``. :func:`export_blobs` writes them in nitro-cli's blob layout for other tools.
+by ``nitro-harness setup --only kernel``), AWS's x86_64 command line, and the static init
+built from ``harness/data/programs/init``. :func:`export_blobs` writes them in nitro-cli's blob layout for other tools.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def harness_blobs(log: Log = nolog) -> Blobs:
         raise NitroError(
             ErrorCode.BlobsPathNotSet,
             f"{d}: no blobs: neither --blobs, NITRO_CLI_BLOBS nor /usr/share/nitro_enclaves/blobs "
-            "exists, and the harness's own kernel is not built yet (run scripts/setup.sh, or "
-            "scripts/build-kernel.sh)")
+            "exists, and the harness's own kernel is not built yet (run: nitro-harness setup "
+            "--only kernel)")
     from harness.images.static_programs import build_init
 
     init = build_init(log)
