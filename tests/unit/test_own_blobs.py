@@ -84,7 +84,7 @@ def test_no_blobs_and_no_harness_kernel_is_e52_naming_both(own_cache, rootfs, tm
     (own_cache / "kernel-current").unlink()
     assert main(["build-enclave", "--rootfs", str(rootfs), "--output-file", str(tmp_path / "x.eif")]) == 52
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "NITRO_CLI_BLOBS" in err and "kernel-current" in err and "scripts/setup.sh" in err
+    assert "NITRO_CLI_BLOBS" in err and "kernel-current" in err and "nitro-harness setup --only kernel" in err
 
 
 def test_blobs_export_writes_nitro_clis_layout_and_builds_the_same_image(own_cache, rootfs, tmp_path, capsys):
