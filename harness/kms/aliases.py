@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from harness.kms.credentials import Caller
-from harness.kms.store import require_usable
+from harness.kms.store import KeyStore, require_usable
 from harness.kms.wire import KmsError, paginate
 
 if TYPE_CHECKING:
@@ -27,6 +27,14 @@ def _check_alias_name(name: str) -> None:
         )
     if name.startswith("alias/aws/"):
         raise KmsError("NotFoundException", f"Alias {name} is reserved for AWS managed keys (alias/aws/)")
+
+
+def _existing_alias(store: KeyStore, name: str) -> dict[str, Any]:
+    """The alias ``name``'s record (NotFoundException if there is none); the caller holds the store lock."""
+    alias = store.aliases.get(name)
+    if alias is None:
+        raise KmsError("NotFoundException", f"Alias {store.alias_arn(name)} is not found.")
+    return alias
 
 
 def create_alias(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -54,9 +62,7 @@ def delete_alias(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str
     name = p["AliasName"]
     store = svc.store
     with store.lock:
-        alias = store.aliases.get(name)
-        if alias is None:
-            raise KmsError("NotFoundException", f"Alias {store.alias_arn(name)} is not found.")
+        alias = _existing_alias(store, name)
         svc.authorize(store.resolve(alias["TargetKeyId"]), "DeleteAlias", caller)
         del store.aliases[name]
         store.save()
@@ -68,9 +74,7 @@ def update_alias(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str
     name = p["AliasName"]
     store = svc.store
     with store.lock:
-        alias = store.aliases.get(name)
-        if alias is None:
-            raise KmsError("NotFoundException", f"Alias {store.alias_arn(name)} is not found.")
+        alias = _existing_alias(store, name)
         key = store.resolve(p["TargetKeyId"], allow_alias=False)
         svc.authorize(key, "UpdateAlias", caller)
         alias.update(TargetKeyId=key["KeyId"], LastUpdatedDate=time.time())

@@ -14,8 +14,9 @@ import base64
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from harness.kms import asymmetric, policy
 from harness.kms.credentials import Caller
@@ -154,14 +155,32 @@ def list_keys(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, A
     return {"Keys": page, "NextMarker": marker, "Truncated": marker is not None}
 
 
-def _set_state(svc: KmsService, p: dict[str, Any], caller: Caller, action: str, new_state: str):
+@contextmanager
+def _changing_key(
+    svc: KmsService, p: Mapping[str, Any], caller: Caller, action: str
+) -> Iterator[dict[str, Any]]:
+    """The key ``p["KeyId"]`` (no alias) authorized for ``action``, held under the store lock for
+    the block to change; the store is saved after the block (not when it raises)."""
     with svc.store.lock:
         key = svc.store.resolve(p["KeyId"], allow_alias=False)
         svc.authorize(key, action, caller)
+        yield key
+        svc.store.save()
+
+
+def _key_to_read(svc: KmsService, p: Mapping[str, Any], caller: Caller, action: str) -> dict[str, Any]:
+    """The key ``p["KeyId"]`` (no alias), looked up under the store lock, authorized for ``action``."""
+    with svc.store.lock:
+        key = svc.store.resolve(p["KeyId"], allow_alias=False)
+    svc.authorize(key, action, caller)
+    return key
+
+
+def _set_state(svc: KmsService, p: dict[str, Any], caller: Caller, action: str, new_state: str):
+    with _changing_key(svc, p, caller, action) as key:
         if key["KeyState"] == "PendingDeletion":
             require_usable(key)
         key["KeyState"] = new_state
-        svc.store.save()
     return {}
 
 
@@ -183,15 +202,12 @@ def schedule_key_deletion(svc: KmsService, p: dict[str, Any], caller: Caller) ->
         check = Validation()
         check.add("PendingWindowInDays", days, "Member must have value between 7 and 30")
         check.raise_if_any()
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "ScheduleKeyDeletion", caller)
+    with _changing_key(svc, p, caller, "ScheduleKeyDeletion") as key:
         if key["KeyState"] == "PendingDeletion":
             raise KmsError("KMSInvalidStateException", f"{key['Arn']} is pending deletion.")
         key.update(
             KeyState="PendingDeletion", DeletionDate=time.time() + days * 86400, PendingWindowInDays=days
         )
-        svc.store.save()
     return {
         "KeyId": key["Arn"],
         "DeletionDate": key["DeletionDate"],
@@ -202,16 +218,13 @@ def schedule_key_deletion(svc: KmsService, p: dict[str, Any], caller: Caller) ->
 
 def cancel_key_deletion(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """CancelKeyDeletion: PendingDeletion -> Disabled, as KMS leaves it."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "CancelKeyDeletion", caller)
+    with _changing_key(svc, p, caller, "CancelKeyDeletion") as key:
         if key["KeyState"] != "PendingDeletion":
             raise KmsError("KMSInvalidStateException", f"{key['Arn']} is not pending deletion.")
         # KMS leaves a key whose deletion was cancelled Disabled.
         key["KeyState"] = "Disabled"
         key.pop("DeletionDate", None)
         key.pop("PendingWindowInDays", None)
-        svc.store.save()
     return {"KeyId": key["Arn"]}
 
 
@@ -228,68 +241,50 @@ def _check_policy_name(p: Mapping[str, Any]) -> str:
 def get_key_policy(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """GetKeyPolicy: the key's one policy, named ``default``."""
     name = _check_policy_name(p)
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-    svc.authorize(key, "GetKeyPolicy", caller)
+    key = _key_to_read(svc, p, caller, "GetKeyPolicy")
     return {"Policy": key["Policy"], "PolicyName": name}
 
 
 def put_key_policy(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """PutKeyPolicy: replace the policy after the parse and lockout checks (:func:`check_new_policy`)."""
     _check_policy_name(p)
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "PutKeyPolicy", caller)
+    with _changing_key(svc, p, caller, "PutKeyPolicy") as key:
         check_new_policy(p["Policy"], caller, key["Arn"], bool(p.get("BypassPolicyLockoutSafetyCheck")))
         key["Policy"] = p["Policy"]
-        svc.store.save()
     return {}
 
 
 def list_key_policies(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """ListKeyPolicies: always ``["default"]``."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-    svc.authorize(key, "ListKeyPolicies", caller)
+    _key_to_read(svc, p, caller, "ListKeyPolicies")
     return {"PolicyNames": ["default"], "Truncated": False}
 
 
 def update_key_description(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """UpdateKeyDescription."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "UpdateKeyDescription", caller)
+    with _changing_key(svc, p, caller, "UpdateKeyDescription") as key:
         key["Description"] = p["Description"]
-        svc.store.save()
     return {}
 
 
 def tag_resource(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """TagResource: add or overwrite tags."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "TagResource", caller)
+    with _changing_key(svc, p, caller, "TagResource") as key:
         key.setdefault("Tags", {}).update({t["TagKey"]: t["TagValue"] for t in p["Tags"]})
-        svc.store.save()
     return {}
 
 
 def untag_resource(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """UntagResource: remove tags by name (absent names are no error)."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-        svc.authorize(key, "UntagResource", caller)
+    with _changing_key(svc, p, caller, "UntagResource") as key:
         for name in p["TagKeys"]:
             key.setdefault("Tags", {}).pop(name, None)
-        svc.store.save()
     return {}
 
 
 def list_resource_tags(svc: KmsService, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
     """ListResourceTags: tags sorted by name, paginated."""
-    with svc.store.lock:
-        key = svc.store.resolve(p["KeyId"], allow_alias=False)
-    svc.authorize(key, "ListResourceTags", caller)
+    key = _key_to_read(svc, p, caller, "ListResourceTags")
     tags = [{"TagKey": k, "TagValue": v} for k, v in sorted(key.get("Tags", {}).items())]
     page, marker = paginate(tags, p)
     return {"Tags": page, "NextMarker": marker, "Truncated": marker is not None}

@@ -1,4 +1,4 @@
-"""Fixtures of the asymmetric-key tests, a pytest plugin: one KMS emulator per test session whose
+"""Fixtures of the asymmetric-key and HMAC-key tests, a pytest plugin: one KMS emulator per test session whose
 keys are made once per (spec, usage), since RSA_4096 keys take seconds to make. A test module
 takes them with ``pytest_plugins = ["helpers.kms_fixtures"]`` (and never imports this module,
 so that pytest loads it as a plugin)."""

@@ -5,6 +5,8 @@ fixtures are in :mod:`helpers.kms_fixtures`."""
 from __future__ import annotations
 
 import base64
+import subprocess
+from pathlib import Path
 
 import ecdsa
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +41,18 @@ def hash_name(algorithm: str) -> str:
 def private_der(server, key_id: str) -> bytes:
     """A KMS key's PKCS#8 private key from the emulator's store (for openssl to decrypt with)."""
     return base64.b64decode(server.service.store.keys[key_id]["PrivateKey"])
+
+
+def openssl_encrypt(public_der: Path, options: list[str], data: bytes) -> subprocess.CompletedProcess:
+    """``openssl pkeyutl -encrypt`` of ``data`` to the DER public key in ``public_der`` with ``options``."""
+    return openssl(
+        "pkeyutl", "-encrypt", "-pubin", "-keyform", "DER", "-inkey", public_der, *options, data=data
+    )  # fmt: skip
+
+
+def openssl_decrypt(private_der: Path, options: list[str], data: bytes) -> subprocess.CompletedProcess:
+    """``openssl pkeyutl -decrypt`` of ``data`` with the DER private key in ``private_der`` and ``options``."""
+    return openssl("pkeyutl", "-decrypt", "-keyform", "DER", "-inkey", private_der, *options, data=data)
 
 
 def openssl_verifies(tmp_path, spki: bytes, algorithm: str, digest: bytes, signature: bytes) -> bool:

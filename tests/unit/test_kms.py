@@ -11,11 +11,10 @@ import subprocess
 
 import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness import attestation
 from harness.errors import NitroError
@@ -23,7 +22,11 @@ from harness.kms import KmsCredential, KmsServer, cms, ensure_tls_identity
 from harness.pki import Pki
 from helpers import REPO
 from helpers.kms import (ACCOUNT, ALICE, BOB, GUEST_CLIENT, GUEST_PYTHON, IMAGE_PCR0, MODULE_ID,
-                         REGION, document, enclave_policy, make_tls, pcrs_with, spki_of)
+                         REGION, boto_client, document, enclave_policy, error_of, make_tls, pcrs_with,
+                         spki_of)
+
+#: Fixtures ``pki`` and ``recipient_key``.
+pytest_plugins = ["helpers.kms_recipient_fixtures"]
 
 OTHER_PCR0 = bytes([7]) * 48
 VECTORS = REPO / "tests" / "vectors"
@@ -32,30 +35,8 @@ VECTORS = REPO / "tests" / "vectors"
 # -- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
-@pytest.fixture(scope="module")
-def recipient_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 def recipient(doc: bytes) -> dict:
     return {"KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "AttestationDocument": doc}
-
-
-def client_for(server: KmsServer, cred: KmsCredential | None = ALICE, **kwargs):
-    return boto3.client(
-        "kms",
-        endpoint_url=server.endpoint_url,
-        region_name=REGION,
-        aws_access_key_id=cred.access_key_id if cred else "AKIDANY",
-        aws_secret_access_key=cred.secret_access_key if cred else "any",
-        config=Config(retries={"max_attempts": 1}),
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +47,12 @@ def server(pki):
 
 @pytest.fixture(scope="module")
 def kms(server):
-    return client_for(server)
+    return boto_client(server)
 
 
 @pytest.fixture(scope="module")
 def key_id(kms):
     return kms.create_key(Description="shared test key")["KeyMetadata"]["KeyId"]
-
-
-def error_of(excinfo) -> tuple[str, str]:
-    err = excinfo.value.response["Error"]
-    return err["Code"], err["Message"]
 
 
 def raw_post(server, target: str | None, body: bytes, headers: dict | None = None):
@@ -373,17 +349,17 @@ def test_sigv4_principals_and_failures(server, kms):
             }
         )
     )["KeyMetadata"]["KeyId"]
-    bob = client_for(server, BOB)
+    bob = boto_client(server, BOB)
     with pytest.raises(ClientError) as exc:
         bob.describe_key(KeyId=key)
     assert error_of(exc)[1].startswith(
         f"User: {BOB.principal_arn} is not authorized to perform: kms:DescribeKey"
     )
-    wrong_secret = client_for(server, KmsCredential(ALICE.access_key_id, "nope", ""))
+    wrong_secret = boto_client(server, KmsCredential(ALICE.access_key_id, "nope", ""))
     with pytest.raises(ClientError) as exc:
         wrong_secret.describe_key(KeyId=key)
     assert error_of(exc)[0] == "InvalidSignatureException"
-    stranger = client_for(server, KmsCredential("AKIDSTRANGER", "x", ""))
+    stranger = boto_client(server, KmsCredential("AKIDSTRANGER", "x", ""))
     with pytest.raises(ClientError) as exc:
         stranger.list_keys()
     assert error_of(exc) == (
@@ -497,7 +473,7 @@ def test_bad_attestation_exception_is_configurable(pki, recipient_key):
         bad_attestation_exception="AccessDeniedException",
         attestation_at=expired_at,
     ) as srv:
-        client = client_for(srv, None)
+        client = boto_client(srv, None)
         with pytest.raises(ClientError) as exc:
             client.generate_random(NumberOfBytes=8, Recipient=recipient(document(pki, recipient_key)))
         code, message = error_of(exc)
@@ -516,7 +492,7 @@ def test_real_aws_document_with_aws_root():
     with KmsServer(
         attestation_roots=[VECTORS / "attestation" / "aws_nitro_root_g1.pem"], attestation_at="document"
     ) as srv:
-        out = client_for(srv, None).generate_random(NumberOfBytes=32, Recipient=recipient(doc))
+        out = boto_client(srv, None).generate_random(NumberOfBytes=32, Recipient=recipient(doc))
     parsed = cms.parse_ciphertext_for_recipient(out["CiphertextForRecipient"])
     assert parsed.recipients[0].subject_key_identifier == cms.subject_key_identifier(public_key)
     assert len(parsed.encrypted_content) == 48  # 32 bytes + a full block of PKCS#7 padding
@@ -528,14 +504,14 @@ def test_real_aws_document_with_aws_root():
 def test_state_survives_restart(tmp_path):
     state = tmp_path / "kms-state.json"
     with KmsServer(state) as first:
-        client = client_for(first, None)
+        client = boto_client(first, None)
         key = client.create_key(Description="persisted")["KeyMetadata"]["KeyId"]
         client.create_alias(AliasName="alias/persisted", TargetKeyId=key)
         blob = client.encrypt(KeyId="alias/persisted", Plaintext=b"kept")["CiphertextBlob"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kms-state.json"]  # no temp files left
     assert oct(state.stat().st_mode & 0o777) == "0o600"  # it holds key material
     with KmsServer(state) as second:
-        client = client_for(second, None)
+        client = boto_client(second, None)
         assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
         assert client.describe_key(KeyId="alias/persisted")["KeyMetadata"]["Description"] == "persisted"
 
@@ -543,7 +519,7 @@ def test_state_survives_restart(tmp_path):
 def test_failed_save_keeps_the_previous_state(tmp_path, monkeypatch):
     state = tmp_path / "kms-state.json"
     with KmsServer(state) as srv:
-        client = client_for(srv, None)
+        client = boto_client(srv, None)
         client.create_key(Description="first")
         before = state.read_bytes()
 

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from helpers.kms import ACCOUNT, error_of, openssl
-from helpers.kms_keys import ECDSA, RSA_SPECS
+from helpers.kms_keys import ECDSA, RSA_SPECS, openssl_decrypt, openssl_encrypt
 
 #: The session's emulator and its keys: fixtures ``kms_server``, ``kms`` and ``make``.
 pytest_plugins = ["helpers.kms_fixtures"]
@@ -41,27 +41,8 @@ def test_data_key_pairs_of_every_spec(kms, make, tmp_path, spec):
     if spec.startswith("RSA_"):
         (tmp_path / "pub.der").write_bytes(pair["PublicKey"])
         oaep = ["-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256"]
-        sealed = openssl(
-            "pkeyutl",
-            "-encrypt",
-            "-pubin",
-            "-keyform",
-            "DER",
-            "-inkey",
-            tmp_path / "pub.der",
-            *oaep,
-            data=b"pair",
-        )
-        opened = openssl(
-            "pkeyutl",
-            "-decrypt",
-            "-keyform",
-            "DER",
-            "-inkey",
-            tmp_path / "key.der",
-            *oaep,
-            data=sealed.stdout,
-        )
+        sealed = openssl_encrypt(tmp_path / "pub.der", oaep, b"pair")
+        opened = openssl_decrypt(tmp_path / "key.der", oaep, sealed.stdout)
         assert (opened.returncode, opened.stdout) == (0, b"pair")
 
     without = kms.generate_data_key_pair_without_plaintext(KeyId=wrapping, KeyPairSpec=spec)

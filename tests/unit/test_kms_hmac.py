@@ -11,8 +11,7 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 
-from harness.kms import KmsServer
-from helpers.kms import ALICE, boto_client, error_of
+from helpers.kms import ALICE, error_of
 
 SPECS = {
     "HMAC_224": (28, "sha224"),
@@ -22,20 +21,12 @@ SPECS = {
 }
 MESSAGE = b"GET /orders/42 2025-01-06T10:00:00Z"
 
-
-@pytest.fixture(scope="module")
-def server():
-    with KmsServer(credentials=[ALICE]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def kms(server):
-    return boto_client(server)
+#: The session's emulator and its keys: fixtures ``kms_server``, ``kms`` and ``make``.
+pytest_plugins = ["helpers.kms_fixtures"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
-def test_hmac_of_every_spec_matches_pythons_hmac(kms, server, spec):
+def test_hmac_of_every_spec_matches_pythons_hmac(kms, kms_server, spec):
     size, digest = SPECS[spec]
     algorithm = f"HMAC_SHA_{spec[5:]}"
     meta = kms.create_key(KeySpec=spec, KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
@@ -45,7 +36,7 @@ def test_hmac_of_every_spec_matches_pythons_hmac(kms, server, spec):
         [algorithm],
     )
     assert "EncryptionAlgorithms" not in meta and "SigningAlgorithms" not in meta
-    material = base64.b64decode(server.service.store.keys[meta["KeyId"]]["Material"])
+    material = base64.b64decode(kms_server.service.store.keys[meta["KeyId"]]["Material"])
     assert len(material) == size
 
     out = kms.generate_mac(KeyId=meta["KeyId"], Message=MESSAGE, MacAlgorithm=algorithm)

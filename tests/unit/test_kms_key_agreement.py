@@ -10,26 +10,18 @@ import json
 import pytest
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness import attestation
 from harness.kms import KmsServer, cms
-from harness.pki import Pki
 from helpers.kms import ALICE, MODULE_ID, boto_client, error_of, openssl, spki_of
+
+#: Fixtures ``pki`` and ``recipient_key``.
+pytest_plugins = ["helpers.kms_recipient_fixtures"]
 
 CURVES = {"ECC_NIST_P256": ec.SECP256R1, "ECC_NIST_P384": ec.SECP384R1, "ECC_NIST_P521": ec.SECP521R1}
 #: PCR0-31 of an enclave: every PCR an NSM holds, each a different value.
 PCRS = {index: bytes([index + 1]) * 48 for index in range(32)}
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
-@pytest.fixture(scope="module")
-def recipient_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 
-from helpers.kms import error_of, openssl
-from helpers.kms_keys import RSA_SPECS, private_der
+from helpers.kms import error_of
+from helpers.kms_keys import RSA_SPECS, openssl_decrypt, openssl_encrypt, private_der
 
 #: The session's emulator and its keys: fixtures ``kms_server``, ``kms`` and ``make``.
 pytest_plugins = ["helpers.kms_fixtures"]
@@ -29,17 +29,7 @@ def test_rsa_oaep_with_openssl_both_ways(kms, make, kms_server, tmp_path, spec, 
         f"rsa_mgf1_md:{md}",
     ]
 
-    made = openssl(
-        "pkeyutl",
-        "-encrypt",
-        "-pubin",
-        "-keyform",
-        "DER",
-        "-inkey",
-        tmp_path / "pub.der",
-        *oaep,
-        data=b"made by openssl",
-    )
+    made = openssl_encrypt(tmp_path / "pub.der", oaep, b"made by openssl")
     assert made.returncode == 0 and len(made.stdout) == int(spec[4:]) // 8
     out = kms.decrypt(CiphertextBlob=made.stdout, KeyId=meta["KeyId"], EncryptionAlgorithm=algorithm)
     assert (out["Plaintext"], out["EncryptionAlgorithm"], out["KeyId"]) == (
@@ -53,16 +43,7 @@ def test_rsa_oaep_with_openssl_both_ways(kms, make, kms_server, tmp_path, spec, 
     )
     assert (sealed["EncryptionAlgorithm"], len(sealed["CiphertextBlob"])) == (algorithm, int(spec[4:]) // 8)
     (tmp_path / "key.der").write_bytes(private_der(kms_server, meta["KeyId"]))
-    opened = openssl(
-        "pkeyutl",
-        "-decrypt",
-        "-keyform",
-        "DER",
-        "-inkey",
-        tmp_path / "key.der",
-        *oaep,
-        data=sealed["CiphertextBlob"],
-    )
+    opened = openssl_decrypt(tmp_path / "key.der", oaep, sealed["CiphertextBlob"])
     assert (opened.returncode, opened.stdout) == (0, b"made by the emulator")
 
     other = "RSAES_OAEP_SHA_256" if algorithm == "RSAES_OAEP_SHA_1" else "RSAES_OAEP_SHA_1"
