@@ -223,6 +223,22 @@ def _deadline_left(deadline: float, what: str, got: int, want: int | None = None
     return left
 
 
+def _recv_before(sock: socket.socket, deadline: float, what: str, got: int,
+                 want: int | None = None) -> bytes:
+    """The next chunk (up to 256 KiB) from ``sock``, b"" at EOF, after ``got`` bytes so far.
+
+    Raises PhaseFailed at ``deadline`` (time.monotonic) or on a socket error, naming ``what``.
+    """
+    while True:
+        sock.settimeout(_deadline_left(deadline, what, got, want))
+        try:
+            return sock.recv(1 << 18)
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            raise PhaseFailed(f"{what}: receive failed after {got} bytes: {exc}") from None
+
+
 def read_to_eof(sock: socket.socket, deadline: float, what: str, want: int | None = None,
                 keep: bool = True) -> tuple[bytearray, int, str]:
     """Read ``sock`` until EOF: (bytes if ``keep``, count, sha256 hex).
@@ -231,13 +247,7 @@ def read_to_eof(sock: socket.socket, deadline: float, what: str, want: int | Non
     """
     data, digest, n = bytearray(), hashlib.sha256(), 0
     while True:
-        sock.settimeout(_deadline_left(deadline, what, n, want))
-        try:
-            chunk = sock.recv(1 << 18)
-        except TimeoutError:
-            continue
-        except OSError as exc:
-            raise PhaseFailed(f"{what}: receive failed after {n} bytes: {exc}") from None
+        chunk = _recv_before(sock, deadline, what, n, want)
         if not chunk:
             return data, n, digest.hexdigest()
         n += len(chunk)
@@ -327,13 +337,7 @@ def echo_until_eof(conn: socket.socket, deadline: float, what: str) -> tuple[int
     """Parent echo peer: send back what arrives until EOF, then half-close; (bytes, sha256)."""
     digest, n = hashlib.sha256(), 0
     while True:
-        conn.settimeout(_deadline_left(deadline, what, n))
-        try:
-            chunk = conn.recv(1 << 18)
-        except TimeoutError:
-            continue
-        except OSError as exc:
-            raise PhaseFailed(f"{what}: receive failed after {n} bytes: {exc}") from None
+        chunk = _recv_before(conn, deadline, what, n)
         if not chunk:
             break
         n += len(chunk)

@@ -439,15 +439,22 @@ class HoldingDevice(EchoDevice):
                 self.held.append(chain)
 
 
-@pytest.fixture
-def holding(sock_path):
-    dev = HoldingDevice()
+def _serve_with_rings(sock_path, dev):
+    """``dev`` served at ``sock_path`` to a FakeFrontend that has shaken hands and started both
+    rings (8 entries each): (backend, front end, queue 0's driver side)."""
     be = VhostUserBackend(sock_path, dev, offer_config=True)
     be.start()
     fe = FakeFrontend(sock_path)
     assert be.wait_connected(5)
     fe.handshake()
     q0, _ = fe.start_queues([8, 8])
+    return be, fe, q0
+
+
+@pytest.fixture
+def holding(sock_path):
+    dev = HoldingDevice()
+    be, fe, q0 = _serve_with_rings(sock_path, dev)
     yield dev, be, fe, q0
     fe.close()
     be.stop()
@@ -514,13 +521,7 @@ def test_a_stuck_loop_is_reported_by_stop_and_its_resources_are_released(sock_pa
             if armed.is_set():
                 release.wait(30)
 
-    dev = StuckDevice()
-    be = VhostUserBackend(sock_path, dev, offer_config=True)
-    be.start()
-    fe = FakeFrontend(sock_path)
-    assert be.wait_connected(5)
-    fe.handshake()
-    q0, _ = fe.start_queues([8, 8])
+    be, fe, q0 = _serve_with_rings(sock_path, StuckDevice())
     armed.set()
     q0.add([b"a"], [8])
     q0.kick()

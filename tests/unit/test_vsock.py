@@ -126,6 +126,15 @@ def make_guest(env, **kw) -> Guest:
     return Guest(fe, **kw)
 
 
+def guest_connected(env, port: int, *, src_port: int, **kw) -> tuple[Guest, socket.socket]:
+    """A guest connected from ``src_port`` to the parent listening on ``port`` (``kw`` for the
+    REQUEST, e.g. ``buf_alloc``): (the guest, the parent's accepted socket)."""
+    lst = env[0].listen(port)
+    g = make_guest(env)
+    g.connect(port, src_port=src_port, **kw)
+    return g, lst.accept(5)
+
+
 def test_config_and_queue_count(env):
     dev, be, fe, _ = env
     assert fe.num_queues == 2
@@ -240,10 +249,8 @@ def _read_n(s: socket.socket, n: int, out: bytearray) -> None:
 
 def test_credit_exhaustion_then_credit_update(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7001)
-    g = make_guest(env)
-    g.connect(7001, src_port=500, buf_alloc=10_000)  # the guest can hold 10 000 bytes
-    user = lst.accept(5)
+    # The guest can hold 10 000 bytes.
+    g, user = guest_connected(env, 7001, src_port=500, buf_alloc=10_000)
     user.sendall(b"z" * 25_000)
     got = bytearray()
     while len(got) < 10_000:
@@ -265,10 +272,7 @@ def test_credit_exhaustion_then_credit_update(env):
 
 def test_device_announces_credit_as_parent_consumes(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7002)
-    g = make_guest(env)
-    g.connect(7002, src_port=501)
-    user = lst.accept(5)
+    g, user = guest_connected(env, 7002, src_port=501)
     for _ in range(16):  # 64 KiB = buf_alloc / 4: one CREDIT_UPDATE is due
         g.send(501, 7002, Op.RW, b"q" * 4096)
     p = g.expect(Op.CREDIT_UPDATE, dst_port=501)
@@ -290,10 +294,7 @@ def _recv_all(s: socket.socket, n: int) -> bytes:
 
 def test_credit_request_is_answered(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7003)
-    g = make_guest(env)
-    g.connect(7003, src_port=502)
-    user = lst.accept(5)
+    g, user = guest_connected(env, 7003, src_port=502)
     g.send(502, 7003, Op.RW, b"abc")
     g.send(502, 7003, Op.CREDIT_REQUEST)
     p = g.expect(Op.CREDIT_UPDATE, dst_port=502)
@@ -303,10 +304,7 @@ def test_credit_request_is_answered(env):
 
 def test_guest_close_gets_rst_and_parent_reads_everything_then_eof(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7004)
-    g = make_guest(env)
-    g.connect(7004, src_port=503)
-    user = lst.accept(5)
+    g, user = guest_connected(env, 7004, src_port=503)
     g.send(503, 7004, Op.RW, b"last words")
     g.send(503, 7004, Op.SHUTDOWN, flags=3)
     g.expect(Op.RST, dst_port=503, timeout=2)
@@ -317,10 +315,7 @@ def test_guest_close_gets_rst_and_parent_reads_everything_then_eof(env):
 
 def test_guest_shutdown_send_only_half_closes(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7005)
-    g = make_guest(env)
-    g.connect(7005, src_port=504)
-    user = lst.accept(5)
+    g, user = guest_connected(env, 7005, src_port=504)
     g.send(504, 7005, Op.RW, b"req")
     g.send(504, 7005, Op.SHUTDOWN, flags=2)  # guest: shutdown(SHUT_WR)
     assert _recv_all(user, 100) == b"req"  # then EOF
@@ -339,10 +334,7 @@ def test_guest_shutdown_send_only_half_closes(env):
 
 def test_parent_shutdown_write_sends_shutdown_send(env):
     dev, be, fe, _ = env
-    lst = dev.listen(7006)
-    g = make_guest(env)
-    g.connect(7006, src_port=505)
-    user = lst.accept(5)
+    g, user = guest_connected(env, 7006, src_port=505)
     user.sendall(b"x")
     user.shutdown(socket.SHUT_WR)
     assert g.expect(Op.RW, dst_port=505).payload == b"x"
