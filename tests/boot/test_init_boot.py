@@ -74,6 +74,12 @@ def _boot(tmp_path: Path, run_dir: Path, eif: Path, memory_mib: int = 256):
         registry=Registry(run_dir), artifacts_dir=tmp_path / "art")
 
 
+def _remove_built(built) -> None:
+    """Delete a one-off ``recipes.build`` image: its EIF and the .json beside it."""
+    Path(built.info["EifPath"]).unlink(missing_ok=True)
+    Path(built.info["EifPath"]).with_suffix(".json").unlink(missing_ok=True)
+
+
 def test_hello_boot_follows_init_order(tmp_path, short_run_dir):
     """Every init step appears once, in order; the hello application then prints its lines.
 
@@ -123,8 +129,7 @@ def test_app_exit_reboots_and_ends_the_enclave(tmp_path, short_run_dir):
         finally:
             enclave.terminate()
     finally:
-        Path(built.info["EifPath"]).unlink(missing_ok=True)
-        Path(built.info["EifPath"]).with_suffix(".json").unlink(missing_ok=True)
+        _remove_built(built)
 
 
 def test_missing_program_is_reported_and_ends_the_enclave(tmp_path, short_run_dir):
@@ -140,8 +145,7 @@ def test_missing_program_is_reported_and_ends_the_enclave(tmp_path, short_run_di
         finally:
             enclave.terminate()
     finally:
-        Path(built.info["EifPath"]).unlink(missing_ok=True)
-        Path(built.info["EifPath"]).with_suffix(".json").unlink(missing_ok=True)
+        _remove_built(built)
 
 
 def test_init_path_on_nitro_kernel(tmp_path, short_run_dir):
