@@ -12,8 +12,10 @@ from helpers import REPO
 
 
 def collected(*args: str) -> list[str]:
+    # Both kernels: the whole scenario suite, 37 cases.
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", *args, "scenarios"],
+                          "-p", "no:cacheprovider", "--kernel", "nitro", "--kernel", "debian",
+                          *args, "scenarios"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return [ln for ln in out.stdout.splitlines() if re.match(r"^scenarios/\S+::", ln)]
