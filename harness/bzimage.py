@@ -81,7 +81,12 @@ class KernelImage:
         return m.group(1).decode("ascii") if m else None
 
 
-def _version_string(image: bytes) -> str | None:
+def setup_header_version(image: bytes) -> str | None:
+    """The version string an x86 bzImage's setup header points to (the boot protocol keeps a
+    pointer at 0x20E to a NUL-terminated string at 0x200 + pointer), or None. ``image``: at least
+    the bzImage's first 0x210 bytes (the string lies within its first 64 KiB)."""
+    if len(image) < 0x210:
+        return None
     ptr = struct.unpack_from("<H", image, 0x20E)[0]
     start = 0x200 + ptr
     if not ptr or start >= len(image):
@@ -177,7 +182,7 @@ def _bzimage(image: bytes) -> KernelImage:
     protocol = struct.unpack_from("<H", image, 0x206)[0]
     bits64 = protocol >= 0x20C and struct.unpack_from("<H", image, 0x236)[0] & _XLF_KERNEL_64
     arch = "x86_64" if bits64 else "i386"
-    version = _version_string(image)
+    version = setup_header_version(image)
     kind, data = _declared_payload(image) if protocol >= 0x208 else (None, b"")
     if kind is not None:
         payload, note = _decompress(kind, data)

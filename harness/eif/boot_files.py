@@ -6,7 +6,6 @@ The hypervisor loads every ramdisk of the image back to back as one initrd; QEMU
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,10 +98,7 @@ def kernel_version_of(kernel: Path | str) -> str | None:
         return None
     if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
         return None
-    ptr = struct.unpack_from("<H", head, 0x20E)[0]
-    start = 0x200 + ptr
-    if not ptr or start >= len(head):
-        return None
-    end = head.find(b"\0", start, start + 256)
-    text = head[start:end if end > 0 else start + 256].decode("ascii", "replace").strip()
+    from harness.bzimage import setup_header_version
+
+    text = setup_header_version(head)
     return text.split()[0] if text else None
