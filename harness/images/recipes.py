@@ -126,6 +126,18 @@ def build(name_or_path: str | Path, output: str | Path | None = None, *,
     return BuiltImage(path, cached, info)
 
 
+def cached_image(name_or_path: str | Path) -> Path | None:
+    """The cached EIF that :func:`build_image` would return for the recipe's current inputs
+    (recipe, packages, init, kernel, harness code), or None when it has not been built yet.
+
+    Builds nothing; an older build of the same recipe (other inputs) is never returned. Raises
+    NitroError(E48) for a bad recipe or when apt cannot resolve its packages.
+    """
+    recipe = load_recipe(name_or_path)
+    eif = image_cache() / f"{recipe.name}-{image_digest(resolve_inputs(recipe))}.eif"
+    return eif if eif.is_file() and eif.with_suffix(".json").is_file() else None
+
+
 def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
     """Build the image of resolved ``inputs`` into ``eif_path``; return its info."""
     started = time.time()
