@@ -90,6 +90,16 @@ class Nsm:
                 response = ErrorResponse(NsmErrorCode.InvalidOperation)
             except NsmRequestError as err:
                 response = ErrorResponse(err.code)
+        return self._finish(name, request, response, start, len(request_bytes))
+
+    def input_too_large(self, request_size: int) -> bytes:
+        """The answer to a request of ``request_size`` bytes (> 0x1000) whose bytes were never
+        copied: InputTooLarge (docs/nsm.md#errors), traced like :meth:`handle` would."""
+        return self._finish("?", None, ErrorResponse(NsmErrorCode.InputTooLarge),
+                            time.perf_counter(), request_size)
+
+    def _finish(self, name: str, request: Request | None, response: Response, start: float,
+                request_size: int) -> bytes:
         encoded = encode_response(response)
         if len(encoded) > MAX_RESPONSE_SIZE:
             # The driver's buffer is 0x3000; a document that large (huge user fields) cannot
@@ -104,7 +114,7 @@ class Nsm:
                     response=response,
                     error=response.error if isinstance(response, ErrorResponse) else None,
                     duration_s=time.perf_counter() - start,
-                    request_size=len(request_bytes),
+                    request_size=request_size,
                     response_size=len(encoded),
                 )
             )

@@ -15,6 +15,11 @@ does not support it): create the back end with ``offer_config=False``.
 Requests are handled one at a time, in order, on a worker thread, so signing (milliseconds)
 and injected delays never stall the vhost-user loop (which must keep answering QEMU, e.g.
 GET_VRING_BASE on stop); the used ring is only touched on the loop thread.
+
+Bounds (docs/vhost-user.md#bounds): a request's length is checked against 0x1000 before any
+byte is copied (a longer one is answered InputTooLarge from its length alone, docs/nsm.md#errors),
+and what waits for the worker is at most one request per ring entry (the device holds those
+heads), so at most queue size x 0x1000 bytes.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections import deque
 
 from harness.nsm.api import Nsm
 from harness.nsm.codec import encode_response
-from harness.nsm.messages import ErrorResponse, NsmErrorCode
+from harness.nsm.messages import MAX_REQUEST_SIZE, ErrorResponse, NsmErrorCode
 from harness.vhost_user import DescriptorChain, VhostUserBackend, VirtioDevice
 
 #: virtio device ID of the Nitro Secure Module (docs/nsm.md#device).
@@ -72,7 +77,7 @@ class NsmDevice(VirtioDevice):
         queue = self.backend.queues[0]
         while (chain := queue.pop()) is not None:
             if chain.readable_len and chain.writable_len:
-                self._submit(None, chain, chain.read())
+                self._submit(None, chain, _request_bytes(chain))
             elif chain.readable_len:
                 if self._request_chain is not None:
                     # Two requests in a row: the first never got a buffer; give it back empty.
@@ -80,7 +85,7 @@ class NsmDevice(VirtioDevice):
                 self._request_chain = chain
             elif chain.writable_len and self._request_chain is not None:
                 request, self._request_chain = self._request_chain, None
-                self._submit(request, chain, request.read())
+                self._submit(request, chain, _request_bytes(request))
             else:
                 queue.push(chain, 0)  # a response buffer with no request, or an empty chain
         queue.notify()
@@ -108,7 +113,8 @@ class NsmDevice(VirtioDevice):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _submit(self, request: DescriptorChain | None, response: DescriptorChain, data: bytes) -> None:
+    def _submit(self, request: DescriptorChain | None, response: DescriptorChain,
+                data: bytes | int) -> None:
         entry = (self._generation, request, response)
         with self._lock:
             self._inflight.append(entry)
@@ -127,12 +133,16 @@ class NsmDevice(VirtioDevice):
 
         self._executor.submit(work)
 
-    def _answer(self, data: bytes, capacity: int) -> bytes:
-        """The response bytes for request ``data``: the NSM's answer, BufferTooSmall when it
-        does not fit ``capacity``, InternalError (recorded in ``worker_errors``) when the NSM
-        model itself raised (docs/nsm.md#error-codes)."""
+    def _answer(self, data: bytes | int, capacity: int) -> bytes:
+        """The response bytes for request ``data`` (or, as an int, the length of a request too
+        large to copy): the NSM's answer, BufferTooSmall when it does not fit ``capacity``,
+        InternalError (recorded in ``worker_errors``) when the NSM model itself raised
+        (docs/nsm.md#errors)."""
         try:
-            answer = self.nsm.handle(data)
+            if isinstance(data, int):
+                answer = self.nsm.input_too_large(data)
+            else:
+                answer = self.nsm.handle(data)
         except Exception as e:  # a harness bug: the guest gets an error, the test a record
             self.worker_errors.append(f"NSM request handling raised {type(e).__name__}: {e}")
             answer = encode_response(ErrorResponse(NsmErrorCode.InternalError))
@@ -159,3 +169,11 @@ class NsmDevice(VirtioDevice):
         queue.push(response, written)
         self.requests += 1
         queue.notify()
+
+
+def _request_bytes(chain: DescriptorChain) -> bytes | int:
+    """The request's bytes, or its length alone when it is longer than 0x1000 bytes: the
+    limit is checked before anything is copied (docs/nsm.md#limits)."""
+    if chain.readable_len > MAX_REQUEST_SIZE:
+        return chain.readable_len
+    return chain.read(MAX_REQUEST_SIZE)

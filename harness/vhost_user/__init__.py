@@ -39,6 +39,7 @@ from harness.vhost_user.virtqueue import (  # noqa: F401
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    ChainTooLarge,
     DescriptorChain,
     VirtQueue,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "MemoryRegion",
     "VirtQueue",
     "DescriptorChain",
+    "ChainTooLarge",
     "Request",
     "ProtocolFeature",
     "VHOST_USER_F_PROTOCOL_FEATURES",

@@ -9,6 +9,7 @@ loop it runs on is :class:`~harness.vhost_user.loop.EventLoop`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import socket
@@ -69,6 +70,9 @@ class VhostUserBackend:
         self.offer_config = offer_config
         self.trace = trace
         self.error: str | None = None
+        #: The last malformed chains refused (one line each, newest last; bounded,
+        #: docs/vhost-user.md#bounds). Refusals do not end the device: ``error`` stays None.
+        self.refusals: collections.deque[str] = collections.deque(maxlen=16)
         self.connected = threading.Event()
         self.disconnected = threading.Event()
         self.queues = [VirtQueue(self, i, device.queue_size) for i in range(device.num_queues)]
@@ -157,6 +161,10 @@ class VhostUserBackend:
     def native_id(self) -> int | None:
         """Kernel thread id of the loop thread (for CPU placement), None before :meth:`start`."""
         return self._thread.native_id if self._thread is not None else None
+
+    def note_refusal(self, line: str) -> None:
+        """Record a refused chain (loop thread; :meth:`VirtQueue.pop` calls it)."""
+        self.refusals.append(line)
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until QEMU connected (True) or ``timeout`` seconds passed (False)."""

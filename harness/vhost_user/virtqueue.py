@@ -1,6 +1,10 @@
 """Split virtqueues in guest RAM (virtio 1.x section 2.7, which legacy virtio-mmio shares byte for
 byte): :class:`VirtQueue` pops available descriptor chains and pushes used ones, and keeps the
 ownership invariant of docs/vhost-user.md#used-ring-invariant.
+
+The guest is untrusted (docs/vhost-user.md#bounds): a chain is walked over at most the queue
+size's descriptors and never copied here; a malformed chain is refused (returned unused) and the
+queue keeps serving.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
 
+class ChainTooLarge(VhostUserError):
+    """A device asked for a chain's readable bytes and the chain holds more than its limit
+    (:meth:`DescriptorChain.read` with ``max_bytes``); nothing was copied."""
+
+
+class _Refused(Exception):
+    """A malformed chain (internal to :meth:`VirtQueue.pop`): why, in words."""
+
+
 class DescriptorChain:
     """One buffer the driver made available: a head index and its readable/writable parts.
 
@@ -52,8 +65,15 @@ class DescriptorChain:
         self.readable_len = sum(len(v) for v in readable)
         self.writable_len = sum(len(v) for v in writable)
 
-    def read(self) -> bytes:
-        """All device-readable bytes, concatenated."""
+    def read(self, max_bytes: int | None = None) -> bytes:
+        """All device-readable bytes, concatenated.
+
+        ``max_bytes``: the most the device takes (its own limit, docs/vhost-user.md#bounds);
+        a chain with more readable bytes raises :class:`ChainTooLarge` before anything is
+        copied (devices check ``readable_len`` first and refuse in their own terms)."""
+        if max_bytes is not None and self.readable_len > max_bytes:
+            raise ChainTooLarge(f"descriptor chain {self.head} holds {self.readable_len} "
+                                f"readable bytes, more than the device's {max_bytes}")
         r = self.readable
         if len(r) == 1:
             return r[0].tobytes()
@@ -129,6 +149,7 @@ class VirtQueue:
         self.generation = 0  # bumped whenever the ring is stopped or re-based
         self._holders: list[DescriptorChain | None] = []  # head -> the chain that holds it
         self.outstanding = 0  # heads popped and not yet pushed
+        self.refused = 0  # malformed chains returned unused (docs/vhost-user.md#bounds)
         self.history: collections.deque[tuple] = collections.deque(maxlen=self.HISTORY)
         # A long journal of every pop and push, for debugging a driver that rejects our
         # used entries (NITRO_HARNESS_VRING_JOURNAL=N keeps the last N operations per queue).
@@ -211,81 +232,141 @@ class VirtQueue:
         """Take the next available descriptor chain, or None if the ring is empty/not ready.
 
         Direct and indirect descriptors are followed; device-readable parts must precede
-        writable ones. Raises VhostUserError on a malformed chain.
+        writable ones. A malformed chain (docs/vhost-user.md#bounds: a loop, more descriptors
+        than the queue size, a bad or nested indirect table, a readable part after a writable
+        one, an address outside guest RAM) is refused: returned to the driver unused (length
+        0), counted in ``refused`` and named in the back end's ``refusals``; the next chain is
+        taken. A broken ring (an avail index or head the device cannot trust) raises
+        VhostUserError.
         """
-        if not self.ready:
-            return None
-        amm, ao = self._avail
-        idx = _U16.unpack_from(amm, ao + 2)[0]
-        last = self.last_avail_idx
-        if idx == last:
-            return None
-        n = self.num
-        if (idx - last) & 0xFFFF > n:
-            raise VhostUserError(
-                f"queue {self.index}: avail idx {idx} is {(idx - last) & 0xFFFF} ahead of "
-                f"{last}, more than the ring size {n}")
-        head = _U16.unpack_from(amm, ao + 4 + 2 * (last % n))[0]
-        self.last_avail_idx = (last + 1) & 0xFFFF
-        if head >= n:
-            raise VhostUserError(f"queue {self.index}: head descriptor {head} >= ring size {n}")
-        if len(self._holders) != n:
-            self._holders = [None] * n
-        if self._holders[head] is not None:
-            raise VhostUserError(
-                f"queue {self.name}: the driver made head {head} available at avail index "
-                f"{last} while the device still holds it (last operations: "
-                f"{self._history_text()})")
+        while True:
+            if not self.ready:
+                return None
+            amm, ao = self._avail
+            idx = _U16.unpack_from(amm, ao + 2)[0]
+            last = self.last_avail_idx
+            if idx == last:
+                return None
+            n = self.num
+            if (idx - last) & 0xFFFF > n:
+                raise VhostUserError(
+                    f"queue {self.index}: avail idx {idx} is {(idx - last) & 0xFFFF} ahead of "
+                    f"{last}, more than the ring size {n}")
+            head = _U16.unpack_from(amm, ao + 4 + 2 * (last % n))[0]
+            self.last_avail_idx = (last + 1) & 0xFFFF
+            if head >= n:
+                raise VhostUserError(f"queue {self.index}: head descriptor {head} >= ring size {n}")
+            if len(self._holders) != n:
+                self._holders = [None] * n
+            if self._holders[head] is not None:
+                raise VhostUserError(
+                    f"queue {self.name}: the driver made head {head} available at avail index "
+                    f"{last} while the device still holds it (last operations: "
+                    f"{self._history_text()})")
+            try:
+                readable, writable = self._walk(head)
+            except _Refused as e:
+                self._refuse(head, last, str(e))
+                continue
+            self._check_thread("pop")
+            chain = DescriptorChain(head, readable, writable, self.generation, last)
+            self._holders[head] = chain
+            self.outstanding += 1
+            if self.journal is not None:
+                self.journal.append(("pop", time.monotonic(), head, last, last % n, idx,
+                                     chain.readable_len, chain.writable_len,
+                                     threading.get_ident()))
+            self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
+            return chain
+
+    def _walk(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
+        """The readable and writable views of the chain at ``head``; raises _Refused.
+
+        Bounds (docs/vhost-user.md#bounds), QEMU's virtqueue_split_pop: at most the queue size's
+        descriptors in the ring ("Looped descriptor": max = vring num), an indirect table a
+        non-zero multiple of 16 bytes ("Invalid size for indirect buffer table") of at most the
+        queue size's entries (virtio 1.x 2.7.5.3.1: no chain longer than the queue size),
+        walked over at most its own entries, and no indirect table inside one (Linux vhost:
+        "Nested indirect descriptor"). Views only: nothing is copied, whatever the lengths."""
         table = self.backend.memory
         dmm, do = self._desc
+        n = self.num
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         i = head
         count = 0
         limit = n
         indirect = False
-        while True:
-            addr, length, flags, nxt = _DESC.unpack_from(dmm, do + 16 * i)
-            count += 1
-            if count > limit:
-                raise VhostUserError(f"queue {self.index}: descriptor chain from {head} loops")
-            if flags & VRING_DESC_F_INDIRECT:
-                if indirect:
-                    raise VhostUserError(f"queue {self.index}: nested indirect descriptor")
-                if length == 0 or length % 16:
-                    raise VhostUserError(
-                        f"queue {self.index}: indirect table length {length} is not a "
-                        "multiple of 16")
-                r, o = table.locate_gpa(addr, length)
-                dmm, do = r.mm, o
-                limit = length // 16
-                indirect = True
-                i = 0
-                count = 0
-                continue
-            if length:
-                views = table.views(addr, length)
-                if flags & VRING_DESC_F_WRITE:
-                    writable.extend(views)
-                elif writable:
-                    raise VhostUserError(
-                        f"queue {self.index}: readable descriptor after a writable one")
-                else:
-                    readable.extend(views)
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            i = nxt
-            if i >= limit:
-                raise VhostUserError(f"queue {self.index}: next descriptor {i} out of range")
-        self._check_thread("pop")
-        chain = DescriptorChain(head, readable, writable, self.generation, last)
+        try:
+            while True:
+                count += 1
+                if count > limit:
+                    raise _Refused(f"descriptor chain from head {head} loops (more than {limit} "
+                                   f"descriptors{' in its indirect table' if indirect else ''})")
+                addr, length, flags, nxt = _DESC.unpack_from(dmm, do + 16 * i)
+                if flags & VRING_DESC_F_INDIRECT:
+                    if indirect:
+                        raise _Refused(f"nested indirect descriptor in the chain from head {head}")
+                    if length == 0 or length % 16:
+                        raise _Refused(f"indirect table length {length} of the chain from head "
+                                       f"{head} is not a non-zero multiple of 16")
+                    if length // 16 > n:
+                        raise _Refused(f"indirect table of {length // 16} entries in the chain "
+                                       f"from head {head} is longer than the queue size {n}")
+                    try:
+                        r, o = table.locate_gpa(addr, length)
+                    except VhostUserError as e:
+                        raise _Refused(f"indirect table of the chain from head {head}: "
+                                       f"{e.message}") from None
+                    dmm, do = r.mm, o
+                    limit = length // 16
+                    indirect = True
+                    i = 0
+                    count = 0
+                    continue
+                if length:
+                    try:
+                        views = table.views(addr, length)
+                    except VhostUserError as e:
+                        raise _Refused(f"chain from head {head}: {e.message}") from None
+                    if flags & VRING_DESC_F_WRITE:
+                        writable.extend(views)
+                    elif writable:
+                        for v in views:
+                            v.release()
+                        raise _Refused(f"readable descriptor after a writable one in the chain "
+                                       f"from head {head}")
+                    else:
+                        readable.extend(views)
+                if not flags & VRING_DESC_F_NEXT:
+                    return readable, writable
+                i = nxt
+                if i >= limit:
+                    raise _Refused(f"next descriptor {i} of the chain from head {head} out of "
+                                   f"range (table of {limit})")
+        except _Refused:
+            for v in readable:
+                v.release()
+            for v in writable:
+                v.release()
+            raise
+
+    def _refuse(self, head: int, avail_index: int, why: str) -> None:
+        """Return the malformed chain at ``head`` unused (length 0) and record why.
+
+        QEMU marks the whole device broken on such a chain (virtio_error) and Linux's vhost
+        leaves the queue stuck on it; the harness only refuses the chain, so a misbehaving
+        guest driver loses that buffer, not its device (docs/vhost-user.md#bounds)."""
+        self.refused += 1
+        note = getattr(self.backend, "note_refusal", None)
+        if note is not None:
+            note(f"queue {self.name}: {why}; chain refused")
+        chain = DescriptorChain(head, [], [], self.generation, avail_index)
         self._holders[head] = chain
         self.outstanding += 1
-        if self.journal is not None:
-            self.journal.append(("pop", time.monotonic(), head, last, last % n, idx,
-                                 chain.readable_len, chain.writable_len, threading.get_ident()))
-        self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
-        return chain
+        self.history.append(("refuse", head, avail_index))
+        self.push(chain, 0)
+        self.notify()
 
     def push(self, chain: DescriptorChain, length: int | None = None) -> None:
         """Return ``chain`` to the driver with ``length`` bytes written (default: chain.written).

@@ -80,6 +80,12 @@ class _Conn:
         """``n`` payload bytes arrived from the guest."""
         self.rx_cnt = (self.rx_cnt + n) & 0xFFFFFFFF
 
+    def room(self, buf_alloc: int) -> int:
+        """Bytes the device can still take from the guest: its advertised window
+        ``buf_alloc - (rx_cnt - fwd_cnt)`` (docs/vsock.md#credit-flow). The guest only ever saw
+        an older, smaller ``fwd_cnt``, so a guest keeping to its credit never exceeds this."""
+        return buf_alloc - ((self.rx_cnt - self.fwd_cnt) & 0xFFFFFFFF)
+
     def forwarded(self, n: int) -> None:
         """The parent socket took ``n`` of the guest's bytes: they free the device's window."""
         self.fwd_cnt = (self.fwd_cnt + n) & 0xFFFFFFFF

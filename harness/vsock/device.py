@@ -26,9 +26,13 @@ from harness.vsock.connection import _Conn
 from harness.vsock.endpoints import HeartbeatListener, VsockListener, connect_parent
 from harness.vsock.lifecycle import ConnectionTable
 from harness.vsock.packet import (
+    DEFAULT_BACKLOG,
     HDR_SIZE,
     HEADER,
     HEARTBEAT_PORT,
+    MAX_CONNECTIONS,
+    MAX_PKT_PAYLOAD,
+    MAX_TX_PACKET,
     PARENT_CID,
     RX_QUEUE,
     SHUTDOWN_BOTH,
@@ -47,7 +51,10 @@ class VsockDevice(VirtioDevice):
     """virtio-vsock device model for the enclave with CID ``guest_cid`` (docs/vsock.md).
 
     ``buf_alloc``: receive buffer (bytes) advertised to the guest per connection (default
-    256 KiB, Linux's default). ``trace``: called on the loop thread with one dict per packet
+    256 KiB, Linux's default); a guest sending beyond it gets RST. ``max_connections``: open
+    connections the guest may have at once (default 256; more REQUESTs get RST). Both bound
+    what one enclave can make the host hold (docs/vsock.md#bounds); ``stats`` counts each
+    refusal. ``trace``: called on the loop thread with one dict per packet
     (``t``, ``dir`` "rx" (to the guest) or "tx" (from the guest), header fields, ``op_name``).
     Parent-facing methods may be called from any thread. Raises NitroError(InvalidArgument)
     for a CID the guest cannot have (0-3 or >= 2^32-1,
@@ -61,6 +68,7 @@ class VsockDevice(VirtioDevice):
     device_features = VIRTIO_VSOCK_F_STREAM
 
     def __init__(self, guest_cid: int, *, buf_alloc: int = 256 * 1024,
+                 max_connections: int = MAX_CONNECTIONS,
                  trace: Callable[[dict], None] | None = None):
         if not 4 <= guest_cid < 0xFFFFFFFF:
             raise NitroError(ErrorCode.InvalidArgument,
@@ -68,6 +76,7 @@ class VsockDevice(VirtioDevice):
                              "2^32-2 (docs/vsock.md#addresses)")
         self.guest_cid = guest_cid
         self.buf_alloc = buf_alloc
+        self.max_connections = max_connections
         self.trace = trace
         self.backend = None
         self._table = ConnectionTable(self)
@@ -88,10 +97,14 @@ class VsockDevice(VirtioDevice):
 
     # -- parent-facing API ------------------------------------------------------------
 
-    def listen(self, port: int) -> VsockListener:
-        """Listen on parent port ``port`` (CID 3). Raises NitroError(InvalidArgument) if the
-        port is taken or out of range."""
-        return self._add_listener(VsockListener(self, port))
+    def listen(self, port: int, backlog: int = DEFAULT_BACKLOG) -> VsockListener:
+        """Listen on parent port ``port`` (CID 3) with an accept queue of ``backlog``
+        connections (more REQUESTs get RST, docs/vsock.md#bounds). Raises
+        NitroError(InvalidArgument) if the port is taken or out of range, or ``backlog`` < 1."""
+        if backlog < 1:
+            raise NitroError(ErrorCode.InvalidArgument,
+                             f"vsock listen backlog {backlog} on port {port}: at least 1")
+        return self._add_listener(VsockListener(self, port, backlog))
 
     def heartbeat(self, port: int = HEARTBEAT_PORT) -> HeartbeatListener:
         """Serve the Nitro heartbeat on ``port`` (docs/vsock.md#heartbeat); call before QEMU
@@ -171,10 +184,15 @@ class VsockDevice(VirtioDevice):
             self._bridge.start(backend)
 
     def on_kick(self, queue_index: int) -> None:
-        """tx: process the guest's packets; rx: new buffers, resume blocked senders."""
+        """tx: process the guest's packets; rx: new buffers, resume blocked senders (and tx
+        processing paused for lack of room for replies)."""
         if queue_index == TX_QUEUE:
             self._process_tx()
         self._flush_ctrl()
+        if queue_index == RX_QUEUE and len(self._ctrl) < self._ctrl_limit():
+            if self.backend.queues[TX_QUEUE].has_available():
+                self._process_tx()
+                self._flush_ctrl()
         if self._pump.starved and not self._ctrl:
             self._pump.resume()
 
@@ -241,19 +259,32 @@ class VsockDevice(VirtioDevice):
 
     # -- packets from the guest -------------------------------------------------------
 
+    def _ctrl_limit(self) -> int:
+        """Replies (RESPONSE, RST, credit) that may wait for rx buffers before tx is paused:
+        Linux's vhost-vsock stops reading tx while more replies are queued than the rx ring
+        holds (vhost_vsock_more_replies), so a guest that sends without posting rx buffers
+        cannot grow the reply queue (docs/vsock.md#bounds)."""
+        return max(self.backend.queues[RX_QUEUE].num, 1)
+
     def _process_tx(self) -> None:
         q = self.backend.queues[TX_QUEUE]
         handle = self._handle_packet
         trace = self.trace
+        ctrl = self._ctrl
+        ctrl_limit = self._ctrl_limit()
         n = 0
         try:
-            while (chain := q.pop()) is not None:
-                raw = chain.read()
-                q.push(chain, 0)
+            while len(ctrl) < ctrl_limit and (chain := q.pop()) is not None:
                 n += 1
-                if len(raw) < HDR_SIZE:
-                    raise VhostUserError(f"vsock tx packet of {len(raw)} bytes is shorter than "
-                                         f"its {HDR_SIZE}-byte header")
+                size = chain.readable_len
+                if not HDR_SIZE <= size <= MAX_TX_PACKET:
+                    # Linux vhost_vsock_alloc_skb: a packet shorter than its header or longer
+                    # than header + 64 KiB is dropped, before anything is copied.
+                    q.push(chain, 0)
+                    self.stats["dropped_short" if size < HDR_SIZE else "dropped_oversized"] += 1
+                    continue
+                raw = chain.read(MAX_TX_PACKET)
+                q.push(chain, 0)
                 if trace is not None:
                     self._trace("tx", raw)
                 handle(raw)
@@ -265,6 +296,11 @@ class VsockDevice(VirtioDevice):
         (src_cid, dst_cid, src_port, dst_port, length, typ, op, flags, buf_alloc,
          fwd_cnt) = HEADER.unpack_from(raw)
         self.stats["tx_packets"] += 1
+        if length > MAX_PKT_PAYLOAD or HDR_SIZE + length > len(raw):
+            # Linux vhost_vsock_alloc_skb: "the pkt is too big or the length in the header is
+            # invalid": dropped.
+            self.stats["dropped_bad_len"] += 1
+            return
         if src_cid != self.guest_cid:
             self.stats["dropped_bad_src"] += 1  # a guest spoofing another CID: drop
             return
@@ -288,6 +324,15 @@ class VsockDevice(VirtioDevice):
                 self._table.reset(conn, send_rst=True)
                 return
             payload = memoryview(raw)[HDR_SIZE:HDR_SIZE + length]
+            if len(payload) > conn.room(self.buf_alloc):
+                # docs/vsock.md#bounds: data beyond the window the device advertised. Linux
+                # drops it (virtio_transport_recv_enqueue: virtio_transport_inc_rx_pkt fails);
+                # a silent hole in the parent's stream would be worse, so the connection is
+                # reset and counted. The device never buffers more than buf_alloc per
+                # connection.
+                self.stats["rst_credit_exceeded"] += 1
+                self._table.reset(conn, send_rst=True)
+                return
             conn.received(len(payload))
             self.stats["tx_bytes"] += len(payload)
             self._pump.to_parent(conn, payload)

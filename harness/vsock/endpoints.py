@@ -16,7 +16,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from harness.vsock.packet import HEARTBEAT_BYTE, HEARTBEAT_PORT
+from harness.vsock.packet import DEFAULT_BACKLOG, HEARTBEAT_BYTE, HEARTBEAT_PORT
 
 if TYPE_CHECKING:
     from harness.vsock.device import VsockDevice
@@ -27,14 +27,23 @@ class VsockListener:
 
     ``accept(timeout)`` returns a connected, blocking ``socket.socket`` (raises TimeoutError
     after ``timeout`` s); ``close()`` stops listening (later REQUESTs get RST) and closes
-    connections nobody accepted. Usable as a context manager.
+    connections nobody accepted. At most ``backlog`` connections wait to be accepted; further
+    REQUESTs get RST (docs/vsock.md#bounds). Usable as a context manager.
     """
 
-    def __init__(self, device: "VsockDevice", port: int):
+    def __init__(self, device: "VsockDevice", port: int, backlog: int = DEFAULT_BACKLOG):
         self.device = device
         self.port = port
+        self.backlog = backlog
         self.closed = False
         self._q: queue.Queue[socket.socket] = queue.Queue()
+
+    def admits(self) -> bool:
+        """Loop thread: True if one more guest connection may wait to be accepted.
+
+        Linux's virtio_transport_recv_listen answers RST when the listener's accept queue is
+        full (sk_acceptq_is_full), and so does the harness (docs/vsock.md#bounds)."""
+        return not self.closed and self._q.qsize() < self.backlog
 
     def _deliver(self, user_sock: socket.socket) -> None:
         """Loop thread: a guest connection was accepted; hand the user's end over."""
@@ -87,9 +96,17 @@ class HeartbeatListener(VsockListener):
         self.received_wall: float | None = None
         self.wrong_byte: int | None = None
         self.count = 0
+        self.taken = False  # the one heartbeat connection arrived
         self._socks: list[socket.socket] = []
 
+    def admits(self) -> bool:
+        """Loop thread: True until the first connection: the heartbeat is one connection from
+        init at boot (docs/vsock.md#heartbeat), so later REQUESTs get RST
+        (docs/vsock.md#bounds)."""
+        return not self.closed and not self.taken
+
     def _deliver(self, user_sock: socket.socket) -> None:
+        self.taken = True
         user_sock.setblocking(False)
         self._socks.append(user_sock)
         backend = self.device.backend

@@ -47,6 +47,18 @@ class ConnectionTable:
         lst = self.listeners.get(local_port)
         sock = None
         user = None
+        if len(self.conns) + len(self.lingering) >= dev.max_connections:
+            # docs/vsock.md#bounds: each connection holds host descriptors; past the enclave's
+            # share, refuse (RST) as Linux refuses a socket it cannot allocate.
+            dev.stats["rst_connection_limit"] += 1
+            dev._send_rst_to(PARENT_CID, local_port, peer_port)
+            return
+        if lst is not None and not lst.admits():
+            # docs/vsock.md#bounds: a full accept queue (or a heartbeat already taken) gets RST,
+            # as Linux's virtio_transport_recv_listen answers when sk_acceptq_is_full.
+            dev.stats["rst_backlog_full"] += 1
+            dev._send_rst_to(PARENT_CID, local_port, peer_port)
+            return
         if lst is not None:
             sock, user = socket.socketpair()
         elif dev._bridge is not None:

@@ -22,6 +22,17 @@ SHUTDOWN_BOTH = SHUTDOWN_RCV | SHUTDOWN_SEND
 
 HEADER = struct.Struct("<QQIIIHHIII")  # docs/vsock.md#packet-header: 44 bytes little-endian
 HDR_SIZE = HEADER.size
+# docs/vsock.md#bounds: Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE. vhost-vsock drops a tx packet
+# whose buffers hold more than header + 64 KiB, or whose header claims more payload than that.
+MAX_PKT_PAYLOAD = 64 * 1024
+MAX_TX_PACKET = HDR_SIZE + MAX_PKT_PAYLOAD
+# docs/vsock.md#bounds: a listener's accept queue, as Linux's listen() backlog (sk_max_ack_backlog;
+# somaxconn was 128 for years); REQUESTs beyond it get RST.
+DEFAULT_BACKLOG = 128
+# docs/vsock.md#bounds: connections per enclave (each holds up to two host descriptors, a
+# socketpair), so that a guest cannot exhaust the supervisor's descriptors (a common soft
+# RLIMIT_NOFILE is 1024); REQUESTs beyond it get RST.
+MAX_CONNECTIONS = 256
 
 
 class Op:

@@ -316,6 +316,48 @@ class GuestQueue:
         self.fe.write_mem(self.avail + 2, struct.pack("<H", self.avail_idx))
         return h
 
+    def _publish(self, head: int) -> None:
+        self.fe.write_mem(self.avail + 4 + 2 * (self.avail_idx % self.size),
+                          struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.fe.write_mem(self.avail + 2, struct.pack("<H", self.avail_idx))
+
+    def add_raw_chain(self, descs: list[tuple[int, int, int, int]]) -> int:
+        """Make a hand-written (possibly malformed) direct chain available on free descriptors,
+        for hostile-guest tests. ``descs`` are (addr, len, flags, next) with ``next`` an index
+        into ``descs``, written as the descriptor id it maps to; a ``next`` of ``len(descs)`` or
+        more is written as is (an index outside the chain, or outside the table). Returns the
+        head; :meth:`collect` frees the ids when the device returns it."""
+        if len(descs) > len(self.free_desc):
+            raise MemoryError("no free descriptors")
+        ids = [self.free_desc.pop() for _ in descs]
+        for k, (a, n, fl, nx) in enumerate(descs):
+            self._write_desc(self.desc, ids[k], a, n, fl, ids[nx] if nx < len(descs) else nx)
+        self.inflight[ids[0]] = (ids, [], None)
+        self._publish(ids[0])
+        return ids[0]
+
+    def add_indirect_raw(self, entries: list[tuple[int, int, int, int]], *,
+                         table_len: int | None = None, table_gpa: int | None = None,
+                         head_flags: int = F_INDIRECT) -> int:
+        """Make one head descriptor available that points at an indirect table of raw
+        ``entries`` (addr, len, flags, next; ``next`` indexes the table), for hostile-guest
+        tests. ``table_len`` overrides the length in the head (default 16 per entry);
+        ``table_gpa`` puts the head's table address anywhere (nothing is written then).
+        Returns the head."""
+        size = 16 * len(entries)
+        table = None
+        if table_gpa is None:
+            table_gpa = self.fe.alloc(max(size, 16), 16)
+            self.fe.write_mem(table_gpa, b"".join(_DESC.pack(*e) for e in entries))
+            table = (table_gpa, max(size, 16))
+        head = self.free_desc.pop()
+        self._write_desc(self.desc, head, table_gpa, size if table_len is None else table_len,
+                         head_flags, 0)
+        self.inflight[head] = ([head], [], table)
+        self._publish(head)
+        return head
+
     def set_no_interrupt(self, on: bool) -> None:
         """Set or clear VRING_AVAIL_F_NO_INTERRUPT in the avail ring's flags."""
         self.fe.write_mem(self.avail, struct.pack("<H", 1 if on else 0))

@@ -14,6 +14,7 @@ from harness.errors import NitroError
 from harness.vhost_user import (
     MemoryRegion,
     MemoryTable,
+    ChainTooLarge,
     ProtocolFeature,
     Request,
     VhostUserBackend,
@@ -241,36 +242,69 @@ def test_malformed_message_gives_clear_error_and_closes(served, bad, reason):
         fe.get_u64(Request.GET_FEATURES)
 
 
-def test_descriptor_loop_is_a_clear_error(served):
+def _refused_then_served(be, fe, q0, head: int, words: str) -> None:
+    """docs/vhost-user.md#bounds: the malformed chain comes back unused (length 0), named in
+    ``refusals``; the back end keeps its connection and serves the next chain."""
+    q0.kick()
+    assert q0.wait_used(1, 5), be.error
+    assert q0.collect() == [(head, 0, b"")]
+    assert be.error is None and not be.disconnected.is_set()
+    assert be.queues[0].refused == 1
+    assert words in be.refusals[-1] and be.refusals[-1].startswith("queue 0:")
+    h = q0.add([b"after"], [16])
+    q0.kick()
+    assert q0.wait_used(1, 5)
+    assert q0.collect() == [(h, 5, b"AFTER")]
+
+
+def test_descriptor_loop_is_refused(served):
     dev, be, fe = served
     fe.handshake()
     q0, _ = fe.start_queues([8, 8])
     buf = fe.alloc(16)
-    q0.add_raw([(buf, 4, 1, 1), (buf, 4, 1, 0)])  # 0 -> 1 -> 0 -> ...
-    q0.kick()
-    assert be.disconnected.wait(5)
-    assert "loops" in be.error
+    head = q0.add_raw_chain([(buf, 4, 1, 1), (buf, 4, 1, 0)])  # 0 -> 1 -> 0 -> ...
+    _refused_then_served(be, fe, q0, head, "loops (more than 8 descriptors)")
 
 
-def test_readable_after_writable_is_rejected(served):
+def test_readable_after_writable_is_refused(served):
     dev, be, fe = served
     fe.handshake()
     q0, _ = fe.start_queues([8, 8])
     buf = fe.alloc(16)
-    q0.add_raw([(buf, 4, 2 | 1, 1), (buf, 4, 0, 0)])
-    q0.kick()
-    assert be.disconnected.wait(5)
-    assert "readable descriptor after a writable one" in be.error
+    head = q0.add_raw_chain([(buf, 4, 2 | 1, 1), (buf, 4, 0, 0)])
+    _refused_then_served(be, fe, q0, head, "readable descriptor after a writable one")
 
 
-def test_buffer_outside_guest_ram_is_rejected(served):
+def test_buffer_outside_guest_ram_is_refused(served):
     dev, be, fe = served
     fe.handshake()
     q0, _ = fe.start_queues([8, 8])
-    q0.add_raw([(0x10, 4, 0, 0)])
+    head = q0.add_raw_chain([(0x10, 4, 0, 0)])
+    _refused_then_served(be, fe, q0, head, "outside every memory region")
+
+
+def test_a_chain_longer_than_the_device_reads_raises_before_copying(served):
+    dev, be, fe = served
+    fe.handshake()
+    q0, _ = fe.start_queues([8, 8])
+    q0.add([b"x" * 100], [])
+    vq = be.queues[0]
+    dev.on_kick = lambda i: None  # pop by hand below, on the loop thread
     q0.kick()
-    assert be.disconnected.wait(5)
-    assert "outside every memory region" in be.error
+    got = []
+
+    def take():
+        c = vq.pop()
+        try:
+            c.read(99)
+        except ChainTooLarge as e:
+            got.append(str(e))
+        got.append(c.read(100))
+        vq.push(c, 0)
+
+    dev.run_on_loop(take)
+    assert "100 readable bytes, more than the device's 99" in got[0]
+    assert got[1] == b"x" * 100
 
 
 def test_disconnect_with_running_rings_sets_error(served):
