@@ -109,7 +109,7 @@ class Guest:
         for p in pkts:
             while not self.txq.free_desc:
                 self.txq.kick()
-                self.txq.wait_used(1, 5)
+                assert self.txq.wait_used(1, 5), "the device stopped taking tx packets"
                 self.txq.collect()
                 self.poll(0)
             self.txq.add([p], [])
