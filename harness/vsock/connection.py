@@ -35,7 +35,9 @@ class _Conn:
         self.rx_cnt = 0  # payload bytes received from the guest
         self.fwd_cnt = 0  # of those, bytes handed to the parent socket
         self.announced_fwd = 0  # fwd_cnt the guest last saw
-        self.out = bytearray()  # guest -> parent bytes not yet accepted by the socket
+        # Guest -> parent bytes not yet accepted by the socket: at most the device's buf_alloc,
+        # since data beyond the advertised window resets the connection (docs/vsock.md#bounds).
+        self.out = bytearray()
         self.guest_shut = 0  # SHUTDOWN flags the guest sent
         self.parent_eof = False
         self.reading = False

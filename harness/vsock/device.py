@@ -82,6 +82,8 @@ class VsockDevice(VirtioDevice):
         self._table = ConnectionTable(self)
         self._conns = self._table.conns  # the table's dict: looked up for every guest packet
         self._pump = ParentPump(self)
+        # Replies waiting for rx buffers: tx is not read while they number the rx ring's size
+        # (_ctrl_limit, docs/vsock.md#bounds).
         self._ctrl: collections.deque[bytes] = collections.deque()
         self._spare: DescriptorChain | None = None
         self._bridge: UnixBridge | None = None
