@@ -1,7 +1,8 @@
 """Find the QEMU the harness runs enclaves on, and probe what it can do.
 
 Where QEMU comes from (docs/architecture.md#qemu-build): ``nitro-harness setup --only qemu``
-builds Debian's qemu 10.0 source with a patch that makes ``vhost-user-device`` user-creatable and
+builds Debian's qemu 10.0 source with two patches (``vhost-user-device`` user-creatable; QEMU's own
+NSM device waits for its response buffer) and
 installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
 ``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64``; :func:`probe_qemu` then says what
 that binary lacks. One idea per module:

@@ -34,11 +34,13 @@ from harness.vhost_user.protocol import (  # noqa: F401
     Request,
     VhostUserError,
 )
-from harness.vhost_user.virtqueue import (  # noqa: F401
-    VRING_AVAIL_F_NO_INTERRUPT,
+from harness.vhost_user.chain_walk import (  # noqa: F401
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+)
+from harness.vhost_user.virtqueue import (  # noqa: F401
+    VRING_AVAIL_F_NO_INTERRUPT,
     ChainTooLarge,
     DescriptorChain,
     VirtQueue,

@@ -97,19 +97,11 @@ class VhostUserBackend:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._conn: socket.socket | None = None
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if os.path.exists(self.socket_path):
-                os.unlink(self.socket_path)  # a stale socket from a dead run
-            self._listener.bind(self.socket_path)
-            self._listener.listen(1)
-            self._listener.setblocking(False)
-        except OSError as e:
-            self._listener.close()
+            self._listener = listen_unix(self.socket_path)
+        except NitroError:
             loop.close()
-            raise NitroError(ErrorCode.FileOperationFailure,
-                             f"vhost-user socket {self.socket_path}: cannot listen: "
-                             f"{e.strerror or e}") from None
+            raise
         self._bound = True
         self.add_reader(self._listener.fileno(), self._on_accept)
 
@@ -337,11 +329,11 @@ class VhostUserBackend:
             self.device.on_kick(q.index)
 
     def _unmap(self) -> None:
+        for q in self.queues:
+            q.unmap()  # first: the rings' views would pin the regions
         if self.memory is not None:
             self._pinned.extend(self.memory.close())
             self.memory = None
-        for q in self.queues:
-            q._desc = q._avail = q._used = None
 
 
 def _thread_location(t: threading.Thread) -> str:
@@ -353,3 +345,20 @@ def _thread_location(t: threading.Thread) -> str:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(stdlib):
         frame = frame.f_back  # the caller blocked in threading/socket is the useful place
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A non-blocking Unix stream socket listening at ``path`` for QEMU's one connection (a
+    stale socket file from a dead run is replaced). Raises NitroError(FileOperationFailure)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if os.path.exists(path):
+            os.unlink(path)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+    except OSError as e:
+        listener.close()
+        raise NitroError(ErrorCode.FileOperationFailure,
+                         f"vhost-user socket {path}: cannot listen: {e.strerror or e}") from None
+    return listener

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from harness.vhost_user.backend import VhostUserBackend
     from harness.vhost_user.virtqueue import VirtQueue
 
-_U16 = struct.Struct("<H")  # the used ring's idx field
 
 Handler = Callable[["VhostUserBackend", int, bytes, "list[int]"], "bool | None"]
 
@@ -179,8 +178,7 @@ def _set_vring_addr(be: VhostUserBackend, req: int, payload: bytes, fds: list[in
     q.addr_set = True
     q._map(be.memory)
     if q._used is not None:
-        mm, o = q._used
-        q.used_idx = _U16.unpack_from(mm, o + 2)[0]
+        q.used_idx = q.device_used_idx_in_ring()
 
 
 def _get_vring_base(be: VhostUserBackend, req: int, payload: bytes, fds: list[int]) -> None:

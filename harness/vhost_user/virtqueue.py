@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from harness.vhost_user.chain_walk import RefusedChain, walk_chain
 from harness.vhost_user.memory import MemoryTable
 from harness.vhost_user.protocol import VhostUserError
 
@@ -24,22 +25,20 @@ if TYPE_CHECKING:
     from harness.vhost_user.backend import VhostUserBackend
 
 # Split virtqueue layout (virtio 1.x 2.7).
-_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
+# The ring's indices and used elements are read and written through memoryviews of native
+# format "H" and "Q": CPython turns each item access into one load or store of that width.
+# struct.pack_into is not usable here: it clears the field and then stores it a byte at a time,
+# and a driver reading used->idx in between sees it go back (docs/vhost-user.md#single-stores).
+# Virtio rings are little-endian, as is every host the harness runs on.
+assert sys.byteorder == "little"
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
 
 class ChainTooLarge(VhostUserError):
     """A device asked for a chain's readable bytes and the chain holds more than its limit
     (:meth:`DescriptorChain.read` with ``max_bytes``); nothing was copied."""
-
-
-class _Refused(Exception):
-    """A malformed chain (internal to :meth:`VirtQueue.pop`): why, in words."""
 
 
 class DescriptorChain:
@@ -145,6 +144,10 @@ class VirtQueue:
         self.started = False  # kick received after the ring address
         self.enabled = False
         self._desc = self._avail = self._used = None  # (mmap, offset)
+        # Single-access views (see _map): avail flags, idx, ring[n]; used flags, idx; used ring.
+        self._avail_words: memoryview | None = None
+        self._used_words: memoryview | None = None
+        self._used_elems: memoryview | None = None
         self.pending_push = 0  # used entries since the last notify
         self.generation = 0  # bumped whenever the ring is stopped or re-based
         self._holders: list[DescriptorChain | None] = []  # head -> the chain that holds it
@@ -208,21 +211,36 @@ class VirtQueue:
 
     def _map(self, table: MemoryTable | None) -> None:
         """Resolve ring addresses against the memory table (called on ADDR and MEM_TABLE)."""
+        self.unmap()
         if not self.addr_set or table is None or self.num == 0:
-            self._desc = self._avail = self._used = None
             return
         n = self.num
         r, o = table.locate_qva(self.desc_addr, 16 * n)
         self._desc = (r.mm, o)
         r, o = table.locate_qva(self.avail_addr, 6 + 2 * n)
         self._avail = (r.mm, o)
+        self._avail_words = r.view[o:o + 4 + 2 * n].cast("H")
         r, o = table.locate_qva(self.used_addr, 6 + 8 * n)
         self._used = (r.mm, o)
+        self._used_words = r.view[o:o + 4].cast("H")
+        self._used_elems = r.view[o + 4:o + 4 + 8 * n].cast("Q")
+
+    def unmap(self) -> None:
+        """Forget the ring's place in guest RAM and release the views into it (so the memory
+        table can be unmapped)."""
+        for view in (self._avail_words, self._used_words, self._used_elems):
+            if view is not None:
+                view.release()
+        self._avail_words = self._used_words = self._used_elems = None
+        self._desc = self._avail = self._used = None
 
     def avail_idx(self) -> int:
-        """The driver's avail->idx (u16)."""
-        mm, o = self._avail
-        return _U16.unpack_from(mm, o + 2)[0]
+        """The driver's avail->idx (u16), read with one load."""
+        return self._avail_words[1]
+
+    def device_used_idx_in_ring(self) -> int:
+        """used->idx as it is in guest RAM now (u16, one load)."""
+        return self._used_words[1]
 
     def has_available(self) -> bool:
         """True if the driver has made buffers available that were not popped yet."""
@@ -242,8 +260,8 @@ class VirtQueue:
         while True:
             if not self.ready:
                 return None
-            amm, ao = self._avail
-            idx = _U16.unpack_from(amm, ao + 2)[0]
+            words = self._avail_words
+            idx = words[1]
             last = self.last_avail_idx
             if idx == last:
                 return None
@@ -252,7 +270,7 @@ class VirtQueue:
                 raise VhostUserError(
                     f"queue {self.index}: avail idx {idx} is {(idx - last) & 0xFFFF} ahead of "
                     f"{last}, more than the ring size {n}")
-            head = _U16.unpack_from(amm, ao + 4 + 2 * (last % n))[0]
+            head = words[2 + last % n]
             self.last_avail_idx = (last + 1) & 0xFFFF
             if head >= n:
                 raise VhostUserError(f"queue {self.index}: head descriptor {head} >= ring size {n}")
@@ -264,8 +282,8 @@ class VirtQueue:
                     f"{last} while the device still holds it (last operations: "
                     f"{self._history_text()})")
             try:
-                readable, writable = self._walk(head)
-            except _Refused as e:
+                readable, writable = walk_chain(self.backend.memory, self._desc, self.num, head)
+            except RefusedChain as e:
                 self._refuse(head, last, str(e))
                 continue
             self._check_thread("pop")
@@ -278,78 +296,6 @@ class VirtQueue:
                                      threading.get_ident()))
             self.history.append(("pop", head, last, sys._getframe(1).f_code.co_name))
             return chain
-
-    def _walk(self, head: int) -> tuple[list[memoryview], list[memoryview]]:
-        """The readable and writable views of the chain at ``head``; raises _Refused.
-
-        Bounds (docs/vhost-user.md#bounds), QEMU's virtqueue_split_pop: at most the queue size's
-        descriptors in the ring ("Looped descriptor": max = vring num), an indirect table a
-        non-zero multiple of 16 bytes ("Invalid size for indirect buffer table") of at most the
-        queue size's entries (virtio 1.x 2.7.5.3.1: no chain longer than the queue size),
-        walked over at most its own entries, and no indirect table inside one (Linux vhost:
-        "Nested indirect descriptor"). Views only: nothing is copied, whatever the lengths."""
-        table = self.backend.memory
-        dmm, do = self._desc
-        n = self.num
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        i = head
-        count = 0
-        limit = n
-        indirect = False
-        try:
-            while True:
-                count += 1
-                if count > limit:
-                    raise _Refused(f"descriptor chain from head {head} loops (more than {limit} "
-                                   f"descriptors{' in its indirect table' if indirect else ''})")
-                addr, length, flags, nxt = _DESC.unpack_from(dmm, do + 16 * i)
-                if flags & VRING_DESC_F_INDIRECT:
-                    if indirect:
-                        raise _Refused(f"nested indirect descriptor in the chain from head {head}")
-                    if length == 0 or length % 16:
-                        raise _Refused(f"indirect table length {length} of the chain from head "
-                                       f"{head} is not a non-zero multiple of 16")
-                    if length // 16 > n:
-                        raise _Refused(f"indirect table of {length // 16} entries in the chain "
-                                       f"from head {head} is longer than the queue size {n}")
-                    try:
-                        r, o = table.locate_gpa(addr, length)
-                    except VhostUserError as e:
-                        raise _Refused(f"indirect table of the chain from head {head}: "
-                                       f"{e.message}") from None
-                    dmm, do = r.mm, o
-                    limit = length // 16
-                    indirect = True
-                    i = 0
-                    count = 0
-                    continue
-                if length:
-                    try:
-                        views = table.views(addr, length)
-                    except VhostUserError as e:
-                        raise _Refused(f"chain from head {head}: {e.message}") from None
-                    if flags & VRING_DESC_F_WRITE:
-                        writable.extend(views)
-                    elif writable:
-                        for v in views:
-                            v.release()
-                        raise _Refused(f"readable descriptor after a writable one in the chain "
-                                       f"from head {head}")
-                    else:
-                        readable.extend(views)
-                if not flags & VRING_DESC_F_NEXT:
-                    return readable, writable
-                i = nxt
-                if i >= limit:
-                    raise _Refused(f"next descriptor {i} of the chain from head {head} out of "
-                                   f"range (table of {limit})")
-        except _Refused:
-            for v in readable:
-                v.release()
-            for v in writable:
-                v.release()
-            raise
 
     def _refuse(self, head: int, avail_index: int, why: str) -> None:
         """Return the malformed chain at ``head`` unused (length 0) and record why.
@@ -390,21 +336,20 @@ class VirtQueue:
                 f"which the device does not hold ({why}; last operations: "
                 f"{self._history_text()})")
         self._check_thread("push")
-        mm, o = self._used
+        used_words = self._used_words
         u = self.used_idx
-        ring_idx = _U16.unpack_from(mm, o + 2)[0]
+        ring_idx = used_words[1]
         if ring_idx != u:
             # Only the device writes the used ring: a different index means another writer.
             raise VhostUserError(
                 f"queue {self.name}: the used ring's index reads {ring_idx}, but the device last "
                 f"wrote {u}: something else writes this ring (last operations: "
                 f"{self._history_text()})")
-        if chain.avail_index is not None and self._avail is not None:
+        if chain.avail_index is not None and self._avail_words is not None:
             # While the device holds a head the driver cannot reuse its avail slot (that needs
             # every descriptor free), so the slot still names it; if not, the pop read a stale
             # entry and this return would hand the driver a head it does not expect.
-            amm, ao = self._avail
-            now = _U16.unpack_from(amm, ao + 4 + 2 * (chain.avail_index % self.num))[0]
+            now = self._avail_words[2 + chain.avail_index % self.num]
             if now != head:
                 raise VhostUserError(
                     f"queue {self.name}: head {head} was taken from avail index "
@@ -417,21 +362,21 @@ class VirtQueue:
         if self.journal is not None:
             self.journal.append(("push", time.monotonic(), head, u, u % self.num, length,
                                  threading.get_ident()))
-        _USED_ELEM.pack_into(mm, o + 4 + 8 * (u % self.num), chain.head, length)
+        # One 8-byte store of {id, len}, then one 2-byte store of the index: x86 (and the guest)
+        # see stores in order, so the element is visible before the index that publishes it.
+        self._used_elems[u % self.num] = chain.head | (length << 32)
         u = (u + 1) & 0xFFFF
-        # x86 and the guest see stores in order; the element is visible before the index.
-        _U16.pack_into(mm, o + 2, u)
+        used_words[1] = u
         self.used_idx = u
         self.pending_push += 1
 
     def notify(self, force: bool = False) -> None:
         """Signal the driver (write 1 to the call eventfd) if anything was pushed since the
         last notify (or ``force``) and the driver did not set VRING_AVAIL_F_NO_INTERRUPT."""
-        if not (self.pending_push or force) or self.call_fd is None or self._avail is None:
+        if not (self.pending_push or force) or self.call_fd is None or self._avail_words is None:
             return
         self.pending_push = 0
-        mm, o = self._avail
-        if _U16.unpack_from(mm, o)[0] & VRING_AVAIL_F_NO_INTERRUPT and not force:
+        if self._avail_words[0] & VRING_AVAIL_F_NO_INTERRUPT and not force:
             return
         try:
             os.eventfd_write(self.call_fd, 1)

@@ -31,7 +31,6 @@ from harness.vsock.packet import (
     HEADER,
     HEARTBEAT_PORT,
     MAX_CONNECTIONS,
-    MAX_PKT_PAYLOAD,
     MAX_TX_PACKET,
     PARENT_CID,
     RX_QUEUE,
@@ -42,6 +41,7 @@ from harness.vsock.packet import (
     VIRTIO_ID_VSOCK,
     VIRTIO_VSOCK_F_STREAM,
     Op,
+    header_refusal,
     trace_record,
 )
 from harness.vsock.pump import ParentPump
@@ -253,11 +253,8 @@ class VsockDevice(VirtioDevice):
             q.push(chain, len(pkt))
             self.stats["rx_packets"] += 1
             if trace is not None:
-                self._trace("rx", pkt)
+                trace(trace_record("rx", pkt))
         q.notify()
-
-    def _trace(self, direction: str, pkt: bytes) -> None:
-        self.trace(trace_record(direction, pkt))
 
     # -- packets from the guest -------------------------------------------------------
 
@@ -288,7 +285,7 @@ class VsockDevice(VirtioDevice):
                 raw = chain.read(MAX_TX_PACKET)
                 q.push(chain, 0)
                 if trace is not None:
-                    self._trace("tx", raw)
+                    trace(trace_record("tx", raw))
                 handle(raw)
         finally:
             if n:
@@ -298,19 +295,10 @@ class VsockDevice(VirtioDevice):
         (src_cid, dst_cid, src_port, dst_port, length, typ, op, flags, buf_alloc,
          fwd_cnt) = HEADER.unpack_from(raw)
         self.stats["tx_packets"] += 1
-        if length > MAX_PKT_PAYLOAD or HDR_SIZE + length > len(raw):
-            # Linux vhost_vsock_alloc_skb: "the pkt is too big or the length in the header is
-            # invalid": dropped.
-            self.stats["dropped_bad_len"] += 1
-            return
-        if src_cid != self.guest_cid:
-            self.stats["dropped_bad_src"] += 1  # a guest spoofing another CID: drop
-            return
-        if dst_cid != PARENT_CID or typ != TYPE_STREAM:
-            # docs/vsock.md#addresses: only CID 3 is reachable from an enclave; no seqpacket
-            # offered.
-            self.stats["rst_unreachable"] += 1
-            if op != Op.RST:
+        refusal = header_refusal(self.guest_cid, src_cid, dst_cid, typ, length, len(raw))
+        if refusal is not None:
+            self.stats[refusal] += 1
+            if refusal == "rst_unreachable" and op != Op.RST:
                 self._send_rst_to(dst_cid, dst_port, src_port)
             return
         conn = self._conns.get((dst_port, src_port))
@@ -325,19 +313,8 @@ class VsockDevice(VirtioDevice):
             if conn.state != "established":
                 self._table.reset(conn, send_rst=True)
                 return
-            payload = memoryview(raw)[HDR_SIZE:HDR_SIZE + length]
-            if len(payload) > conn.room(self.buf_alloc):
-                # docs/vsock.md#bounds: data beyond the window the device advertised. Linux
-                # drops it (virtio_transport_recv_enqueue: virtio_transport_inc_rx_pkt fails);
-                # a silent hole in the parent's stream would be worse, so the connection is
-                # reset and counted. The device never buffers more than buf_alloc per
-                # connection.
-                self.stats["rst_credit_exceeded"] += 1
-                self._table.reset(conn, send_rst=True)
+            if not self._pump.from_guest(conn, memoryview(raw)[HDR_SIZE:HDR_SIZE + length]):
                 return
-            conn.received(len(payload))
-            self.stats["tx_bytes"] += len(payload)
-            self._pump.to_parent(conn, payload)
         elif op == Op.RESPONSE:
             if conn.state != "connecting":
                 self._table.reset(conn, send_rst=True)

@@ -58,3 +58,25 @@ def trace_record(direction: str, pkt: bytes) -> dict:
             "src_port": f[2], "dst_port": f[3], "len": f[4], "type": f[5], "op": f[6],
             "op_name": OP_NAMES.get(f[6], str(f[6])), "flags": f[7],
             "buf_alloc": f[8], "fwd_cnt": f[9]}
+
+
+def header_refusal(guest_cid: int, src_cid: int, dst_cid: int, typ: int, length: int,
+                   packet_size: int) -> str | None:
+    """Why a packet from the guest with these header fields is refused, as the device's
+    ``stats`` counter name, or None when it goes to its connection. ``packet_size``: bytes the
+    chain held (header included).
+
+    - ``dropped_bad_len``: the header claims more than 64 KiB of payload or more than the chain
+      holds (Linux vhost_vsock_alloc_skb: "the pkt is too big or the length in the header is
+      invalid": dropped);
+    - ``dropped_bad_src``: a source CID other than the enclave's own (a spoofed CID: dropped);
+    - ``rst_unreachable``: a destination other than the parent, or a socket type other than
+      stream (docs/vsock.md#addresses: only CID 3 is reachable; no seqpacket): answered RST.
+    """
+    if length > MAX_PKT_PAYLOAD or HDR_SIZE + length > packet_size:
+        return "dropped_bad_len"
+    if src_cid != guest_cid:
+        return "dropped_bad_src"
+    if dst_cid != PARENT_CID or typ != TYPE_STREAM:
+        return "rst_unreachable"
+    return None

@@ -23,6 +23,7 @@ from harness.vsock.packet import (
     SHUTDOWN_RCV,
     SHUTDOWN_SEND,
     Op,
+    trace_record,
 )
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ class ParentPump:
                 dev.stats["rx_packets"] += 1
                 dev.stats["rx_bytes"] += got
                 if trace is not None:
-                    dev._trace("rx", h)
+                    trace(trace_record("rx", h))
         finally:
             if sent:
                 q.notify()
@@ -164,6 +165,25 @@ class ParentPump:
                 if table.conns.get((conn.local_port, conn.peer_port)) is conn else None)
 
     # -- guest -> parent ----------------------------------------------------------------------
+
+    def from_guest(self, conn: _Conn, payload: memoryview) -> bool:
+        """An RW payload from the guest on established ``conn``: within the window the device
+        advertised it goes to the parent (:meth:`to_parent`) and True is returned; beyond it the
+        connection is reset (RST, counted in ``rst_credit_exceeded``) and False is returned.
+
+        docs/vsock.md#bounds: Linux drops data beyond the receive window
+        (virtio_transport_recv_enqueue: virtio_transport_inc_rx_pkt fails); a silent hole in the
+        parent's stream would be worse, so the connection is reset. The device never buffers
+        more than buf_alloc bytes per connection."""
+        dev = self.device
+        if len(payload) > conn.room(dev.buf_alloc):
+            dev.stats["rst_credit_exceeded"] += 1
+            dev._table.reset(conn, send_rst=True)
+            return False
+        conn.received(len(payload))
+        dev.stats["tx_bytes"] += len(payload)
+        self.to_parent(conn, payload)
+        return True
 
     def to_parent(self, conn: _Conn, payload: memoryview) -> None:
         """Hand an RW payload from the guest to the parent socket (or queue it)."""

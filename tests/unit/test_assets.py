@@ -26,8 +26,9 @@ def test_everything_a_build_needs_is_package_data() -> None:
     assert (assets.program_dir("nsm-pcr") / "Makefile").is_file()
     assert (assets.guest_dir() / "nsm_tool.py").is_file()
     assert assets.kernel_config().read_text().startswith("#")
-    assert [p.name for p in assets.qemu_patches_dir().glob("*.patch")] == [
-        "0001-vhost-user-device-user-creatable.patch"]
+    assert sorted(p.name for p in assets.qemu_patches_dir().glob("*.patch")) == [
+        "0001-vhost-user-device-user-creatable.patch",
+        "0002-virtio-nsm-wait-for-response-buffer.patch"]
     for script in ("build-qemu.sh", "build-kernel.sh"):
         assert assets.build_script(script).read_text().startswith("#!/usr/bin/env bash")
     # pyproject ships harness/data recursively (the wheel test checks the installed copy).
