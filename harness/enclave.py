@@ -24,6 +24,7 @@ import hashlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ class Enclave:
 
     def __init__(self, config: EnclaveConfig, *, artifacts_dir: Path | None = None,
                  accel: str | None = None, qemu: Path | None = None,
-                 registry: Registry | None = None, control_socket: str | None = None):
+                 registry: Registry | None = None, control_socket: str | None = None,
+                 on_vsock: Callable[[Any], None] | None = None):
         self.config = config
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
         self._accel = accel
@@ -139,7 +141,7 @@ class Enclave:
         self.preflight: list[preflight.Finding] = []
         self._ended_by_itself = False
         self._monitor: threading.Thread | None = None
-        self._devices = EnclaveDevices()
+        self._devices = EnclaveDevices(on_vsock)  # on_vsock: see EnclaveDevices
         self._lock = threading.Lock()
         self._terminated = False
         self._released = threading.Event()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ class EnclaveDevices:
     :class:`harness.vsock.HeartbeatListener`) once :meth:`start_vsock` ran; ``nsm``
     (:class:`harness.nsm.Nsm` or None) with ``nsm_status`` saying why; ``backends`` the started
     :class:`harness.vhost_user.VhostUserBackend` objects (each with ``error`` set when it failed).
+    ``on_vsock``, when given, is called with the vsock device once it serves and before QEMU
+    starts, so that parent listeners (a scenario's vsock-proxies) exist before the guest runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_vsock: Callable[[Any], None] | None = None) -> None:
+        self.on_vsock = on_vsock
         self.backends: list[Any] = []
         self.vsock: Any = None
         self.heartbeat: Any = None
@@ -42,8 +46,9 @@ class EnclaveDevices:
     def start_vsock(self, state_dir: Path, cid: int) -> None:
         """Start the vsock device for guest ``cid`` on ``state_dir/vsock.sock``, with the
         heartbeat listener bound first (docs/boot.md#heartbeat-wait) and packet headers traced to
-        ``state_dir/vsock.trace`` (one JSON object a line). Raises OSError or NitroError when the
-        socket cannot be created; what was started is still released by :meth:`stop`."""
+        ``state_dir/vsock.trace`` (one JSON object a line), then ``on_vsock``. Raises OSError or
+        NitroError when the socket cannot be created, or what ``on_vsock`` raises; what was
+        started is still released by :meth:`stop`."""
         from harness.vhost_user import VhostUserBackend
         from harness.vsock import VsockDevice
 
@@ -58,6 +63,8 @@ class EnclaveDevices:
         backend = VhostUserBackend(state_dir / "vsock.sock", self.vsock, offer_config=True)
         backend.start()
         self.backends.append(backend)
+        if self.on_vsock is not None:
+            self.on_vsock(self.vsock)
 
     def start_nsm(
         self,

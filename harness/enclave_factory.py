@@ -14,7 +14,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -173,6 +173,10 @@ class EnclaveFactory:
     qemu.cmdline, qemu.stderr and traces, kept by the engine; describe.json added here).
     ``cids`` yields CIDs for enclaves that do not ask for one (distinct ranges keep parallel
     pytest-xdist workers apart); ``qemu``/``accel`` are passed to ``Enclave.start``.
+    ``start_hooks`` are called with each ``EnclaveConfig`` before its enclave starts, and
+    ``vsock_hooks`` with each enclave's vsock device before its QEMU starts (a scenario's
+    services: keys created before the first boot, vsock-proxies listening before the guest
+    runs); what they raise fails that start.
     Used by the pytest plugin's ``enclave_factory`` fixture and by the scenario runner.
     """
 
@@ -183,6 +187,8 @@ class EnclaveFactory:
         self.accel = accel
         self.cids = cids
         self.enclaves: list[RunningEnclave] = []
+        self.start_hooks: list[Callable[[EnclaveConfig], None]] = []
+        self.vsock_hooks: list[Callable[[Any], None]] = []
         self._count = 0
 
     def config(self, *, image: str | None = None, eif: str | Path | None = None,
@@ -213,10 +219,14 @@ class EnclaveFactory:
 
         if config is None:
             config = self.config(**settings)
+        for hook in self.start_hooks:
+            hook(config)
         self._count += 1
         label = re.sub(r"[^A-Za-z0-9_.-]", "_", config.name or Path(config.eif_path).stem)
         folder = self.artifacts_dir / f"{self._count}-{label}"
-        enclave = Enclave.start(config, artifacts_dir=folder, accel=self.accel, qemu=self.qemu)
+        hooks = list(self.vsock_hooks)
+        enclave = Enclave.start(config, artifacts_dir=folder, accel=self.accel, qemu=self.qemu,
+                                on_vsock=(lambda device: [hook(device) for hook in hooks]) if hooks else None)
         self.enclaves.append(enclave)
         with contextlib.suppress(Exception):
             (folder).mkdir(parents=True, exist_ok=True)

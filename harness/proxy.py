@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -178,7 +178,9 @@ class VsockProxy:
     nitro-cli refuses to start). None skips the check (library use only; the CLI always
     applies a config).
     ``ip_version``: 4, 6 or None (nitro-cli's ``-4``/``-6``); ``num_workers``: simultaneous
-    connections (``-w``, default 4); ``owns_listener``: close the listener on :meth:`stop`.
+    connections (``-w``, default 4); ``owns_listener``: close the listener on :meth:`stop`;
+    ``on_event``: called with one line of text per connection event (accepted, upstream
+    unreachable, closed), for a log the caller keeps.
 
     :meth:`start` serves in a daemon thread; :meth:`stop` closes every connection; usable as a
     context manager. ``connections`` counts accepted connections.
@@ -194,6 +196,7 @@ class VsockProxy:
         ip_version: int | None = None,
         num_workers: int = DEFAULT_WORKERS,
         owns_listener: bool = False,
+        on_event: Callable[[str], None] | None = None,
     ):
         if ip_version not in (None, 4, 6):
             raise NitroError(
@@ -219,6 +222,7 @@ class VsockProxy:
         self.ip_version = ip_version
         self.num_workers = num_workers
         self.connections = 0
+        self._on_event = on_event or (lambda text: None)
         self._listener = listener
         self._owns_listener = owns_listener
         self._stop = threading.Event()
@@ -320,6 +324,7 @@ class VsockProxy:
             if conn is None:
                 continue
             self.connections += 1
+            self._on_event(f"connection {self.connections} accepted")
             with self._lock:
                 self._open.add(conn)
             pool = self._pool
@@ -327,11 +332,11 @@ class VsockProxy:
                 _close(conn)
                 return
             try:
-                pool.submit(self._serve, conn)
+                pool.submit(self._serve, conn, self.connections)
             except RuntimeError:  # pool shut down while stopping
                 _close(conn)
 
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, number: int) -> None:
         try:
             if self._stop.is_set():
                 return
@@ -343,6 +348,8 @@ class VsockProxy:
                 log.warning(
                     "vsock-proxy: cannot connect to %s:%s (%s)", self.remote_addr, self.remote_port, err
                 )
+                self._on_event(f"connection {number}: cannot connect to "
+                               f"{self.remote_addr}:{self.remote_port} ({err})")
                 return
             with self._lock:
                 self._open.add(upstream)
@@ -356,6 +363,7 @@ class VsockProxy:
             with self._lock:
                 self._open.discard(client)
             _close(client)
+            self._on_event(f"connection {number} closed")
 
 
 def _close(sock: socket.socket) -> None:

@@ -1,7 +1,8 @@
-"""``kms serve`` (the KMS emulator, standalone) and ``vsock-proxy`` (nitro-cli's arguments).
+"""``kms serve`` (the KMS emulator, standalone), ``kms tls`` and ``vsock-proxy`` (nitro-cli's arguments).
 
 docs/kms.md. ``kms serve`` prints one JSON object (EndpointUrl, Region, AccountId, StateFile)
 on stdout once it listens, then serves until interrupted; keys persist in ``--state``.
+``kms tls --tls-dir DIR`` makes (or keeps) the CA and certificate and prints the CA's path.
 ``vsock-proxy [-4|-6] [-w N] [--config FILE] <local_port> <remote_addr> <remote_port>`` checks
 the allowlist and refuses an off-list destination before listening.
 """
@@ -20,7 +21,7 @@ from harness.errors import ErrorCode, NitroError
 
 
 def register(subparsers) -> None:
-    """Add ``kms`` (with ``serve``) and ``vsock-proxy`` to the top-level sub-commands."""
+    """Add ``kms`` (with ``serve`` and ``tls``) and ``vsock-proxy`` to the top-level sub-commands."""
     kms = subparsers.add_parser("kms", help="KMS emulator with attestation-aware key policies")
     kms_sub = kms.add_subparsers(dest="kms_command", metavar="COMMAND", parser_class=type(kms), required=True)
     serve = kms_sub.add_parser("serve", help="serve the KMS emulator (AWS JSON 1.1) until interrupted")
@@ -62,6 +63,11 @@ def register(subparsers) -> None:
         help="error for a bad, unsigned or expired attestation document (docs/kms.md: AWS's is undocumented)",
     )
     serve.set_defaults(func=_serve)
+    tls = kms_sub.add_parser(
+        "tls", help="create (or keep) the emulator's CA and certificate in a directory, print the CA's path")
+    tls.add_argument("--tls-dir", required=True, help="directory of the CA and the server certificate")
+    tls.add_argument("--region", default="us-east-1", help="Region of kms.<region>.amazonaws.com")
+    tls.set_defaults(func=_tls)
 
     proxy = subparsers.add_parser(
         "vsock-proxy", help="forward vsock connections to an allowlisted TCP server"
@@ -166,6 +172,17 @@ def _serve(args: argparse.Namespace) -> int:
     )
     progress(f"kms: serving on {server.endpoint_url} (Ctrl-C to stop)")
     server.serve_forever()
+    return 0
+
+
+def _tls(args: argparse.Namespace) -> int:
+    """``kms tls``: the TLS identity a scenario's ``services.kms.tls_dir`` (or ``kms serve
+    --tls-dir``) serves with, made before the EIF that must trust its CA is built
+    (``build-enclave --ca-bundle``, docs/kms.md#tls). Prints {"TlsCaFile", "Names"}."""
+    from harness.kms import ensure_tls_identity
+
+    identity = ensure_tls_identity(Path(args.tls_dir), region=args.region)
+    print_json({"TlsCaFile": str(identity.ca_certificate), "Names": list(identity.names)})
     return 0
 
 

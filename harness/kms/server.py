@@ -17,7 +17,7 @@ import ssl
 import threading
 import uuid
 from typing import Any
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from harness.errors import ErrorCode, NitroError
 from harness.kms.credentials import Caller, normalize_credentials
@@ -71,6 +71,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         request_id = str(uuid.uuid4())
         server: _HttpServer = self.server  # type: ignore[assignment]
+        record: dict[str, Any] = {"request_id": request_id, "operation": None, "caller": None}
         try:
             length_text = self.headers.get("Content-Length")
             if length_text is None:
@@ -88,25 +89,31 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise KmsError(
                     "UnknownOperationException", f"X-Amz-Target {target!r} is not TrentService.<Operation>"
                 )
+            record["operation"] = target[len(_TARGET_PREFIX) :][:64]
             if server.sigv4 is not None:
                 cred = server.sigv4.verify("POST", self.path, self.headers, body)
                 caller = Caller(cred.principal_arn, cred.access_key_id)
             else:
                 caller = Caller(server.default_principal, None)
+            record["caller"] = caller.principal_arn
             result = server.service.handle(target[len(_TARGET_PREFIX) :], body, caller)
             self._reply(200, result, request_id)
+            record["status"] = 200
         except KmsError as err:
             self._fail(err, request_id)
+            record.update(status=err.status, error=err.name, message=err.message)
         except ValueError as err:
             self._fail(KmsError("SerializationException", str(err)), request_id)
+            record.update(status=400, error="SerializationException", message=str(err))
         except Exception as err:  # noqa: BLE001 - any bug becomes KMS's 500, never a dead socket
             log.exception("KMS emulator internal error")
-            self._fail(
-                KmsError(
-                    "KMSInternalException", f"internal error in the KMS emulator: {type(err).__name__}: {err}"
-                ),
-                request_id,
+            internal = KmsError(
+                "KMSInternalException", f"internal error in the KMS emulator: {type(err).__name__}: {err}"
             )
+            self._fail(internal, request_id)
+            record.update(status=internal.status, error=internal.name, message=internal.message)
+        if server.on_request is not None:
+            server.on_request(record)
 
 
 class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
@@ -121,6 +128,7 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         sigv4: SigV4Verifier | None,
         default_principal: str,
         ssl_context: ssl.SSLContext | None,
+        on_request: Callable[[dict[str, Any]], None] | None = None,
     ):
         import socket
 
@@ -129,6 +137,7 @@ class _HttpServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.sigv4 = sigv4
         self.default_principal = default_principal
         self.ssl_context = ssl_context
+        self.on_request = on_request
         super().__init__(address, _Handler)
 
     def finish_request(self, request, client_address) -> None:
@@ -170,6 +179,8 @@ class KmsServer:
     ``region``/``account_id``: used in key ARNs and the SigV4 scope check.
     ``default_principal``: caller ARN for unsigned requests (default
     ``arn:aws:iam::<account>:user/harness``).
+    ``on_request``: called after each answered ``POST`` with ``{request_id, operation, caller,
+    status}`` plus ``error`` and ``message`` when it failed (a request log; it must not raise).
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. Raises :class:`NitroError`
     for unusable arguments (bad state file, TLS files, address in use).
@@ -189,6 +200,7 @@ class KmsServer:
         region: str = "us-east-1",
         account_id: str = "111122223333",
         default_principal: str | None = None,
+        on_request: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.service = KmsService(
             state_path,
@@ -203,6 +215,7 @@ class KmsServer:
         self._sigv4 = SigV4Verifier(creds, region) if credentials is not None else None
         self._ssl = ssl_context(tls)
         self._address = (host, port)
+        self._on_request = on_request
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -232,7 +245,8 @@ class KmsServer:
             return self
         try:
             self._server = _HttpServer(
-                self._address, self.service, self._sigv4, self.default_principal, self._ssl
+                self._address, self.service, self._sigv4, self.default_principal, self._ssl,
+                self._on_request,
             )
         except OSError as err:
             raise NitroError(

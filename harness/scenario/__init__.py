@@ -12,6 +12,7 @@ timeouts.
 - :mod:`.runner`: :class:`ScenarioRunner` (deadlines, placeholders, boot on demand, the step loop),
   shared by the pytest plugin and ``nitro-harness run``; neither front imports the other.
 - :mod:`.steps`: one module per step kind, each registered in :mod:`.steps.registry`.
+- :mod:`.services`: the ``services:`` block (KMS emulator, vsock-proxies), one module per service.
 - :mod:`.results`: :class:`StepResult`, :class:`ScenarioResult` and their :class:`Status`.
 - Enclaves are started by :class:`harness.enclave_factory.EnclaveFactory` (re-exported here).
 """

@@ -40,7 +40,9 @@ DEFAULT_SCENARIO_TIMEOUT = 900.0
 #: as modules loaded by init).
 KERNELS = ("nitro", "debian")
 
-#: ``${name}`` placeholders usable in step strings; matrix keys (last dotted segment) add to these.
+#: ``${name}`` placeholders usable in step strings; matrix keys (last dotted segment) add to these,
+#: and so do the dotted names of :mod:`harness.scenario.services.placeholders` (``${eif.pcr0}``,
+#: ``${kms.endpoint}``, ...).
 PLACEHOLDERS = (
     "enclave_id",
     "enclave_name",
@@ -53,7 +55,9 @@ PLACEHOLDERS = (
     "scenario",
     "qemu_pid",
 )
-PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_/-]+)*)\}")
+#: Placeholders a top-level ``eif:`` path may use (an EIF a step builds into the artifacts).
+EIF_PATH_PLACEHOLDERS = ("artifacts", "scenario")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,24 +243,28 @@ def _saved_names(steps: Any) -> Iterator[str]:
 
 
 def _check_placeholders(doc: dict, path: Path | str) -> None:
-    allowed = set(PLACEHOLDERS) | {k.split(".")[-1] for k in _matrix_keys(doc.get("matrix"))}
-    allowed |= set(_saved_names(doc.get("steps")))
+    from harness.scenario.services.placeholders import service_names, step_names
 
-    def walk(node: Any, at: list[Any]) -> None:
+    allowed = set(PLACEHOLDERS) | {k.split(".")[-1] for k in _matrix_keys(doc.get("matrix"))}
+    allowed |= set(_saved_names(doc.get("steps"))) | step_names(doc)
+
+    def walk(node: Any, at: list[Any], names: set[str]) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
-                walk(v, at + [k])
+                walk(v, at + [k], names)
         elif isinstance(node, list):
             for i, v in enumerate(node):
-                walk(v, at + [i])
+                walk(v, at + [i], names)
         elif isinstance(node, str):
             for name in PLACEHOLDER_RE.findall(node):
-                if name not in allowed:
+                if name not in names:
                     raise ScenarioError(
                         path, line_of(doc, at), f"{_dotted(at)}: unknown placeholder "
-                        f"${{{name}}} (known: {', '.join(sorted(allowed))})")
+                        f"${{{name}}} (known: {', '.join(sorted(names))})")
 
-    walk(doc.get("steps"), ["steps"])
+    walk(doc.get("steps"), ["steps"], allowed)
+    walk(doc.get("services"), ["services"], service_names(doc))
+    walk(doc.get("eif"), ["eif"], set(EIF_PATH_PLACEHOLDERS))
 
 
 # --------------------------------------------------------------------------------------------

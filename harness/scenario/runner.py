@@ -46,8 +46,9 @@ class ScenarioRunner:
     What step modules use: ``enclave`` (None until booted, again after ``terminate``),
     ``cursor`` (console position after the last matched expectation), ``deadline``
     (``time.monotonic()`` value the scenario must end by), ``saved`` (``${name}`` values of cli
-    steps' ``save:``), ``expecting`` (depth of ``expect_failure`` steps being run), and the
-    methods below.
+    steps' ``save:``), ``services`` (the case's :class:`~harness.scenario.services.ScenarioServices`,
+    started before the first step, or None), ``expecting`` (depth of ``expect_failure`` steps
+    being run), and the methods below.
     """
 
     def __init__(self, scenario: Scenario, factory: EnclaveFactory, *, artifacts_dir: Path,
@@ -64,6 +65,7 @@ class ScenarioRunner:
         self.cursor = 0
         self.deadline = 0.0
         self.saved: dict[str, Any] = {}
+        self.services: Any = None  # harness.scenario.services.ScenarioServices with a services: block
         self.expecting = 0
         self._cleanups: list[Cleanup] = []
         self._state: dict[str, Any] = {}
@@ -79,6 +81,9 @@ class ScenarioRunner:
         started = time.monotonic()
         self.deadline = started + self.scenario.timeout
         try:
+            from harness.scenario.services import start_services
+
+            self.services = start_services(self)
             self.run_steps(self.scenario.steps, result, ["steps"])
             result.status = Status.PASSED
         except StepSkipped as skip:
@@ -183,7 +188,8 @@ class ScenarioRunner:
         """The EIF of the scenario's ``image`` (built on first use) or ``eif``; kept once known."""
         if self.eif_path is None:
             data = self.scenario.data
-            self.eif_path = resolve_eif(data.get("image"), data.get("eif"), self.eif_bases())
+            eif = self._substitute(data["eif"]) if data.get("eif") else None  # ${artifacts}/app.eif
+            self.eif_path = resolve_eif(data.get("image"), eif, self.eif_bases())
         return self.eif_path
 
     def boot(self, limit: float) -> RunningEnclave:
@@ -300,6 +306,10 @@ class ScenarioRunner:
 
             def repl(match: re.Match) -> str:
                 name = match.group(1)
+                if "." in name:  # ${eif.pcr0}, ${kms.endpoint}: services/placeholders.py
+                    from harness.scenario.services.placeholders import dotted_value
+
+                    return dotted_value(self, name)
                 if name not in values:
                     if name == "eif" and self.eif_path is None:
                         return str(self.scenario_eif())

@@ -196,6 +196,8 @@ ROWS = [
     row("kms", "serve", "--credentials", "{bad_yaml}", code=E.InvalidArgument, names=("{bad_yaml}", "YAML")),
     row("kms", "serve", "--state", "{bad_json}", code=E.FileOperationFailure, names=("{bad_json}", "not valid JSON")),
     row("kms", "serve", "--attestation-root", "{text}", code=E.InvalidArgument, names=("{text}", "certificate")),
+    row("kms", "tls", code=E.MissingArgument, names=("--tls-dir",)),
+    row("kms", "tls", "--tls-dir", "{text}", code=E.FileOperationFailure, names=("{text}", "KMS TLS identity")),
     # vsock-proxy
     row("vsock-proxy", code=E.MissingArgument, names=("local_port", "remote_addr", "remote_port")),
     row("vsock-proxy", "0", "kms.us-east-1.amazonaws.com", "443", code=E.InvalidArgument, names=("local port 0",)),

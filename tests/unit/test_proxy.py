@@ -94,10 +94,16 @@ def exchange(port_or_path, payload: bytes) -> bytes:
         conn.settimeout(30)
         conn.connect(port_or_path if family == socket.AF_UNIX else ("127.0.0.1", port_or_path))
         conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:  # the proxy already closed us (unreachable destination): read what came
+            pass
         data = b""
-        while chunk := conn.recv(65536):
-            data += chunk
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
         return data
 
 

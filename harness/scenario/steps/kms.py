@@ -1,9 +1,10 @@
 """``kms``: Decrypt through the KMS emulator with a key whose policy names a PCR0 (docs/kms.md).
 
-For the step only, a KMS emulator runs over TLS (a certificate for ``kms.<region>.amazonaws.com``
-from a CA kept in ``<artifacts>/kms-tls``) checking SigV4 and verifying attestation documents
-against the enclave NSM's PKI root, with a vsock-proxy on the parent's vsock port 8000 in front
-of it. The step creates a key whose policy allows ``kms:Decrypt`` only with
+For the step only, it starts the two services a scenario's ``services:`` block starts
+(:mod:`harness.scenario.services`, the same classes): a KMS emulator over TLS (a certificate for
+``kms.<region>.amazonaws.com`` from a CA kept in ``<artifacts>/kms-tls``) checking SigV4 and
+verifying attestation documents against the enclave NSM's PKI root, and a vsock-proxy on the
+parent's vsock port 8000 in front of it; their logs go to ``<artifacts>/kms/``. The step creates a key whose policy allows ``kms:Decrypt`` only with
 ``kms:RecipientAttestation:ImageSha384`` equal to ``pcr0``, encrypts a known plaintext and
 decrypts it ``from: enclave`` (the guest's kms_client over the console: TLS through the proxy,
 Recipient from /dev/nsm, CMS), ``from: production`` (the same client in a production-mode
@@ -18,7 +19,6 @@ import base64
 import contextlib
 import json
 import re
-import secrets
 import shlex
 import time
 from typing import TYPE_CHECKING, Any
@@ -35,11 +35,13 @@ if TYPE_CHECKING:
 
     from harness.console import ExecResult
     from harness.enclave_factory import RunningEnclave
-    from harness.kms import KmsCredential, KmsServer, TlsIdentity
+    from harness.kms import TlsIdentity
     from harness.scenario.runner import ScenarioRunner
 
 #: Where the guest keeps the emulator's CA certificate.
 GUEST_CA_PATH = "/tmp/nitro-harness-kms-ca.pem"
+#: The parent's vsock port of the step's vsock-proxy (KMS's conventional port, docs/kms.md).
+KMS_PROXY_PORT = 8000
 
 
 def run(runner: ScenarioRunner, call: StepCall) -> None:
@@ -63,7 +65,10 @@ def run(runner: ScenarioRunner, call: StepCall) -> None:
 
 def _decrypt_with_policy(runner: ScenarioRunner, body: dict, origin: str, within: float,
                          enclave: RunningEnclave | None, production: RunningEnclave | None) -> None:
-    from harness.kms import KmsCredential, KmsServer, ensure_tls_identity
+    # The step's own services, as a scenario's services: block would start them (the same
+    # classes): an emulator with a fresh access key and a vsock-proxy on port 8000.
+    from harness.scenario.services import KmsEmulator, VsockProxyService
+    from harness.scenario.services.kms import KmsServiceError
 
     region = body.get("region", "us-east-1")
     expect = body["expect"]
@@ -77,27 +82,25 @@ def _decrypt_with_policy(runner: ScenarioRunner, body: dict, origin: str, within
     else:
         pcr0 = _pcr0(runner, spec)
     folder = runner.artifacts_dir / "kms"
-    folder.mkdir(parents=True, exist_ok=True)
-    identity = ensure_tls_identity(runner.artifacts_dir / "kms-tls", region=region)
-    credential = KmsCredential(
-        "AKIA" + secrets.token_hex(8).upper(), secrets.token_hex(20),
-        "arn:aws:iam::111122223333:role/nitro-harness-parent")
-    server = KmsServer(tls=identity, attestation_roots=[_root(enclave)],
-                       credentials=[credential], region=region)
+    emulator = KmsEmulator({"region": region}, folder, tls_dir=runner.artifacts_dir / "kms-tls",
+                           attestation_roots=[_root(enclave)])
     with contextlib.ExitStack() as cleanup:
-        server.start()
-        cleanup.callback(server.stop)
+        emulator.start()
+        cleanup.callback(emulator.stop)
         if origin != "host" and enclave is not None:
-            from harness.proxy import VsockProxy
-
-            proxy = VsockProxy.on_vsock(enclave.vsock, 8000, "127.0.0.1", server.port,
-                                        allowlist=[{"address": "127.0.0.1", "port": server.port}])
-            proxy.start()
+            proxy = VsockProxyService({"port": KMS_PROXY_PORT, "remote": "kms"}, folder, emulator)
+            proxy.check()
+            proxy.attach(enclave.vsock)
             cleanup.callback(proxy.stop)
-        client = _boto3(server, identity, credential, region)
+        assert emulator.identity is not None
+        credential = emulator.credential
         policy = kms_policy(credential.principal_arn, pcr0)
-        key_id = client.create_key(Description=f"scenario {runner.scenario.id} kms step",
-                                   Policy=json.dumps(policy))["KeyMetadata"]["KeyId"]
+        try:
+            key_id = emulator.create_key(policy=json.dumps(policy),
+                                         description=f"scenario {runner.scenario.id} kms step")["key_id"]
+        except KmsServiceError as err:
+            raise StepFailed(f"creating the step's key: {err.message}") from None
+        client = emulator.boto3_client()
         blob = client.encrypt(KeyId=key_id, Plaintext=plaintext)["CiphertextBlob"]
         record = {"from": origin, "expect": expect, "policy_image_sha384": pcr0, "key_id": key_id,
                   "policy": policy, "plaintext_b64": base64.b64encode(plaintext).decode()}
@@ -108,7 +111,8 @@ def _decrypt_with_policy(runner: ScenarioRunner, body: dict, origin: str, within
                     "--ca-file", GUEST_CA_PATH, "--aws-access-key-id", credential.access_key_id,
                     "--aws-secret-access-key", credential.secret_access_key,
                     "--key-id", key_id, "--ciphertext", base64.b64encode(blob).decode()]
-            outcome, detail = _guest_decrypt(runner, identity, argv, plaintext, within, production)
+            outcome, detail = _guest_decrypt(runner, emulator.identity, argv, plaintext, within,
+                                             production)
         record.update(outcome=outcome, detail=detail)
         with open(folder / "kms-steps.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\n")
@@ -145,17 +149,6 @@ def _root(enclave: RunningEnclave | None) -> Certificate:
 
         pki = Pki.load_or_create(getattr(getattr(enclave, "config", None), "pki_dir", None))
     return pki.root_certificate
-
-
-def _boto3(server: KmsServer, identity: TlsIdentity, credential: KmsCredential, region: str) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "kms", endpoint_url=f"https://localhost:{server.port}", region_name=region,
-        verify=str(identity.ca_certificate), aws_access_key_id=credential.access_key_id,
-        aws_secret_access_key=credential.secret_access_key,
-        config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=30))
 
 
 def _host_decrypt(client: Any, blob: bytes) -> tuple[str, str]:
