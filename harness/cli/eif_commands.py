@@ -5,7 +5,8 @@ exit status = the error number (E35 EifParsingError, E48 EifBuildingError, E52
 BlobsPathNotSet, E59/E60 signature checking/signing, E49/E50 Docker build/pull).
 
 Harness extensions beyond nitro-cli's flags: ``build-enclave --docker-archive FILE`` and
-``--rootfs DIR --cmd ... --env K=V`` (no Docker engine needed), ``--blobs DIR`` (wins over
+``--rootfs DIR --cmd ... --env K=V`` (no Docker engine needed), ``--ca-bundle PEM`` (the
+image trusts those CAs: :mod:`harness.images.ca_bundle`), ``--blobs DIR`` (wins over
 ``NITRO_CLI_BLOBS``; with no blobs anywhere the harness's own are used), ``--module KO`` (extra modules loaded by init before the heartbeat),
 ``SOURCE_DATE_EPOCH`` pins BuildTime for byte-identical builds; ``sign-eif --output-file``
 writes a signed copy instead of signing in place; ``describe-eif`` warns on stderr where
@@ -57,6 +58,9 @@ def register(subparsers) -> None:
     b.add_argument("--blobs", type=Path, help="blob directory (default: $NITRO_CLI_BLOBS)")
     b.add_argument("--module", action="append", default=[], type=Path, metavar="KO",
                    help="extra kernel module for the bootstrap ramdisk (harness extension)")
+    b.add_argument("--ca-bundle", type=Path, metavar="PEM",
+                   help="CA certificate(s) the image must trust, added to its standard trust "
+                        "stores and CA variables (harness extension; changes PCR0 and PCR2)")
     b.set_defaults(func=build_enclave)
 
     d = subparsers.add_parser("describe-eif", help="print an EIF's measurements and metadata")
@@ -319,11 +323,31 @@ def _blobs(blobs_dir: Path | None):
     return blobs
 
 
+def _add_ca_bundle(rootfs: Any, env: list[str], ca_pem: bytes, source: Path) -> tuple[list, list[str]]:
+    """The root filesystem (a directory or entries) and env with ``ca_pem`` added to the
+    image's trust stores (harness.images.ca_bundle, docs/nitro-cli.md#build-enclave); says on
+    stderr which files and variables changed. Raises NitroError E48."""
+    from harness.cpio import CpioError, entries_from_directory
+    from harness.images.ca_bundle import add_ca_bundle
+
+    if isinstance(rootfs, Path):
+        try:
+            rootfs = entries_from_directory(rootfs, keep_owner=True)
+        except (CpioError, OSError) as e:
+            raise NitroError(ErrorCode.EifBuildingError, f"{rootfs}: rootfs: {e}") from None
+    change = add_ca_bundle(rootfs, env, ca_pem)
+    files = [f"/{n} (appended)" for n in change.appended] + [f"/{n} (created)" for n in change.created]
+    progress(f"--ca-bundle {source}: added to {', '.join(files)}"
+             + (f"; set {', '.join(change.variables)}" if change.variables else ""))
+    return change.entries, change.env
+
+
 def build_enclave(args) -> int:
     """``build-enclave``: blobs + application -> EIF; prints {"Measurements": ...} (docs/nitro-cli.md#build-enclave).
 
     Sources: ``--docker-archive`` (docker save / OCI tarball), ``--rootfs DIR`` with
     ``--cmd``/``--env``, or ``--docker-uri`` (needs a reachable Docker engine, else E50).
+    ``--ca-bundle`` adds CA certificates to the image's trust stores (changing PCR0 and PCR2).
     Checks everything (blobs, metadata file, key) before writing; the output appears
     atomically. Errors: E01/E02 arguments, E48 building, E52 blobs, E60 signing key.
     """
@@ -343,6 +367,11 @@ def build_enclave(args) -> int:
         raise NitroError(ErrorCode.MissingArgument,
                          "build-enclave: --signing-certificate and --private-key go together")
     progress("Start building the Enclave Image...")
+    ca_pem = None
+    if args.ca_bundle:
+        from harness.images.ca_bundle import read_ca_pem
+
+        ca_pem = read_ca_pem(args.ca_bundle)
     blobs = _blobs(args.blobs)
     custom = _load_custom_metadata(args.metadata) if args.metadata else None
     signer = None
@@ -372,6 +401,8 @@ def build_enclave(args) -> int:
             docker_info = archive.docker_info()
             name = args.name or args.docker_uri or (archive.repo_tags[0] if archive.repo_tags
                                                     else archive_path.name)
+        if ca_pem is not None:
+            rootfs, env = _add_ca_bundle(rootfs, env, ca_pem, args.ca_bundle)
         boot = build_bootstrap_ramdisk(tmp / "bootstrap.cpio", blobs.init, blobs.nsm_ko,
                                        list(args.module))
         cust = build_customer_ramdisk(tmp / "customer.cpio", rootfs, cmd, env)
