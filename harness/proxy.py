@@ -318,7 +318,10 @@ class VsockProxy:
             try:
                 conn = self._accept_one()
             except OSError as err:
-                if not self._stop.is_set():
+                if getattr(self._listener, "closed", False) is True:
+                    # The vsock device closed its listeners: the enclave ended, nothing failed.
+                    self._on_event("listener closed (the enclave ended)")
+                elif not self._stop.is_set():
                     log.warning("vsock-proxy: listener failed (%s); stopping", err)
                 return
             if conn is None:

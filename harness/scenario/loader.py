@@ -53,11 +53,12 @@ PLACEHOLDERS = (
     "memory_mib",
     "artifacts",
     "scenario",
+    "scenario_dir",
     "qemu_pid",
 )
 PLACEHOLDER_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_/-]+)*)\}")
 #: Placeholders a top-level ``eif:`` path may use (an EIF a step builds into the artifacts).
-EIF_PATH_PLACEHOLDERS = ("artifacts", "scenario")
+EIF_PATH_PLACEHOLDERS = ("artifacts", "scenario", "scenario_dir")
 
 
 # --------------------------------------------------------------------------------------------

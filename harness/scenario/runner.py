@@ -192,15 +192,16 @@ class ScenarioRunner:
             self.eif_path = resolve_eif(data.get("image"), eif, self.eif_bases())
         return self.eif_path
 
-    def boot(self, limit: float) -> RunningEnclave:
-        """Start the scenario's enclave; its heartbeat wait is cut to ``limit`` seconds.
+    def boot(self, limit: float, eif: Path | None = None, debug_mode: bool | None = None) -> RunningEnclave:
+        """Start the scenario's enclave (of ``eif`` and ``debug_mode`` when given, for this boot
+        only); its heartbeat wait is cut to ``limit`` seconds.
 
         Raises StepFailed when it already runs, the engine's NitroError when it cannot start.
         """
         if self.enclave is not None and self.enclave.running:
             raise StepFailed("boot: the scenario's enclave is already running")
-        eif = self.scenario_eif()
-        settings = self.settings()
+        eif = eif or self.scenario_eif()
+        settings = self.settings() | ({} if debug_mode is None else {"debug_mode": debug_mode})
         # The boot is part of the step that needs it: the heartbeat wait (nitro-cli's formula
         # unless the scenario sets one) is cut to what is left of the scenario.
         from harness.enclave import heartbeat_timeout
@@ -279,6 +280,7 @@ class ScenarioRunner:
         values: dict[str, Any] = {
             "artifacts": str(self.artifacts_dir),
             "scenario": self.scenario.name,
+            "scenario_dir": str(self.scenario.path.parent.resolve()),
             "image": self.scenario.data.get("image", ""),
         }
         values.update({k: v for k, v in self.scenario.enclave.items() if k in ("cpu_count", "memory_mib")})

@@ -26,7 +26,7 @@ from helpers import REPO
 def test_every_registered_kind_has_its_module_label_and_runner():
     kinds = registry.registered()
     names = [kind.name for kind in kinds]
-    assert len(names) == len(set(names)) == 13
+    assert len(names) == len(set(names)) == 14
     assert scn.STEP_KINDS == tuple(names)
     for kind in kinds:
         assert kind.module == f"harness.scenario.steps.{kind.name}"

@@ -120,8 +120,8 @@ class ScenarioServices:
                 if self.kms is None:
                     raise self._error(where, f"${{{name}}} has no value before services.kms starts")
                 return self.kms.placeholders()[name] if self.kms.identity else _early_kms(self.kms, name)
-            return {"artifacts": str(self.runner.artifacts_dir),
-                    "scenario": self.runner.scenario.name}[name]
+            return {"artifacts": str(self.runner.artifacts_dir), "scenario": self.runner.scenario.name,
+                    "scenario_dir": str(self.runner.scenario.path.parent.resolve())}[name]
 
         return substitute(node, lookup, at)
 

@@ -53,9 +53,10 @@ def step_names(doc: dict) -> set[str]:
 
 
 def service_names(doc: dict) -> set[str]:
-    """Names a ``services:`` block may use: ``artifacts``, ``scenario``, the EIF's PCRs and,
+    """Names a ``services:`` block may use: ``artifacts``, ``scenario``, ``scenario_dir``, the
+    EIF's PCRs and,
     with ``services.kms``, ``kms.region``, ``kms.account_id`` and ``kms.principal_arn``."""
-    names = {"artifacts", "scenario", *eif_names()}
+    names = {"artifacts", "scenario", "scenario_dir", *eif_names()}
     services = doc.get("services")
     if isinstance(services, dict) and "kms" in services:
         names |= {f"kms.{n}" for n in SERVICE_KMS_NAMES}

@@ -15,6 +15,7 @@ from harness.scenario.steps import (  # noqa: F401  (imported to register, in th
     attest,
     isolation,
     kms,
+    oci_archive,
     describe,
     cli,
     wait_exit,
