@@ -379,6 +379,10 @@ class ScenarioFile(pytest.File):
                 item.add_marker(getattr(pytest.mark, f"requires_{requirement}"))
             for marker in case.data.get("markers") or []:
                 item.add_marker(getattr(pytest.mark, marker))
+            if "timeout" in case.data:
+                # A scenario's own timeout bounds it; pytest-timeout (ini `timeout`) only ends
+                # what hangs past that, so it gets a minute more than the scenario.
+                item.add_marker(pytest.mark.timeout(case.timeout + 60))
             yield item
 
 

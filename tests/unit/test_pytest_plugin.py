@@ -154,6 +154,27 @@ def test_scenario_requires_becomes_a_marker(pytester):
     result.stdout.fnmatch_lines(["scenarios/kvm.yaml::kvm", "1 test collected*"])
 
 
+def test_a_scenario_timeout_sets_the_pytest_timeout_a_minute_above_it(pytester):
+    scenario_file(pytester, "long.yaml", """
+        name: long
+        image: hello
+        timeout: 1200
+        steps: [{sleep: 1}]
+        ---
+        name: default
+        image: hello
+        steps: [{sleep: 1}]
+        """)
+    pytester.makeconftest("""
+        def pytest_collection_finish(session):
+            for item in session.items:
+                marker = item.get_closest_marker("timeout")
+                print("TIMEOUT", item.name, marker.args if marker else None)
+        """)
+    result = pytester.runpytest("--collect-only", "-q", "-s", "scenarios")
+    result.stdout.fnmatch_lines(["TIMEOUT long (1260.0,)", "TIMEOUT default None"])
+
+
 def test_eif_and_enclave_fixtures_follow_the_marker(pytester):
     pytester.path.joinpath("bad.eif").write_bytes(b"garbage" * 100)
     pytester.makepyfile("""
