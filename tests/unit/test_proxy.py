@@ -304,6 +304,28 @@ def test_cli_refuses_off_list_destination(tmp_path):
     )
 
 
+# A command that does not end on Ctrl-C is a bug to find: with faulthandler on, SIGABRT makes it
+# print every thread's stack on stderr, which the failure then shows.
+_FAULTHANDLER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+
+
+def _interrupt(process: subprocess.Popen) -> list[str]:
+    """SIGINT ``process`` and wait 15 s; if it is still running, its thread stacks (as a
+    one-item list; empty when it ended)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+        return []
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        try:
+            _, err = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+        return [f"{' '.join(process.args[2:5])} did not end 15 s after SIGINT:\n{err[-6000:]}"]
+
+
 def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
     """The whole parent side as commands: ``kms serve --tls-dir --credentials --state`` behind
     ``vsock-proxy``; the guest kms_client (TLS to kms.us-east-1.amazonaws.com, SigV4, Recipient
@@ -330,8 +352,10 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
         "--pki-dir",
         str(tmp_path / "pki"),
     ]
-    server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_FAULTHANDLER_ENV)
     proxy = None
+    hung: list[str] = []
     try:
         info = json.loads("".join(iter(server.stdout.readline, "}\n")) + "}")
         assert info["StateFile"] == str(state.resolve()) and info["Region"] == REGION
@@ -357,6 +381,7 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
                 "--listen-tcp",
                 "127.0.0.1:0",
             ],
+            env=_FAULTHANDLER_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -418,10 +443,6 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
     finally:
         for process in (proxy, server):
             if process is not None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                hung.extend(_interrupt(process))
+    assert not hung, "\n".join(hung)
     assert server.returncode == 130 and proxy.returncode == 130
