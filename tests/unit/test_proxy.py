@@ -4,6 +4,7 @@ to end, CLI."""
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import signal
@@ -93,8 +94,15 @@ def exchange(port_or_path, payload: bytes) -> bytes:
     with socket.socket(family, socket.SOCK_STREAM) as conn:
         conn.settimeout(30)
         conn.connect(port_or_path if family == socket.AF_UNIX else ("127.0.0.1", port_or_path))
-        conn.sendall(payload)
-        conn.shutdown(socket.SHUT_WR)
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except (ConnectionError, OSError) as err:
+            # A proxy that cannot reach its destination may close the client before it is done
+            # sending: the exchange is over with nothing received.
+            if err.errno not in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+                raise
+            return b""
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
