@@ -317,6 +317,13 @@ def test_cli_refuses_off_list_destination(tmp_path):
 _FAULTHANDLER_ENV = {**os.environ, "PYTHONFAULTHANDLER": "1"}
 
 
+def _sigint_default() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and an
+    # ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt
+    # handler): give the commands under test the Ctrl-C a terminal would deliver.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(process: subprocess.Popen) -> list[str]:
     """SIGINT ``process`` and wait 15 s; if it is still running, its thread stacks (as a
     one-item list; empty when it ended)."""
@@ -361,7 +368,7 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
         str(tmp_path / "pki"),
     ]
     server = subprocess.Popen(serve, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_FAULTHANDLER_ENV)
+                              env=_FAULTHANDLER_ENV, preexec_fn=_sigint_default)
     proxy = None
     hung: list[str] = []
     try:
@@ -390,6 +397,7 @@ def test_cli_kms_serve_and_proxy_carry_the_guest_client(tmp_path):
                 "127.0.0.1:0",
             ],
             env=_FAULTHANDLER_ENV,
+            preexec_fn=_sigint_default,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
