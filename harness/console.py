@@ -2,10 +2,15 @@
 
 QEMU's only serial port is a Unix-socket chardev the harness listens on (docs/boot.md#isolation:
 console only in debug mode on Nitro; the harness always keeps the log for diagnostics and
-artifacts, and only the CLI's ``console`` command enforces debug mode). A reader thread appends
-every byte to ``console.log`` and to memory; :meth:`Console.expect` matches a success pattern and
-fails at once on a failure pattern (QEMU functional tests' pairing), instead of waiting for a
-timeout.
+artifacts, and only the CLI's ``console`` command enforces debug mode). The guest is untrusted
+and may print without end (docs/boot.md#console): a reader thread reads the socket through
+``pexpect.fdpexpect.fdspawn``, which writes every byte to ``console.log`` as it arrives; memory
+keeps only the newest :data:`WINDOW` characters (:mod:`harness.console_window`). Positions
+(``start``, :attr:`Console.position`, a match's ``start()``/``end()``) are absolute: characters
+since the console started, carriage returns not counted. :meth:`Console.expect` matches a
+success pattern and fails at once on a failure pattern (QEMU functional tests' pairing),
+instead of waiting for a timeout; it scans only new text plus :data:`OVERLAP` characters before
+it (:mod:`harness.console_match`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,36 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pexpect
+from pexpect.fdpexpect import fdspawn
+
+from harness.console_match import ConsoleMatch, StreamTap
+from harness.console_window import ConsoleDecoder, TextWindow
+
+__all__ = ["Console", "ConsoleError", "ConsoleFailure", "ConsoleMatch", "ConsoleTimeout",
+           "ConsoleWatch", "DEFAULT_FAIL_PATTERN", "ExecResult", "OVERLAP", "WINDOW", "tail"]
 
 # Console text that means the boot or the application failed, whatever the test expects.
 DEFAULT_FAIL_PATTERN = r"Kernel panic|nitro-init: fatal"
+
+#: Characters of console text kept in memory (the newest; the log file has everything).
+WINDOW = 262_144
+#: Characters before new text that an expectation searches again: a match up to this long is
+#: found however the reads split it.
+OVERLAP = 4_096
+#: Characters an expectation reads at a time (pexpect's ``maxread``; ``searchwindowsize`` is
+#: this plus :data:`OVERLAP`).
+CHUNK = 4_096
+#: Bytes the reader thread takes from the socket at a time.
+READ_SIZE = 65_536
+# QEMU's serial port writes the socket a byte at a time; after a read that emptied it the reader
+# naps this long so that a flood arrives in larger reads, not one wake-up (and GIL hold) per
+# byte that would slow the supervisor's other threads. Short: QEMU's socket buffer holds a few
+# hundred one-byte writes, and a guest whose output finds it full waits for it (10 ms capped a
+# flood at about 20 kB/s and would slow a chatty boot; 1 ms did not lower a TCG guest's rate).
+_COALESCE_S = 0.001
 
 
 class ConsoleError(Exception):
@@ -54,23 +86,72 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
+class _LogSink:
+    """The console log file as pexpect's ``logfile_read``: each read written whole as it arrives.
+
+    A failed write (a full disk) must not end the capture: the log is then marked incomplete,
+    and expectations stop reading it back (:mod:`harness.console_match`)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close()
+        self.origin = os.fstat(self._file.fileno()).st_size  # where this console's bytes begin
+        self.complete = True
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self._file.write(view):]
+        except (OSError, ValueError):
+            self.complete = False
+
+    def flush(self) -> None:
+        """Nothing to do: the file is unbuffered (pexpect calls it after each write)."""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+
+
+class ConsoleWatch:
+    """A pattern watched on the console from an absolute position on (see :meth:`Console.watch`)."""
+
+    def __init__(self, tap: StreamTap, pattern: str):
+        self._tap = tap
+        self._regex = re.compile(pattern, re.MULTILINE)
+
+    def poll(self) -> ConsoleMatch | None:
+        """The next match in the text printed since the previous poll (plus the overlap), or
+        None; never waits. Text read once is not searched again."""
+        index, found = self._tap.next_match([self._regex], 0)
+        return found if index == 0 else None
+
+    def close(self) -> None:
+        """Release what the watch holds (a log file it was reading; idempotent)."""
+        self._tap.close()
+
+
 class Console:
     """Serial console of one VM, served on a listening Unix socket that QEMU connects to.
 
     Create it before QEMU starts (``listen()``), then :meth:`attach` accepts QEMU's connection
-    and starts the reader thread. :meth:`close` is idempotent and joins the thread.
+    and starts the reader thread. :meth:`close` is idempotent and joins the thread. ``window``,
+    ``overlap`` and ``chunk`` (characters) default to :data:`WINDOW`, :data:`OVERLAP` and
+    :data:`CHUNK`.
     """
 
-    def __init__(self, socket_path: Path, log_path: Path):
+    def __init__(self, socket_path: Path, log_path: Path, *, window: int = WINDOW,
+                 overlap: int = OVERLAP, chunk: int = CHUNK):
         self.socket_path = Path(socket_path)
         self.log_path = Path(log_path)
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._log = None
+        self._window = TextWindow(window)
+        self._overlap, self._chunk = overlap, chunk
+        self._decoder = ConsoleDecoder()
+        self._log: _LogSink | None = None
+        self._log_origin: int | None = None
         self._write_lock = threading.Lock()
 
     def listen(self) -> None:
@@ -80,7 +161,8 @@ class Console:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.socket_path))
         self._listener.listen(1)
-        self._log = open(self.log_path, "ab", buffering=0)
+        self._log = _LogSink(self.log_path)
+        self._log_origin = self._log.origin
 
     def attach(self, timeout: float) -> None:
         """Accept QEMU's connection and start capturing. Raises TimeoutError if QEMU never connects."""
@@ -89,27 +171,26 @@ class Console:
         conn, _ = self._listener.accept()
         conn.settimeout(None)
         self._conn = conn
-        self._thread = threading.Thread(target=self._read, name="console-reader", daemon=True)
+        # poll, not select: the supervisor may hold more than 1024 descriptors.
+        spawn = fdspawn(conn.fileno(), maxread=READ_SIZE, use_poll=True)
+        spawn.logfile_read = self._log
+        self._thread = threading.Thread(target=self._read, args=(spawn,), name="console-reader",
+                                        daemon=True)
         self._thread.start()
 
-    def _read(self) -> None:
-        assert self._conn is not None
+    def _read(self, spawn: fdspawn) -> None:
         while True:
             try:
-                data = self._conn.recv(65536)
-            except OSError:
-                data = b""
-            # Log first: whoever sees the text in memory may read the log file next.
-            if data and self._log:
-                with contextlib.suppress(OSError, ValueError):
-                    self._log.write(data)
-            with self._cond:
-                if not data:
-                    self._closed = True
-                    self._cond.notify_all()
-                    return
-                self._buf += data
-                self._cond.notify_all()
+                # pexpect logs the bytes (logfile_read) before they reach memory: whoever sees
+                # the text may read the log file next.
+                data = spawn.read_nonblocking(READ_SIZE, timeout=None)
+            except (pexpect.EOF, OSError, ValueError):
+                break
+            self._window.append(self._decoder.decode(data))
+            if len(data) < READ_SIZE:
+                time.sleep(_COALESCE_S)
+        self._window.append(self._decoder.decode(b"", final=True))
+        self._window.close()
 
     @property
     def native_id(self) -> int | None:
@@ -119,13 +200,39 @@ class Console:
     @property
     def ended(self) -> bool:
         """True once QEMU closed the console (the VM is gone)."""
-        return self._closed
+        return self._window.closed
+
+    @property
+    def position(self) -> int:
+        """Absolute position after the newest character: the length of the whole text so far."""
+        return self._window.end
+
+    @property
+    def window_start(self) -> int:
+        """Absolute position of the first character :meth:`text` returns."""
+        return self._window.base
 
     def text(self) -> str:
-        """Everything printed so far, decoded leniently; carriage returns dropped."""
-        with self._cond:
-            raw = bytes(self._buf)
-        return raw.decode("utf-8", "replace").replace("\r", "")
+        """The text kept in memory: the newest :data:`WINDOW` characters or more (all of it
+        while the console printed less), decoded leniently, carriage returns dropped. It begins
+        at :attr:`window_start`; the complete stream is in ``log_path``."""
+        return self._window.text()
+
+    def text_between(self, start: int, stop: int | None = None) -> str:
+        """The kept text between absolute positions ``start`` and ``stop`` (default: the end);
+        what scrolled out of the window is left out."""
+        return self._window.slice(start, stop)
+
+    def _tap(self, start: int) -> StreamTap:
+        log = (self.log_path, self._log_origin) \
+            if self._log is not None and self._log.complete and self._log_origin is not None else None
+        return StreamTap(self._window, max(0, start), chunk=self._chunk, overlap=self._overlap, log=log)
+
+    def watch(self, pattern: str, start: int = 0) -> ConsoleWatch:
+        """Watch for ``pattern`` (a regex, multi-line) in the text from absolute position
+        ``start`` on; :meth:`ConsoleWatch.poll` checks what arrived since. Text older than the
+        window is read back from the log file, so ``start=0`` covers the whole console."""
+        return ConsoleWatch(self._tap(start), pattern)
 
     def expect(
         self,
@@ -135,46 +242,52 @@ class Console:
         fail_pattern: str | None = DEFAULT_FAIL_PATTERN,
         count: int = 1,
         start: int = 0,
-    ) -> re.Match:
-        """Wait until ``pattern`` (a regex) has matched ``count`` times in the text after ``start``.
+    ) -> ConsoleMatch:
+        """Wait until ``pattern`` (a regex) has matched ``count`` times in the text from absolute
+        position ``start`` on (0: the console's start; :attr:`position`: what comes next).
 
-        Returns the last match. Raises :class:`ConsoleFailure` as soon as ``fail_pattern``
-        matches or the console closes, :class:`ConsoleTimeout` after ``timeout`` seconds; both
-        carry the console's last lines.
+        Returns the last match (absolute positions: ``match.end()`` is where a following
+        expectation starts). The text is scanned once, in order: ``fail_pattern`` matching
+        before the ``count``-th match raises :class:`ConsoleFailure` at once, as does the
+        console closing first; :class:`ConsoleTimeout` after ``timeout`` seconds. Both carry the
+        console's last lines. Text older than the window is read back from the log file.
         """
-        regex = re.compile(pattern, re.MULTILINE)
-        fail = re.compile(fail_pattern, re.MULTILINE) if fail_pattern else None
+        patterns = [re.compile(pattern, re.MULTILINE)]
+        if fail_pattern:
+            patterns.append(re.compile(fail_pattern, re.MULTILINE))
         deadline = time.monotonic() + timeout
-        while True:
-            text = self.text()[start:]
-            matches = list(regex.finditer(text))
-            if len(matches) >= count:
-                return matches[count - 1]
-            if fail and (bad := fail.search(text)):
-                raise ConsoleFailure(
-                    f"console printed {bad.group(0)!r} while waiting for {pattern!r}", tail(text)
-                )
-            with self._cond:
-                if self._closed:
+        tap = self._tap(start)
+        seen = 0
+        try:
+            while True:
+                index, found = tap.next_match(patterns, max(0.0, deadline - time.monotonic()))
+                if index == 0:
+                    seen += 1
+                    if seen >= count:
+                        assert found is not None
+                        return found
+                    continue
+                if index == 1:
+                    assert found is not None
                     raise ConsoleFailure(
-                        f"the console closed (the enclave ended) before {pattern!r} appeared"
-                        + (f" {count} times (seen {len(matches)})" if count > 1 else ""),
-                        tail(text),
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ConsoleTimeout(
-                        f"{pattern!r} did not appear"
-                        + (f" {count} times (seen {len(matches)})" if count > 1 else "")
-                        + f" within {timeout:g} s",
-                        tail(text),
-                    )
-                self._cond.wait(min(remaining, 0.5))
+                        f"console printed {found.group(0)!r} while waiting for {pattern!r}",
+                        found.excerpt())
+                counted = f" {count} times (seen {seen})" if count > 1 else ""
+                lost = (f"; {tap.skipped} characters scrolled out of the console window before "
+                        f"they were read (see {self.log_path})") if tap.skipped else ""
+                if index == -1:
+                    raise ConsoleFailure(f"the console closed (the enclave ended) before {pattern!r} "
+                                         f"appeared{counted}{lost}", tail(self.text()))
+                raise ConsoleTimeout(f"{pattern!r} did not appear{counted} within {timeout:g} s{lost}",
+                                     tail(self.text()))
+        finally:
+            tap.close()
 
     def write(self, data: bytes) -> None:
         """Send bytes to the guest's serial input."""
-        if self._conn is None or self._closed:
+        if self._conn is None or self.ended:
             raise ConsoleFailure("the console is not connected", tail(self.text()))
+        # The socket's sendall, not the spawn's send: pexpect writes once and may write part.
         with self._write_lock:
             self._conn.sendall(data)
 
@@ -183,10 +296,13 @@ class Console:
 
         The guest's application must be a shell on the console (debug-mode images such as
         ``python``). Output is delimited by unique markers so kernel messages printed meanwhile
-        do not confuse the result. Raises ConsoleTimeout/ConsoleFailure like :meth:`expect`.
+        do not confuse the result; an output longer than the window is returned as its last
+        :data:`WINDOW` characters (the log file has all of it). Raises
+        ConsoleTimeout/ConsoleFailure like :meth:`expect`.
         """
         tag = uuid.uuid4().hex[:12]
-        start = len(self.text())
+        start = self.position
+        deadline = time.monotonic() + timeout
         # The markers are built by the shell (printf) so the echoed command line never matches.
         # One line: the tty echoes input as it arrives, so a second line's echo could land
         # inside the command's output.
@@ -196,36 +312,54 @@ class Console:
             f"printf '\\n@@%s-end %d@@\\n' {tag} $?\n"
         )
         self.write(line.encode())
-        done = self.expect(
-            rf"@@{tag}-end (\d+)@@", timeout=timeout, fail_pattern=DEFAULT_FAIL_PATTERN, start=start
-        )
-        text = self.text()[start:]
-        begin = text.find(f"@@{tag}-begin@@\n")
-        end_at = text.find(f"@@{tag}-end ")
-        output = text[begin + len(f"@@{tag}-begin@@\n") : end_at] if begin >= 0 else ""
+        begin = self.expect(rf"@@{tag}-begin@@\n", timeout=timeout, start=start)
+        done = self.expect(rf"@@{tag}-end (\d+)@@", timeout=max(0.0, deadline - time.monotonic()),
+                           start=begin.end())
+        output = self.text_between(begin.end(), done.start())
         # Drop the end marker's leading newline, then the command's own final one (like $(...)).
         for _ in range(2):
             if output.endswith("\n"):
                 output = output[:-1]
         return ExecResult(status=int(done.group(1)), output=output)
 
+    def follow_log(self, poll_s: float = 0.1) -> Iterator[bytes]:
+        """The console's raw bytes as the log file holds them, from the first, then live ones as
+        they are logged, until the console closed and everything was read. Yields reads of at
+        most :data:`READ_SIZE` bytes; ends at once when there is no log file."""
+        if self._log_origin is None:
+            return
+        try:
+            log = open(self.log_path, "rb")  # noqa: SIM115 - closed below, also on close()
+        except OSError:
+            return
+        with log:
+            log.seek(self._log_origin)
+            while True:
+                data = log.read(READ_SIZE)
+                if data:
+                    yield data
+                    continue
+                if self._window.closed:  # the reader logs before it closes: all is read
+                    return
+                with self._window.cond:
+                    if not self._window.closed:
+                        self._window.cond.wait(poll_s)
+
     def close(self) -> None:
         """Stop capturing and release the sockets and the log file (idempotent)."""
-        for sock in (self._conn, self._listener):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    sock.close()
+        conn, listener, self._conn, self._listener = self._conn, self._listener, None, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # the reader sees the end and returns
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        self._conn = self._listener = None
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._log:
-            with contextlib.suppress(OSError):
-                self._log.close()
-            self._log = None
+        # Closed only after the reader returned: its poll must never see a reused descriptor.
+        for sock in (conn, listener):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+        self._window.close()
+        if self._log is not None:
+            self._log.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from harness.errors import ErrorCode, NitroError
 
 if TYPE_CHECKING:
-    from harness.console import ExecResult
+    from harness.console import ConsoleMatch, ConsoleWatch, ExecResult
     from harness.enclave import EnclaveConfig
     from harness.nsm import Nsm
     from harness.pcr import Measurements
@@ -36,10 +36,16 @@ DEFAULT_ENCLAVE: dict[str, Any] = {"cpu_count": 2, "memory_mib": 512, "debug_mod
 
 
 class EnclaveConsole(Protocol):
-    """An enclave's serial console as :class:`harness.console.Console` offers it."""
+    """An enclave's serial console as :class:`harness.console.Console` offers it. Positions are
+    absolute: characters since the console started, carriage returns not counted."""
+
+    @property
+    def position(self) -> int:
+        """The position after the newest character (what the next expectation from now reads)."""
+        ...
 
     def text(self) -> str:
-        """Everything printed so far (carriage returns dropped)."""
+        """The text kept in memory: the newest characters (carriage returns dropped)."""
         ...
 
     def write(self, data: bytes) -> None:
@@ -47,8 +53,12 @@ class EnclaveConsole(Protocol):
         ...
 
     def expect(self, pattern: str, *, timeout: float, fail_pattern: str | None = ...,
-               count: int = ..., start: int = ...) -> re.Match[str]:
-        """Wait for ``pattern`` ``count`` times after ``start``; raises ``ConsoleError``."""
+               count: int = ..., start: int = ...) -> ConsoleMatch:
+        """Wait for ``pattern`` ``count`` times from position ``start``; raises ``ConsoleError``."""
+        ...
+
+    def watch(self, pattern: str, start: int = ...) -> ConsoleWatch:
+        """Watch for ``pattern`` from position ``start`` on (polled, never waits)."""
         ...
 
 

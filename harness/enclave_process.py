@@ -11,8 +11,8 @@ docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enc
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
-everything is released; ``{"op": "console"}`` -> the console text so far, then live output until
-the enclave ends or the client closes.
+everything is released; ``{"op": "console"}`` -> the console's bytes so far (its log file), then
+live output until the enclave ends or the client closes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from harness.enclave import Enclave, EnclaveConfig
@@ -95,19 +94,19 @@ class Supervisor:
                 self._stream_console(conn)
 
     def _stream_console(self, conn: socket.socket) -> None:
-        sent = 0
+        # From the log file, which has every byte: memory holds only the newest text, and a
+        # slow client then costs one read's worth of memory, not a copy of the console.
         conn.setblocking(True)
-        while True:
-            text = self.enclave.console.text()
-            if len(text) > sent:
+        try:
+            console = self.enclave.console
+        except NitroError:  # the enclave is gone already
+            return
+        with contextlib.closing(console.follow_log()) as stream:
+            for data in stream:
                 try:
-                    conn.sendall(text[sent:].encode())
+                    conn.sendall(data)
                 except OSError:
                     return
-                sent = len(text)
-            if not self.enclave.running:
-                return
-            time.sleep(0.1)
 
 
 def _warnings(enclave: Enclave) -> list[str]:
@@ -199,24 +198,6 @@ def main() -> int:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     return status
-
-
-def control_request(path: str, request: dict, timeout: float = 30.0) -> socket.socket:
-    """Open the control socket at ``path`` and send ``request``; returns the connected socket.
-
-    Raises NitroError E39 when the enclave process does not answer.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        sock.sendall((json.dumps(request) + "\n").encode())
-    except OSError as err:
-        sock.close()
-        raise NitroError(
-            ErrorCode.EnclaveProcessConnectionFailure, f"{path}: enclave process not reachable: {err}"
-        ) from None
-    return sock
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ device back end fails; the error is E36 with the console's last lines.
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,27 +50,32 @@ def wait_for_heartbeat(
     """
     started = time.monotonic()
     deadline = started + timeout
-    while True:
-        if heartbeat.wait(0.2):
-            return time.monotonic() - started
-        reason = None
-        status = machine.poll()
-        if status is not None:
-            reason = f"the enclave's VM exited (QEMU status {status}) before the heartbeat"
-            if status != 0:
-                reason += f"; {machine.stderr_excerpt()}"
-        else:
-            bad = re.search(DEFAULT_FAIL_PATTERN, machine.console.text())
-            if bad:
-                reason = f"the console printed {bad.group(0)!r} before the heartbeat"
-            for backend in backends:
-                if getattr(backend, "error", None):
-                    reason = f"a device back end failed: {backend.error}"
-            if reason is None and time.monotonic() > deadline:
-                reason = f"no heartbeat on vsock port {HEARTBEAT_PORT} within {timeout:g} s"
-        if reason:
-            raise NitroError(
-                ErrorCode.EnclaveBootFailure,
-                f"{reason} (full console log: {console_log})",
-                details="last console lines:\n" + tail(machine.console.text(), 20),
-            )
+    # Each poll searches only what the console printed since the previous one.
+    failure = machine.console.watch(DEFAULT_FAIL_PATTERN)
+    try:
+        while True:
+            if heartbeat.wait(0.2):
+                return time.monotonic() - started
+            reason = None
+            status = machine.poll()
+            if status is not None:
+                reason = f"the enclave's VM exited (QEMU status {status}) before the heartbeat"
+                if status != 0:
+                    reason += f"; {machine.stderr_excerpt()}"
+            else:
+                bad = failure.poll()
+                if bad:
+                    reason = f"the console printed {bad.group(0)!r} before the heartbeat"
+                for backend in backends:
+                    if getattr(backend, "error", None):
+                        reason = f"a device back end failed: {backend.error}"
+                if reason is None and time.monotonic() > deadline:
+                    reason = f"no heartbeat on vsock port {HEARTBEAT_PORT} within {timeout:g} s"
+            if reason:
+                raise NitroError(
+                    ErrorCode.EnclaveBootFailure,
+                    f"{reason} (full console log: {console_log})",
+                    details="last console lines:\n" + tail(machine.console.text(), 20),
+                )
+    finally:
+        failure.close()

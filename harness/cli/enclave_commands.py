@@ -15,14 +15,17 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import allocator, ended_enclaves
 from harness.cli import print_json, progress
-from harness.enclave import EnclaveConfig
-from harness.enclave_process import control_request
+from harness.control_socket import control_request
 from harness.errors import ErrorCode, NitroError
 from harness.layout import LAYOUTS
 from harness.registry import Registry
+
+if TYPE_CHECKING:
+    from harness.enclave import EnclaveConfig
 
 # nitro-cli's --config JSON keys (snake_case) -> EnclaveConfig fields.
 _CONFIG_KEYS = {
@@ -85,6 +88,10 @@ def _int_arg(flag: str):
 
 def _config_from_args(args) -> tuple[EnclaveConfig, bool]:
     """Merge --config JSON and flags into an EnclaveConfig; returns it and attach_console."""
+    # Imported here: the enclave engine's modules would slow every other command's start
+    # (describe-enclaves is polled by scripts).
+    from harness.enclave import EnclaveConfig
+
     values: dict = {}
     if args.config:
         try:

@@ -218,6 +218,7 @@ class KmsServer:
         self._on_request = on_request
         self._server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
+        self._serving_ended = threading.Event()
 
     @property
     def region(self) -> str:
@@ -253,9 +254,16 @@ class KmsServer:
                 ErrorCode.SocketError,
                 f"KMS emulator: cannot listen on {self._address[0]}:{self._address[1]} ({err.strerror})",
             ) from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="kms-emulator", daemon=True
-        )
+        self._serving_ended = threading.Event()
+        server = self._server
+
+        def serve() -> None:
+            try:
+                server.serve_forever(poll_interval=0.2)
+            finally:
+                self._serving_ended.set()
+
+        self._thread = threading.Thread(target=serve, name="kms-emulator", daemon=True)
         self._thread.start()
         log.info("KMS emulator listening on %s", self.endpoint_url)
         return self
@@ -275,8 +283,10 @@ class KmsServer:
         """Start and block until interrupted (used by ``nitro-harness kms serve``)."""
         self.start()
         try:
+            # An Event, not Thread.join(timeout): Python 3.11's join, interrupted by Ctrl-C, can
+            # release the serving thread's state lock and mark it stopped while it still runs.
             while self._thread is not None and self._thread.is_alive():
-                self._thread.join(timeout=1.0)
+                self._serving_ended.wait(1.0)
         finally:
             self.stop()
 

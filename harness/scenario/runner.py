@@ -44,7 +44,7 @@ class ScenarioRunner:
     wait; a failure stops the scenario (later steps are not run).
 
     What step modules use: ``enclave`` (None until booted, again after ``terminate``),
-    ``cursor`` (console position after the last matched expectation), ``deadline``
+    ``cursor`` (absolute console position after the last matched expectation), ``deadline``
     (``time.monotonic()`` value the scenario must end by), ``saved`` (``${name}`` values of cli
     steps' ``save:``), ``services`` (the case's :class:`~harness.scenario.services.ScenarioServices`,
     started before the first step, or None), ``expecting`` (depth of ``expect_failure`` steps

@@ -160,6 +160,10 @@ def _set_vring_num(be: VhostUserBackend, req: int, payload: bytes, fds: list[int
             f"[1, {q.max_size}]")
     q.num = num
     q.reset_ownership("SET_VRING_NUM")
+    try:
+        q._map(be.memory)  # the ring views are sized by num
+    except VhostUserError:
+        q.unmap()  # the old address does not fit the new size: SET_VRING_ADDR follows
 
 
 def _set_vring_base(be: VhostUserBackend, req: int, payload: bytes, fds: list[int]) -> None:

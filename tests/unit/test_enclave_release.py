@@ -9,6 +9,7 @@ after the vsock back end started), with the real registry, allocator rules and b
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -146,7 +147,11 @@ def test_terminate_from_several_threads_releases_once(eif, registry, monkeypatch
 class _Machine:
     def __init__(self, status=None, console="", stderr="qemu: boom"):
         self.status, self._console, self._stderr = status, console, stderr
-        self.console = SimpleNamespace(text=lambda: self._console)
+        # Console.text and Console.watch over a fixed text.
+        self.console = SimpleNamespace(
+            text=lambda: self._console,
+            watch=lambda pattern: SimpleNamespace(poll=lambda: re.search(pattern, self._console, re.M),
+                                                  close=lambda: None))
 
     def poll(self):
         return self.status

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from harness.scenario.errors import StepFailed
 from harness.scenario.steps.registry import StepCall, register
-from harness.scenario.steps.report import tail_around
 
 if TYPE_CHECKING:
     from harness.scenario.runner import ScenarioRunner
@@ -21,7 +19,9 @@ def label(body: dict[str, Any]) -> str | None:
 
 def run(runner: ScenarioRunner, call: StepCall) -> None:
     """``send`` first (debug mode only), then ``expect`` ``count`` times from the runner's
-    cursor (which then moves past the match), then ``expect_not`` over the whole console.
+    cursor (an absolute console position, :mod:`harness.console`; it then moves past the
+    match), then ``expect_not`` over the whole console (the log file holds what scrolled out of
+    the console's memory window).
 
     A failure-pattern match or timeout is StepFailed with the console's tail.
     """
@@ -34,7 +34,7 @@ def run(runner: ScenarioRunner, call: StepCall) -> None:
     if "send" in body:
         if not enclave.debug_mode:
             raise StepFailed("console send needs a debug-mode enclave (no console otherwise)")
-        runner.cursor = max(runner.cursor, len(enclave.console.text()))
+        runner.cursor = max(runner.cursor, enclave.console.position)
         enclave.console.write(body["send"].encode())
     if "expect" in body:
         try:
@@ -44,19 +44,22 @@ def run(runner: ScenarioRunner, call: StepCall) -> None:
             # The whole console's tail, not only what followed the cursor: the lines before
             # the expectation started are often what explains it.
             raise StepFailed(str(exc), runner.console_tail() or exc.excerpt, exc) from None
-        runner.cursor += match.end()
+        runner.cursor = match.end()
     if "expect_not" in body:
-        regex = re.compile(body["expect_not"], re.MULTILINE)
         end = time.monotonic() + (float(body["within"]) if "within" in body and "expect" not in body else 0)
-        while True:
-            text = enclave.console.text()
-            found = regex.search(text)
-            if found:
-                raise StepFailed(f"console printed {found.group(0)!r}, which must not appear",
-                                 tail_around(text, found.start()))
-            if time.monotonic() >= end:
-                break
-            time.sleep(min(0.25, max(0.0, end - time.monotonic())))
+        # From the console's start; each poll reads only what arrived since the previous one.
+        watch = enclave.console.watch(body["expect_not"], start=0)
+        try:
+            while True:
+                found = watch.poll()
+                if found:
+                    raise StepFailed(f"console printed {found.group(0)!r}, which must not appear",
+                                     found.excerpt())
+                if time.monotonic() >= end:
+                    break
+                time.sleep(min(0.25, max(0.0, end - time.monotonic())))
+        finally:
+            watch.close()
 
 
 STEP = register("console", needs_enclave=True, label=label, run=run)

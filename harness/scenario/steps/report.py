@@ -1,4 +1,4 @@
-"""Text helpers shared by step modules for failure messages: indented output, excerpts, subsets."""
+"""Text helpers shared by step modules for failure messages: indented output, subsets."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ def indent(text: str, limit: int = 40) -> str:
     if len(lines) > limit:
         lines = [f"... ({len(lines) - limit} lines before)"] + lines[-limit:]
     return "\n".join("    " + line for line in lines) if lines else "    <no output>"
-
-
-def tail_around(text: str, position: int, lines: int = 25) -> str:
-    """The ``lines`` lines of ``text`` before ``position`` and the three from it on."""
-    head = text[:position].splitlines()[-lines:]
-    rest = text[position:].splitlines()[:3]
-    return "\n".join(head[:-1] + rest) if head else "\n".join(rest)
 
 
 def subset_mismatch(expected: Any, actual: Any, where: str) -> str | None:
