@@ -85,6 +85,14 @@ class Console:
             raise ConsoleError(f"{pattern!r} not seen", self._text)
         return found
 
+    def watch(self, pattern, start=0):
+        """``expect_not``'s watch: ``poll`` gives the first match (or None), ``close`` ends it."""
+        import re
+        from types import SimpleNamespace
+
+        found = re.compile(pattern, re.MULTILINE).search(self._text, start)
+        return SimpleNamespace(poll=lambda: found, close=lambda: None)
+
 
 class Guest:
     """Enough of a running enclave for the boot, console and terminate steps."""
