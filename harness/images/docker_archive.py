@@ -123,40 +123,49 @@ def open_image_archive(path: Path | str) -> ImageArchive:
     except (tarfile.TarError, OSError) as e:
         raise _fail(path, "archive", f"is not a tar archive ({e})") from None
     with tf:
-        names = set(tf.getnames())
-        # Docker >= 25 writes both layouts into `docker save`; manifest.json is simpler.
-        if "manifest.json" in names:
-            manifest = _read_json(tf, "manifest.json", path)
-            if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
-                raise _fail(path, "manifest.json", "must be a non-empty array of objects")
-            m = manifest[0]
-            if "Config" not in m or "Layers" not in m:
-                raise _fail(path, "manifest.json", "entry lacks Config or Layers")
-            config = _read_json(tf, m["Config"], path)
-            digest = "sha256:" + posixpath.basename(m["Config"]).removesuffix(".json")
-            return ImageArchive(path, "docker-save", config, digest, list(m["Layers"]),
-                                list(m.get("RepoTags") or []))
-        if "index.json" in names:
-            index = _read_json(tf, "index.json", path)
-            man = _pick_manifest(tf, index, path)
-            if "config" not in man or "layers" not in man:
-                raise _fail(path, "manifest", "lacks config or layers")
-            for layer in man["layers"]:
-                mt = layer.get("mediaType", "")
-                if "zstd" in mt:
-                    raise _fail(path, f"layer {layer.get('digest')}",
-                                "zstd-compressed layers are not supported; re-save with gzip")
-            config = _read_json(tf, _blob_name(man["config"]["digest"], path), path)
-            tags = []
-            for m in index.get("manifests") or []:
-                ref = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
-                if ref:
-                    tags.append(ref)
-            return ImageArchive(path, "oci", config, man["config"]["digest"],
-                                [_blob_name(layer["digest"], path) for layer in man["layers"]],
-                                tags)
-        raise _fail(path, "archive", "has neither manifest.json (docker save) nor index.json "
-                                     "(OCI image layout)")
+        try:
+            return _describe(tf, path)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            # tarfile reads members lazily: a truncated or corrupt archive fails here.
+            raise _fail(path, "archive", f"is truncated or corrupt ({e})") from None
+
+
+def _describe(tf: tarfile.TarFile, path: Path) -> ImageArchive:
+    """The :class:`ImageArchive` of an open tarball (see :func:`open_image_archive`)."""
+    names = set(tf.getnames())
+    # Docker >= 25 writes both layouts into `docker save`; manifest.json is simpler.
+    if "manifest.json" in names:
+        manifest = _read_json(tf, "manifest.json", path)
+        if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+            raise _fail(path, "manifest.json", "must be a non-empty array of objects")
+        m = manifest[0]
+        if "Config" not in m or "Layers" not in m:
+            raise _fail(path, "manifest.json", "entry lacks Config or Layers")
+        config = _read_json(tf, m["Config"], path)
+        digest = "sha256:" + posixpath.basename(m["Config"]).removesuffix(".json")
+        return ImageArchive(path, "docker-save", config, digest, list(m["Layers"]),
+                            list(m.get("RepoTags") or []))
+    if "index.json" in names:
+        index = _read_json(tf, "index.json", path)
+        man = _pick_manifest(tf, index, path)
+        if "config" not in man or "layers" not in man:
+            raise _fail(path, "manifest", "lacks config or layers")
+        for layer in man["layers"]:
+            mt = layer.get("mediaType", "")
+            if "zstd" in mt:
+                raise _fail(path, f"layer {layer.get('digest')}",
+                            "zstd-compressed layers are not supported; re-save with gzip")
+        config = _read_json(tf, _blob_name(man["config"]["digest"], path), path)
+        tags = []
+        for m in index.get("manifests") or []:
+            ref = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+            if ref:
+                tags.append(ref)
+        return ImageArchive(path, "oci", config, man["config"]["digest"],
+                            [_blob_name(layer["digest"], path) for layer in man["layers"]],
+                            tags)
+    raise _fail(path, "archive", "has neither manifest.json (docker save) nor index.json "
+                                 "(OCI image layout)")
 
 
 def _clean(name: str, path: Path, layer: str) -> str | None:

@@ -469,8 +469,8 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
     Returns the cases in file order, each case once per kernel of ``kernels`` where it runs
     (:func:`for_kernel`); an ``eif:`` case boots its own file whatever the kernel, so it runs
     once, on the first kernel; a case that another kernel's expansion already produced (same
-    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for YAML syntax
-    errors, schema violations (with file, line and key), unknown placeholders and duplicate
+    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for a file that is
+    not UTF-8, YAML syntax errors, schema violations (with file, line and key), unknown placeholders and duplicate
     names, and NitroError E19 when the file cannot be read, E03 for an unknown kernel or none.
     Nothing is booted.
     """
@@ -481,9 +481,14 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
         image_for_kernel("hello", kernel)  # E03 before any work for an unknown kernel
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise NitroError(ErrorCode.FileOperationFailure, f"{path}: cannot read scenario: {exc.strerror}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(path, raw.count(b"\n", 0, exc.start) + 1,
+                            f"not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
     try:
         docs = [d for d in yaml.load_all(text, Loader=_LineLoader) if d is not None]
     except yaml.MarkedYAMLError as exc:
