@@ -8,23 +8,53 @@ each rule in words and check the message the user sees.
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pytest
 
 from harness import scenario as scn
+from harness.cpio import CpioError, Entry, read_cpio, write_cpio
 from harness.errors import ErrorCode, NitroError
 from harness.images import docker_archive as da
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
+def _tar(members: dict[str, bytes | tuple[str, str]]) -> bytes:
+    """A ustar archive: name -> data, or name -> ("sym", target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for name, data in members.items():
             ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
+            if isinstance(data, tuple):
+                ti.type, ti.linkname = tarfile.SYMTYPE, data[1]
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
+
+
+def _docker_save(config: object, layer: bytes = b"", manifest: object = None) -> bytes:
+    if manifest is None:
+        manifest = [{"Config": "c.json", "Layers": ["l.tar"]}]
+    return _tar({"manifest.json": json.dumps(manifest).encode(),
+                 "c.json": json.dumps(config).encode(), "l.tar": layer or _tar({"f": b"x"})})
+
+
+def _oci(index: object, blobs: dict[str, object]) -> bytes:
+    return _tar({"oci-layout": b"{}", "index.json": json.dumps(index).encode(),
+                 **{f"blobs/sha256/{k}": json.dumps(v).encode() for k, v in blobs.items()}})
+
+
+def _e48(tmp_path, raw: bytes) -> str:
+    path = tmp_path / "img.tar"
+    path.write_bytes(raw)
+    with pytest.raises(NitroError) as info:
+        da.load_docker_archive(path, tmp_path / "work")
+    assert info.value.code == ErrorCode.EifBuildingError
+    prefix = f"{path}: "
+    assert info.value.message.startswith(prefix)
+    return info.value.message[len(prefix):]
 
 
 # -- docker save / OCI archives -------------------------------------------------------------------
@@ -40,6 +70,63 @@ def test_docker_archive_truncated_inside_a_member_is_e48(tmp_path):
     assert info.value.code == ErrorCode.EifBuildingError
     assert info.value.message == (f"{path}: archive: is truncated or corrupt (unexpected end "
                                   "of data)")
+
+
+def test_oci_index_entry_without_a_digest_is_e48(tmp_path):
+    assert _e48(tmp_path, _oci({"manifests": [{"mediaType": "x"}]}, {})) == \
+        "digest: must be a string"
+
+
+def test_oci_manifest_config_without_a_digest_is_e48(tmp_path):
+    index = {"manifests": [{"digest": "sha256:m"}]}
+    assert _e48(tmp_path, _oci(index, {"m": {"config": {}, "layers": []}})) == \
+        "manifest: config.digest: must be a string"
+
+
+def test_oci_index_that_names_itself_stops_at_the_nesting_limit(tmp_path):
+    index = {"manifests": [{"digest": "sha256:i"}]}
+    nested = {"mediaType": "application/vnd.oci.image.index.v1+json", **index}
+    assert _e48(tmp_path, _oci(index, {"i": nested})) == \
+        "blobs/sha256/i: image indexes nest more than 4 deep"
+
+
+def test_image_config_that_is_not_an_object_is_e48(tmp_path):
+    assert _e48(tmp_path, _docker_save([])) == "c.json: must be a JSON object"
+
+
+def test_image_cmd_that_is_not_strings_is_e48(tmp_path):
+    assert _e48(tmp_path, _docker_save({"config": {"Cmd": ["/bin/sh", 1]}})) == \
+        "c.json: config.Cmd: must be an array of strings"
+
+
+def test_docker_save_config_name_that_is_not_a_string_is_e48(tmp_path):
+    raw = _docker_save({}, manifest=[{"Config": 7, "Layers": []}])
+    assert _e48(tmp_path, raw) == "manifest.json: Config: must be a string"
+
+
+def test_layer_symlink_with_an_empty_target_is_e48(tmp_path):
+    raw = _docker_save({}, layer=_tar({"bin/sh": ("sym", "")}))
+    assert _e48(tmp_path, raw) == "layer l.tar: entry 'bin/sh': symlink target is empty"
+
+
+# -- cpio writing -------------------------------------------------------------------------------
+
+
+def test_names_and_link_targets_that_are_not_utf8_are_written_as_their_bytes():
+    # tarfile and read_cpio keep undecodable bytes as surrogate escapes; the writer puts the
+    # very bytes back (docker layers with Latin-1 file names).
+    name, target = b"etc/caf\xe9".decode("utf-8", "surrogateescape"), "\udcff"
+    out = io.BytesIO()
+    write_cpio(out, [Entry.directory("etc"), Entry.file(name, b"x"), Entry.symlink("l", target)])
+    records = {r.name: r for r in read_cpio(out.getvalue())}
+    assert name in records and records["l"].data == b"\xff"
+
+
+def test_a_lone_surrogate_in_a_name_is_a_cpio_error():
+    with pytest.raises(CpioError, match=r"entry name 'a\\ud800': not representable as bytes"):
+        write_cpio(io.BytesIO(), [Entry.file("a\ud800", b"")])
+    with pytest.raises(CpioError, match="symlink target '\\\\ud800': not representable"):
+        Entry.symlink("l", "\ud800")
 
 
 # -- scenario files -------------------------------------------------------------------------------
