@@ -257,30 +257,38 @@ def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
     with tarfile.open(path, "r:*") as outer:
         for layer in archive.layers:
             try:
-                member = outer.getmember(layer)
-            except KeyError:
-                raise _fail(path, f"layer {layer}", "not found in the archive") from None
-            raw = outer.extractfile(member)
-            if raw is None:
-                raise _fail(path, f"layer {layer}", "is not a regular file")
-            head = raw.read(4)
-            raw.seek(0)
-            if head == b"\x28\xb5\x2f\xfd":
-                raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
-            this_layer: set[str] = set()
-            try:
-                lt = tarfile.open(fileobj=raw, mode="r|*")
-            except tarfile.TarError as e:
-                raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
-            with lt:
-                try:
-                    for m in lt:
-                        counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
-                except (tarfile.TarError, EOFError, OSError) as e:
-                    raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
-                except CpioError as e:  # a member no ramdisk entry can hold (empty link target)
-                    raise _fail(path, f"layer {layer}", str(e)) from None
+                counter = _apply_layer(outer, layer, fs, path, work, counter)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                # Members are read lazily and layers streamed: damage shows up anywhere here.
+                raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
+            except CpioError as e:  # a member no ramdisk entry can hold (empty link target)
+                raise _fail(path, f"layer {layer}", str(e)) from None
     return list(fs.values())
+
+
+def _apply_layer(outer: tarfile.TarFile, layer: str, fs: dict[str, Entry], path: Path, work: Path,
+                 counter: int) -> int:
+    """Apply the layer member ``layer`` of ``outer`` to ``fs``; returns the spill counter."""
+    try:
+        member = outer.getmember(layer)
+    except KeyError:
+        raise _fail(path, f"layer {layer}", "not found in the archive") from None
+    raw = outer.extractfile(member)
+    if raw is None:
+        raise _fail(path, f"layer {layer}", "is not a regular file")
+    head = raw.read(4)
+    raw.seek(0)
+    if head == b"\x28\xb5\x2f\xfd":
+        raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
+    this_layer: set[str] = set()
+    try:
+        lt = tarfile.open(fileobj=raw, mode="r|*")
+    except tarfile.TarError as e:
+        raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
+    with lt:
+        for m in lt:
+            counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
+    return counter
 
 
 def _apply_member(fs: dict[str, Entry], this_layer: set[str], lt: tarfile.TarFile,

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import tarfile
 
 import pytest
 
+import cbor2
+
+from harness import attestation
 from harness import scenario as scn
 from harness.cpio import CpioError, Entry, read_cpio, write_cpio
 from harness.errors import ErrorCode, NitroError
 from harness.images import docker_archive as da
+from harness.kms.server import KmsServer
 
 
 def _tar(members: dict[str, bytes | tuple[str, str]]) -> bytes:
@@ -55,6 +60,22 @@ def _e48(tmp_path, raw: bytes) -> str:
     prefix = f"{path}: "
     assert info.value.message.startswith(prefix)
     return info.value.message[len(prefix):]
+
+
+# -- attestation documents ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timestamp", [attestation.MAX_TIMESTAMP_MS + 1, 10**30])
+def test_document_timestamp_past_year_9999_is_a_fields_error(timestamp):
+    # datetime cannot hold it: decoding used to fail with ValueError / OverflowError.
+    payload = attestation.encode_payload(
+        module_id="i-0-enc0", timestamp_ms=timestamp, pcrs={0: bytes(48)}, certificate=b"c",
+        cabundle=[b"r"], public_key=None, user_data=None, nonce=None)
+    document = cbor2.dumps([attestation.PROTECTED_ES384, {}, payload, bytes(96)])
+    with pytest.raises(attestation.AttestationError) as info:
+        attestation.decode_document(document)
+    assert (info.value.check, str(info.value)) == (
+        "fields", "fields: timestamp must be a positive integer (ms) before year 10000")
 
 
 # -- docker save / OCI archives -------------------------------------------------------------------
@@ -109,6 +130,17 @@ def test_layer_symlink_with_an_empty_target_is_e48(tmp_path):
     assert _e48(tmp_path, raw) == "layer l.tar: entry 'bin/sh': symlink target is empty"
 
 
+def test_layer_member_of_negative_size_is_e48(tmp_path):
+    # tar's base-256 size field can say -1; tarfile lists the member and fails reading it.
+    raw = bytearray(_docker_save({}))
+    at = raw.index(b"l.tar\0")
+    raw[at + 124:at + 136] = b"\xff" * 12
+    header = raw[at:at + 512]
+    total = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+    raw[at + 148:at + 156] = b"%06o\0 " % total
+    assert _e48(tmp_path, bytes(raw)).startswith("layer l.tar: is truncated or corrupt (")
+
+
 # -- cpio writing -------------------------------------------------------------------------------
 
 
@@ -140,3 +172,50 @@ def test_scenario_file_that_is_not_utf8_names_the_line_and_byte(tmp_path):
     assert info.value.code == ErrorCode.InvalidArgument
     assert info.value.line == 3
     assert info.value.message.endswith(":3: not UTF-8 text (byte 38: 0xe9)")
+
+
+# -- the KMS emulator's HTTP handler -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kms():
+    with KmsServer() as server:  # no Recipient requests here: the default roots are never read
+        yield server
+
+
+def _exchange(server: KmsServer, request: bytes) -> bytes:
+    """Send ``request`` on a fresh connection; everything the server writes until it closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("length", ["2x", "-1", "1_0", "\u0661"])
+def test_get_with_a_malformed_content_length_is_answered(kms, length):
+    # It used to raise ValueError in the handler: the client got a closed socket, no answer.
+    out = _exchange(kms, f"GET / HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert out.endswith(b'{"__type":"UnknownOperationException",'
+                        b'"message":"KMS accepts only POST / with X-Amz-Target"}')
+
+
+@pytest.mark.parametrize("length", ["-1", "1_0", " +2"])
+def test_post_with_a_malformed_content_length_is_a_serialization_error(kms, length):
+    out = _exchange(kms, (f"POST / HTTP/1.1\r\nX-Amz-Target: TrentService.ListKeys\r\n"
+                          f"Content-Length: {length}\r\n\r\n{{}}").encode())
+    assert out.startswith(b"HTTP/1.1 400 ")
+    text = length.strip()
+    assert out.endswith(b'{"__type":"SerializationException","message":"Content-Length '
+                        + repr(text).encode() + b' is not a number"}')
+
+
+def test_http_0_9_get_is_answered_with_the_body_alone(kms):
+    # A request line without a version is HTTP/0.9: no status line or headers in the answer.
+    # The reply used to fail on the missing header buffer, leaving a closed socket.
+    out = _exchange(kms, b"GET /\r\n")
+    assert out == (b'{"__type":"UnknownOperationException",'
+                   b'"message":"KMS accepts only POST / with X-Amz-Target"}')
