@@ -50,6 +50,8 @@ class Crash:
 def _innermost_harness_frame(tb) -> str:
     where = "?"
     for frame in traceback.extract_tb(tb):
+        if frame.filename == __file__:
+            continue  # the time limit's own handler
         if "/harness/" in frame.filename or "/fuzz/" in frame.filename:
             parts = Path(frame.filename).parts
             anchor = max(i for i, p in enumerate(parts) if p in ("harness", "fuzz"))

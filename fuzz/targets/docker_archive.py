@@ -12,6 +12,7 @@ archive and field, E19 for an unreadable file).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,9 @@ DECLARED = (NitroError,)
 MAX_LEN = 16384
 
 _FILE = MemFile("fuzz-docker-archive")
+#: Where each input's layer files and ramdisk go (removed after the input): memory when the
+#: machine has /dev/shm.
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 _BLOCK = 512
 
 
@@ -48,7 +52,7 @@ def repair_checksums(data: bytes) -> bytes:
 def one_input(data: bytes) -> None:
     """Load ``data`` as an image tarball and build the customer ramdisk from it."""
     path = _FILE.holding(repair_checksums(data))
-    with tempfile.TemporaryDirectory(prefix="nitro-fuzz-docker-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nitro-fuzz-docker-", dir=_SCRATCH) as tmp:
         work = Path(tmp)
         archive, rootfs = load_docker_archive(path, work / "files")
         cmd, env = archive.cmd, archive.env

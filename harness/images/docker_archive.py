@@ -16,7 +16,6 @@ message. Errors are ``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>"
 
 from __future__ import annotations
 
-import json
 import posixpath
 import stat
 import tarfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import bounded_json
 from harness.cpio import CpioError, Entry
 from harness.errors import ErrorCode, NitroError
 
@@ -80,11 +80,9 @@ def _read_json(tf: tarfile.TarFile, name: str, path: Path) -> Any:
     if f is None:
         raise _fail(path, name, "is not a regular file")
     try:
-        return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return bounded_json.loads(f.read())
+    except ValueError as e:  # syntax, encoding, or nesting too deep
         raise _fail(path, name, f"is not valid JSON ({e})") from None
-    except RecursionError:
-        raise _fail(path, name, "nests arrays or objects too deeply") from None
 
 
 # The JSON documents come from whoever made the tarball: every value used is checked for its

@@ -18,10 +18,14 @@ import cbor2
 
 from harness import attestation
 from harness import scenario as scn
+from harness.cli.eif_commands import describe
 from harness.cpio import CpioError, Entry, read_cpio, write_cpio
+from harness.eif import read_eif, write_eif
 from harness.errors import ErrorCode, NitroError
 from harness.images import docker_archive as da
+from harness.kms.cms import CmsError, ber_structure
 from harness.kms.server import KmsServer
+from helpers.eif_files import assemble
 
 
 def _tar(members: dict[str, bytes | tuple[str, str]]) -> bytes:
@@ -78,6 +82,31 @@ def test_document_timestamp_past_year_9999_is_a_fields_error(timestamp):
         "fields", "fields: timestamp must be a positive integer (ms) before year 10000")
 
 
+# -- EIF files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", ["2025", [1]])
+def test_describe_eif_with_build_metadata_not_an_object_is_e35(tmp_path, build):
+    path = tmp_path / "x.eif"
+    write_eif(path, b"kernel", "console=ttyS0", [b"ramdisk"], {"BuildMetadata": build})
+    with pytest.raises(NitroError) as info:
+        describe(path)
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.EifParsingError, f"{path}: metadata.BuildMetadata: must be a JSON object")
+
+
+def test_eif_metadata_nested_past_the_parser_is_e35(tmp_path):
+    # json.loads raised RecursionError from read_eif.
+    data, _ = assemble([(1, b"k"), (2, b"c"), (5, b"[" * 3000 + b"]" * 3000), (3, b"r")])
+    path = tmp_path / "x.eif"
+    path.write_bytes(data)
+    with pytest.raises(NitroError) as info:
+        read_eif(path)
+    assert (info.value.code, info.value.message) == (
+        ErrorCode.EifParsingError, f"{path}: metadata: is not valid JSON (arrays or objects nest "
+                                   "deeper than 128 levels)")
+
+
 # -- docker save / OCI archives -------------------------------------------------------------------
 
 
@@ -130,6 +159,13 @@ def test_layer_symlink_with_an_empty_target_is_e48(tmp_path):
     assert _e48(tmp_path, raw) == "layer l.tar: entry 'bin/sh': symlink target is empty"
 
 
+def test_image_config_nested_past_the_parser_is_e48(tmp_path):
+    raw = _tar({"manifest.json": json.dumps([{"Config": "c.json", "Layers": []}]).encode(),
+                "c.json": b"[" * 3000 + b"]" * 3000})
+    assert _e48(tmp_path, raw) == \
+        "c.json: is not valid JSON (arrays or objects nest deeper than 128 levels)"
+
+
 def test_layer_member_of_negative_size_is_e48(tmp_path):
     # tar's base-256 size field can say -1; tarfile lists the member and fails reading it.
     raw = bytearray(_docker_save({}))
@@ -172,6 +208,71 @@ def test_scenario_file_that_is_not_utf8_names_the_line_and_byte(tmp_path):
     assert info.value.code == ErrorCode.InvalidArgument
     assert info.value.line == 3
     assert info.value.message.endswith(":3: not UTF-8 text (byte 38: 0xe9)")
+
+
+def _scenario_error(tmp_path, text: str) -> scn.ScenarioError:
+    path = tmp_path / "case.yaml"
+    path.write_text(text)
+    with pytest.raises(scn.ScenarioError) as info:
+        scn.load_scenarios(path)
+    return info.value
+
+
+def test_matrix_of_aliased_lists_is_refused_before_expanding(tmp_path):
+    # 10 values in 5 keys: 100,000 cases, each copied and validated; it used to run for minutes.
+    err = _scenario_error(tmp_path, "image: hello\nmatrix: {enclave.cpu_count: &x [1,2,3,4,5,6,7,8,"
+                          "9,10], enclave.memory_mib: *x, enclave.cid: *x, timeout: *x, "
+                          "step_timeout: *x}\nsteps: [{sleep: 1}]\n")
+    assert err.line == 2
+    assert err.message.endswith(":2: matrix: 100000 cases, more than the 256 one document may "
+                                "expand to")
+
+
+def test_matrix_of_256_cases_still_expands(tmp_path):
+    path = tmp_path / "case.yaml"
+    path.write_text("image: hello\nmatrix: {enclave.cpu_count: [1, 2], enclave.memory_mib: "
+                    f"{list(range(512, 512 + 128))}}}\nsteps: [{{sleep: 1}}]\n")
+    assert len(scn.load_scenarios(path)) == 256
+
+
+def test_billion_laughs_is_refused(tmp_path):
+    # Eight aliased levels of ten: 10^8 strings that the placeholder check walked one by one.
+    levels = ["a: &a [" + ", ".join(["x"] * 10) + "]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    body = "\n".join("        " + line for line in levels)
+    err = _scenario_error(tmp_path, "image: hello\nsteps:\n  - cli:\n      args: [x]\n"
+                                    f"      json:\n{body}\n")
+    assert err.message.endswith(":1: the document expands to more than 100000 values (YAML "
+                                "aliases repeat what their anchor names)")
+
+
+def test_yaml_nested_past_the_recursion_limit_is_a_yaml_error(tmp_path):
+    err = _scenario_error(tmp_path, "image: hello\nsteps: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert err.line is None and err.message.endswith(": YAML: collections nest too deeply")
+
+
+def test_collections_nested_deeper_than_64_levels_are_refused(tmp_path):
+    err = _scenario_error(tmp_path, "image: hello\nsteps: [{cli: {args: [x], json: "
+                          + "[" * 70 + "]" * 70 + "}}]\n")
+    assert err.message.endswith(": collections nest deeper than 64 levels")
+
+
+# -- CMS (CiphertextForRecipient) ----------------------------------------------------------------
+
+
+def test_ber_nested_1000_levels_is_a_cms_error():
+    # Each level was a recursive call: 1000 levels raised RecursionError.
+    with pytest.raises(CmsError, match=r"^BER: nesting deeper than 32 levels at offset 66$"):
+        ber_structure(b"\x30\x80" * 1000 + b"\x00\x00" * 1000)
+
+
+def test_ber_nested_32_levels_is_walked():
+    node = ber_structure(b"\x30\x80" * 32 + b"\x00\x00" * 32)
+    depth = 0
+    while node.children:
+        node, depth = node.children[0], depth + 1
+    assert depth == 31 and node.indefinite
 
 
 # -- the KMS emulator's HTTP handler -------------------------------------------------------------
@@ -219,3 +320,24 @@ def test_http_0_9_get_is_answered_with_the_body_alone(kms):
     out = _exchange(kms, b"GET /\r\n")
     assert out == (b'{"__type":"UnknownOperationException",'
                    b'"message":"KMS accepts only POST / with X-Amz-Target"}')
+
+
+def _post(server: KmsServer, target: str, body: bytes) -> bytes:
+    return _exchange(server, (f"POST / HTTP/1.1\r\nX-Amz-Target: TrentService.{target}\r\n"
+                              f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+
+
+def test_request_body_nested_past_the_parser_is_a_serialization_error(kms):
+    # json.loads raised RecursionError: the handler answered 500 KMSInternalException.
+    out = _post(kms, "ListKeys", b"[" * 3000 + b"]" * 3000)
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert out.endswith(b'{"__type":"SerializationException","message":"request body is not '
+                        b'valid JSON"}')
+
+
+def test_key_policy_nested_past_the_parser_is_a_malformed_policy(kms):
+    body = json.dumps({"Policy": "[" * 3000 + "]" * 3000}).encode()
+    out = _post(kms, "CreateKey", body)
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert out.endswith(b'{"__type":"MalformedPolicyDocumentException","message":"policy: not '
+                        b'valid JSON (arrays or objects nest deeper than 128 levels)"}')
