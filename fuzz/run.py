@@ -93,6 +93,8 @@ def run_target(name: str, runs: int, *, seed: int | None, time_limit: float | No
                                     "where": "libFuzzer", "message": " | ".join(tail[-3:])[:300],
                                     "input": None})
             done += 1
+    if crashes.is_dir() and not any(crashes.iterdir()):
+        crashes.rmdir()  # nothing kept: no empty folder left in the checkout
     found = [json.loads(line) for line in report.read_text().splitlines()] \
         if report.exists() else []
     found += process_crashes
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.targets or list(TARGETS)
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="nitro-fuzz-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
             "commit": _commit(), "runs": args.runs, "cpus": os.cpu_count()}
     rows: list[dict] = []

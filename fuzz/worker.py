@@ -1,10 +1,10 @@
 """Fuzz one target with atheris (libFuzzer) for a number of inputs; ``fuzz/run.py`` starts it.
 
-    python fuzz/worker.py TARGET --runs N --crashes DIR --report FILE [libFuzzer flags...] CORPUS...
+    python fuzz/worker.py TARGET --crashes DIR --report FILE [-runs=N ...] CORPUS...
 
-The target's harness modules (and the pure-Python parsing libraries
-:data:`fuzz.targets.TARGETS` names for it) are imported under atheris's coverage instrumentation. Each input gets the
-verdict of :func:`fuzz.verdict.run_one`; a crash does not stop the run: the input is kept in
+The target's harness modules (and the pure-Python parsing libraries :data:`fuzz.targets.TARGETS`
+names for it) are imported under atheris's coverage instrumentation. Each input gets the verdict
+of :func:`fuzz.verdict.run_one`; a crash does not stop the run: the input is kept in
 ``--crashes`` (the first three of each kind, named ``<kind>-<sha1>``) and one JSON line
 describing it is appended to ``--report``, then fuzzing goes on. libFuzzer's own ``-timeout``
 is the backstop for an input stuck outside Python; when it fires the process ends, and

@@ -3,8 +3,8 @@
 One input is a whole EIF file. It goes through :func:`harness.eif.read_eif` (the section
 table, the sequential walk, metadata and signature sections, the CRC) and through
 ``describe-eif``'s document (:func:`harness.cli.eif_commands.describe`: the streaming PCR
-measurement, the signature check, the certificate and metadata fields), written as JSON. Declared errors:
-``NitroError`` (E35 for an invalid EIF; docs/eif-format.md).
+measurement, the signature check, the certificate and metadata fields), written as JSON.
+Declared errors: ``NitroError`` (E35 for an invalid EIF; docs/eif-format.md).
 """
 
 from __future__ import annotations

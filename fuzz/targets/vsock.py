@@ -1,9 +1,10 @@
 """Fuzz target: the vsock device's packet handler, driven by a hostile guest and a busy parent.
 
 One input is a script of records ``[op] [length u16] [body]`` played against a fresh
-:class:`harness.vsock.VsockDevice` (guest CID 21, a 2 KiB receive window, at most 8 connections) served by the
-synchronous back end of :mod:`fuzz.fakes`, with its rx and tx rings in fake guest RAM, parent
-port 5000 listened on (backlog 2) and the heartbeat on 9000 (docs/vsock.md). ``op & 7``:
+:class:`harness.vsock.VsockDevice` (guest CID 21, a 2 KiB receive window, at most 8
+connections) served by the synchronous back end of :mod:`fuzz.fakes`, with its rx and tx rings
+in fake guest RAM, parent port 5000 listened on (backlog 2) and the heartbeat on 9000
+(docs/vsock.md). ``op & 7``:
 
 0. put ``body`` on tx as one packet (flag 8: a descriptor 64 KiB longer than the packet; flag
    16: kick at once);

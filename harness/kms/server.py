@@ -73,7 +73,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         text = text.strip()
         if not text.isascii() or not text.isdigit():
             self.close_connection = True
-            raise KmsError("SerializationException", f"Content-Length {text[:40]!r} is not a number")
+            raise KmsError("SerializationException",
+                           f"Content-Length {text[:40]!r} is not a number")
         length = int(text)
         if length > _MAX_BODY:
             self.close_connection = True
