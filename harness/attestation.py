@@ -45,6 +45,9 @@ PAYLOAD_KEYS = (
 )
 #: Upper bound used by the verifier for optional fields (AWS's documented maximum is 1024).
 MAX_OPTIONAL_FIELD = 1024
+#: The latest timestamp a document may carry (ms): the last millisecond of year 9999, the end
+#: of what a datetime (and an X.509 GeneralizedTime) can hold.
+MAX_TIMESTAMP_MS = 253402300799999
 
 #: Names of the verification checks, in the order they run.
 CHECKS = (
@@ -306,8 +309,8 @@ def decode_document(data: bytes) -> AttestationDocument:
         raise _fail("fields", "module_id must be a non-empty text string")
     if digest != "SHA384":
         raise _fail("fields", f"digest {digest!r} is not 'SHA384'")
-    if not isinstance(ts, int) or isinstance(ts, bool) or ts <= 0:
-        raise _fail("fields", "timestamp must be a positive integer (ms)")
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 < ts <= MAX_TIMESTAMP_MS:
+        raise _fail("fields", "timestamp must be a positive integer (ms) before year 10000")
     pcrs = body["pcrs"]
     if not isinstance(pcrs, dict) or not 1 <= len(pcrs) <= 32:
         raise _fail("fields", "pcrs must be a map of 1 to 32 entries")

@@ -55,6 +55,17 @@ def _norm_name(name: str) -> str:
     return name
 
 
+def _as_bytes(text: str, what: str) -> bytes:
+    """``text`` as the bytes Linux stores for it: UTF-8, and the bytes a reader could not decode
+    (kept as surrogate escapes by :func:`read_cpio` and by tarfile) written back as they were.
+    Raises :class:`CpioError` for a string no bytes decode to (a lone surrogate)."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise CpioError(f"{what} {text!r}: not representable as bytes (a lone surrogate)") \
+            from None
+
+
 @dataclass(frozen=True)
 class Entry:
     """One archive member: ``name`` (relative path), ``mode`` (full st_mode: type + permissions).
@@ -98,7 +109,8 @@ class Entry:
         """A symbolic link (mode 0777) pointing at ``target``."""
         if not target:
             raise CpioError(f"entry {name!r}: symlink target is empty")
-        return cls(_norm_name(name), stat.S_IFLNK | 0o777, target.encode(), **kw)
+        return cls(_norm_name(name), stat.S_IFLNK | 0o777,
+                   _as_bytes(target, f"entry {name!r}: symlink target"), **kw)
 
     @classmethod
     def device(
@@ -194,7 +206,7 @@ class CpioWriter:
 
     def _begin(self, name: str, mode: int, uid: int, gid: int, nlink: int, mtime: int,
                size: int, rmaj: int = 0, rmin: int = 0) -> None:
-        bname = name.encode("utf-8")
+        bname = _as_bytes(name, "entry name")
         if b"\0" in bname:
             raise CpioError(f"entry {name!r}: name contains a NUL byte")
         self._write(_header(self._ino, mode, uid, gid, nlink, mtime, size, rmaj, rmin,

@@ -142,6 +142,10 @@ def describe(path: Path) -> dict:
         doc["ImageName"] = meta.get("ImageName")
         doc["ImageVersion"] = meta.get("ImageVersion")
         bm = meta.get("BuildMetadata") or {}
+        if not isinstance(bm, dict):
+            # nitro-cli reads BuildMetadata into a struct and fails on anything else.
+            raise NitroError(ErrorCode.EifParsingError,
+                             f"{path}: metadata.BuildMetadata: must be a JSON object")
         md = {k: bm.get(k) for k in ("BuildTime", "BuildTool", "BuildToolVersion",
                                      "OperatingSystem", "KernelVersion")}
         md["DockerInfo"] = meta.get("DockerInfo")

@@ -13,11 +13,11 @@ differently (gaps, trailing bytes, a different order).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
+from harness import bounded_json
 from harness.eif.format import (
     CHUNK_SIZE, EIF_MAGIC, FLAG_AARCH64, HEADER_SIZE, KNOWN_VERSIONS, MAX_SECTIONS,
     SECTION_HEADER_SIZE, SECTION_STRUCT, Eif, EifHeader, Section, SectionType, crc32,
@@ -217,8 +217,8 @@ def _load_small_sections(eif: Eif, f: BinaryIO) -> None:
         f.seek(s.data_offset)
         raw = f.read(s.size)
         try:
-            meta = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = bounded_json.loads(raw)
+        except ValueError as e:  # syntax, encoding, or nesting past serde_json's limit
             raise fail(eif.path, "metadata", f"is not valid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise fail(eif.path, "metadata", "must be a JSON object")

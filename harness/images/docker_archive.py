@@ -16,7 +16,6 @@ message. Errors are ``NitroError(E48 EifBuildingError, "<file>: <field>: <rule>"
 
 from __future__ import annotations
 
-import json
 import posixpath
 import stat
 import tarfile
@@ -24,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.cpio import Entry
+from harness import bounded_json
+from harness.cpio import CpioError, Entry
 from harness.errors import ErrorCode, NitroError
 
 WHITEOUT_PREFIX = ".wh."
@@ -80,32 +80,76 @@ def _read_json(tf: tarfile.TarFile, name: str, path: Path) -> Any:
     if f is None:
         raise _fail(path, name, "is not a regular file")
     try:
-        return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return bounded_json.loads(f.read())
+    except ValueError as e:  # syntax, encoding, or nesting too deep
         raise _fail(path, name, f"is not valid JSON ({e})") from None
 
 
-def _blob_name(digest: str, path: Path) -> str:
+# The JSON documents come from whoever made the tarball: every value used is checked for its
+# type first, and a wrong one is E48 naming the document and key.
+
+def _need(value: Any, kind: type | tuple[type, ...], path: Path, where: str, what: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _fail(path, where, f"must be {what}")
+    return value
+
+
+def _strings(value: Any, path: Path, where: str) -> list[str]:
+    """A JSON array of strings (null or absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(path, where, "must be an array of strings")
+    return value
+
+
+def _check_config(config: Any, path: Path, where: str) -> dict:
+    """The image config: an object whose ``config`` (null or an object) has ``Cmd``,
+    ``Entrypoint`` and ``Env`` as arrays of strings (or null)."""
+    _need(config, dict, path, where, "a JSON object")
+    inner = config.get("config")
+    if inner is not None:
+        _need(inner, dict, path, f"{where}: config", "an object or null")
+        for key in ("Cmd", "Entrypoint", "Env"):
+            _strings(inner.get(key), path, f"{where}: config.{key}")
+    return config
+
+
+def _blob_name(digest: Any, path: Path) -> str:
+    _need(digest, str, path, "digest", "a string")
     algo, _, hexd = digest.partition(":")
     if not algo or not hexd or "/" in hexd or "/" in algo:
         raise _fail(path, "digest", f"{digest!r} is not <algorithm>:<hex>")
     return f"blobs/{algo}/{hexd}"
 
 
-def _pick_manifest(tf: tarfile.TarFile, index: dict, path: Path) -> dict:
-    manifests = index.get("manifests") or []
+#: Image indexes nest (a multi-platform index pointing at per-platform ones) once or twice in
+#: practice; deeper is refused, which also ends an index that names itself.
+MAX_INDEX_DEPTH = 4
+
+
+def _pick_manifest(tf: tarfile.TarFile, index: Any, path: Path, where: str = "index.json",
+                   depth: int = 0) -> dict:
+    _need(index, dict, path, where, "a JSON object")
+    manifests = _need(index.get("manifests") or [], list, path, f"{where}: manifests", "an array")
     if not manifests:
-        raise _fail(path, "index.json", "lists no manifests")
+        raise _fail(path, where, "lists no manifests")
+    for i, m in enumerate(manifests):
+        _need(m, dict, path, f"{where}: manifests[{i}]", "an object")
     chosen = manifests[0]
     if len(manifests) > 1:
         for m in manifests:
             plat = m.get("platform") or {}
-            if plat.get("os") == "linux" and plat.get("architecture") == "amd64":
+            if isinstance(plat, dict) and plat.get("os") == "linux" and \
+                    plat.get("architecture") == "amd64":
                 chosen = m
                 break
-    doc = _read_json(tf, _blob_name(chosen["digest"], path), path)
+    name = _blob_name(chosen.get("digest"), path)
+    doc = _need(_read_json(tf, name, path), dict, path, name, "a JSON object")
     if chosen.get("mediaType") in _OCI_INDEX_TYPES or doc.get("mediaType") in _OCI_INDEX_TYPES:
-        return _pick_manifest(tf, doc, path)
+        if depth >= MAX_INDEX_DEPTH:
+            raise _fail(path, name, f"image indexes nest more than {MAX_INDEX_DEPTH} deep")
+        return _pick_manifest(tf, doc, path, name, depth + 1)
     return doc
 
 
@@ -123,40 +167,59 @@ def open_image_archive(path: Path | str) -> ImageArchive:
     except (tarfile.TarError, OSError) as e:
         raise _fail(path, "archive", f"is not a tar archive ({e})") from None
     with tf:
-        names = set(tf.getnames())
-        # Docker >= 25 writes both layouts into `docker save`; manifest.json is simpler.
-        if "manifest.json" in names:
-            manifest = _read_json(tf, "manifest.json", path)
-            if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
-                raise _fail(path, "manifest.json", "must be a non-empty array of objects")
-            m = manifest[0]
-            if "Config" not in m or "Layers" not in m:
-                raise _fail(path, "manifest.json", "entry lacks Config or Layers")
-            config = _read_json(tf, m["Config"], path)
-            digest = "sha256:" + posixpath.basename(m["Config"]).removesuffix(".json")
-            return ImageArchive(path, "docker-save", config, digest, list(m["Layers"]),
-                                list(m.get("RepoTags") or []))
-        if "index.json" in names:
-            index = _read_json(tf, "index.json", path)
-            man = _pick_manifest(tf, index, path)
-            if "config" not in man or "layers" not in man:
-                raise _fail(path, "manifest", "lacks config or layers")
-            for layer in man["layers"]:
-                mt = layer.get("mediaType", "")
-                if "zstd" in mt:
-                    raise _fail(path, f"layer {layer.get('digest')}",
-                                "zstd-compressed layers are not supported; re-save with gzip")
-            config = _read_json(tf, _blob_name(man["config"]["digest"], path), path)
-            tags = []
-            for m in index.get("manifests") or []:
-                ref = (m.get("annotations") or {}).get("org.opencontainers.image.ref.name")
-                if ref:
-                    tags.append(ref)
-            return ImageArchive(path, "oci", config, man["config"]["digest"],
-                                [_blob_name(layer["digest"], path) for layer in man["layers"]],
-                                tags)
-        raise _fail(path, "archive", "has neither manifest.json (docker save) nor index.json "
-                                     "(OCI image layout)")
+        try:
+            return _describe(tf, path)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            # tarfile reads members lazily: a truncated or corrupt archive fails here.
+            raise _fail(path, "archive", f"is truncated or corrupt ({e})") from None
+
+
+def _describe(tf: tarfile.TarFile, path: Path) -> ImageArchive:
+    """The :class:`ImageArchive` of an open tarball (see :func:`open_image_archive`)."""
+    names = set(tf.getnames())
+    # Docker >= 25 writes both layouts into `docker save`; manifest.json is simpler.
+    if "manifest.json" in names:
+        manifest = _read_json(tf, "manifest.json", path)
+        if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+            raise _fail(path, "manifest.json", "must be a non-empty array of objects")
+        m = manifest[0]
+        if "Config" not in m or "Layers" not in m:
+            raise _fail(path, "manifest.json", "entry lacks Config or Layers")
+        config_name = _need(m["Config"], str, path, "manifest.json: Config", "a string")
+        layers = _strings(m["Layers"], path, "manifest.json: Layers")
+        tags = _strings(m.get("RepoTags"), path, "manifest.json: RepoTags")
+        config = _check_config(_read_json(tf, config_name, path), path, config_name)
+        digest = "sha256:" + posixpath.basename(config_name).removesuffix(".json")
+        return ImageArchive(path, "docker-save", config, digest, list(layers), list(tags))
+    if "index.json" in names:
+        index = _read_json(tf, "index.json", path)
+        man = _pick_manifest(tf, index, path)
+        if "config" not in man or "layers" not in man:
+            raise _fail(path, "manifest", "lacks config or layers")
+        layers = _need(man["layers"], list, path, "manifest: layers", "an array")
+        for i, layer in enumerate(layers):
+            _need(layer, dict, path, f"manifest: layers[{i}]", "an object")
+            mt = _need(layer.get("mediaType", ""), str, path, f"manifest: layers[{i}].mediaType",
+                       "a string")
+            if "zstd" in mt:
+                raise _fail(path, f"layer {layer.get('digest')}",
+                            "zstd-compressed layers are not supported; re-save with gzip")
+        config_ref = _need(man["config"], dict, path, "manifest: config", "an object")
+        config_digest = _need(config_ref.get("digest"), str, path, "manifest: config.digest",
+                              "a string")
+        config_name = _blob_name(config_digest, path)
+        config = _check_config(_read_json(tf, config_name, path), path, config_name)
+        tags = []
+        for m in index.get("manifests") or []:  # objects: _pick_manifest checked them
+            annotations = m.get("annotations")
+            ref = annotations.get("org.opencontainers.image.ref.name") \
+                if isinstance(annotations, dict) else None
+            if isinstance(ref, str) and ref:
+                tags.append(ref)
+        return ImageArchive(path, "oci", config, config_digest,
+                            [_blob_name(layer.get("digest"), path) for layer in layers], tags)
+    raise _fail(path, "archive", "has neither manifest.json (docker save) nor index.json "
+                                 "(OCI image layout)")
 
 
 def _clean(name: str, path: Path, layer: str) -> str | None:
@@ -192,28 +255,38 @@ def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
     with tarfile.open(path, "r:*") as outer:
         for layer in archive.layers:
             try:
-                member = outer.getmember(layer)
-            except KeyError:
-                raise _fail(path, f"layer {layer}", "not found in the archive") from None
-            raw = outer.extractfile(member)
-            if raw is None:
-                raise _fail(path, f"layer {layer}", "is not a regular file")
-            head = raw.read(4)
-            raw.seek(0)
-            if head == b"\x28\xb5\x2f\xfd":
-                raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
-            this_layer: set[str] = set()
-            try:
-                lt = tarfile.open(fileobj=raw, mode="r|*")
-            except tarfile.TarError as e:
-                raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
-            with lt:
-                try:
-                    for m in lt:
-                        counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
-                except (tarfile.TarError, EOFError, OSError) as e:
-                    raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
+                counter = _apply_layer(outer, layer, fs, path, work, counter)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                # Members are read lazily and layers streamed: damage shows up anywhere here.
+                raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
+            except CpioError as e:  # a member no ramdisk entry can hold (empty link target)
+                raise _fail(path, f"layer {layer}", str(e)) from None
     return list(fs.values())
+
+
+def _apply_layer(outer: tarfile.TarFile, layer: str, fs: dict[str, Entry], path: Path, work: Path,
+                 counter: int) -> int:
+    """Apply the layer member ``layer`` of ``outer`` to ``fs``; returns the spill counter."""
+    try:
+        member = outer.getmember(layer)
+    except KeyError:
+        raise _fail(path, f"layer {layer}", "not found in the archive") from None
+    raw = outer.extractfile(member)
+    if raw is None:
+        raise _fail(path, f"layer {layer}", "is not a regular file")
+    head = raw.read(4)
+    raw.seek(0)
+    if head == b"\x28\xb5\x2f\xfd":
+        raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
+    this_layer: set[str] = set()
+    try:
+        lt = tarfile.open(fileobj=raw, mode="r|*")
+    except tarfile.TarError as e:
+        raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
+    with lt:
+        for m in lt:
+            counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
+    return counter
 
 
 def _apply_member(fs: dict[str, Entry], this_layer: set[str], lt: tarfile.TarFile,

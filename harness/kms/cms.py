@@ -308,6 +308,11 @@ def decrypt_ciphertext_for_recipient(blob: bytes, private_key: rsa.RSAPrivateKey
         raise CmsError("EncryptedContentInfo.encryptedContent: bad PKCS#7 padding") from None
 
 
+#: How deep :func:`ber_structure` follows constructed TLVs: a CiphertextForRecipient nests 11
+#: levels (docs/kms.md); the bound keeps a hostile blob from exhausting the stack.
+MAX_BER_DEPTH = 32
+
+
 @dataclass
 class BerNode:
     """One BER TLV: ``tag`` (identifier octet, e.g. 0x30), ``indefinite`` (bool),
@@ -330,10 +335,13 @@ def ber_structure(blob: bytes) -> BerNode:
     """Walk ``blob`` as BER (single-byte tags) and return its TLV tree.
 
     Used to check that a CiphertextForRecipient keeps docs/kms.md's indefinite/definite layout.
-    Raises :class:`CmsError` on truncation, a bad length, or trailing bytes.
+    Raises :class:`CmsError` on truncation, a bad length, trailing bytes, or nesting deeper than
+    :data:`MAX_BER_DEPTH`.
     """
 
-    def parse(offset: int, end: int) -> tuple[BerNode, int]:
+    def parse(offset: int, end: int, depth: int = 0) -> tuple[BerNode, int]:
+        if depth > MAX_BER_DEPTH:
+            raise CmsError(f"BER: nesting deeper than {MAX_BER_DEPTH} levels at offset {offset}")
         if offset + 2 > end:
             raise CmsError(f"BER: truncated TLV at offset {offset}")
         tag = blob[offset]
@@ -352,7 +360,7 @@ def ber_structure(blob: bytes) -> BerNode:
                 if blob[pos] == 0 and blob[pos + 1] == 0:
                     node.length = pos - (offset + 2)
                     return node, pos + 2
-                child, pos = parse(pos, end)
+                child, pos = parse(pos, end, depth + 1)
                 node.children.append(child)
         if first & 0x80:
             count = first & 0x7F
@@ -368,7 +376,7 @@ def ber_structure(blob: bytes) -> BerNode:
         if constructed:
             child_pos = pos
             while child_pos < pos + length:
-                child, child_pos = parse(child_pos, pos + length)
+                child, child_pos = parse(child_pos, pos + length, depth + 1)
                 node.children.append(child)
         return node, pos + length
 

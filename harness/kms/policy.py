@@ -37,6 +37,8 @@ from functools import lru_cache
 from typing import Any
 from collections.abc import Iterable, Mapping, Sequence
 
+from harness import bounded_json
+
 __all__ = [
     "PolicyError",
     "RequestContext",
@@ -230,8 +232,8 @@ def parse_policy(text: str | bytes | Mapping[str, Any]) -> dict[str, Any]:
         doc: Any = dict(text)
     else:
         try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as err:
+            doc = bounded_json.loads(text)
+        except ValueError as err:  # syntax, encoding, or nesting too deep
             raise PolicyError(f"policy: not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise PolicyError("policy: must be a JSON object")

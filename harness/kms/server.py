@@ -45,6 +45,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _reply(self, status: int, payload: Mapping[str, Any], request_id: str) -> None:
         body = json.dumps(payload, separators=(",", ":")).encode()
+        if self.request_version == "HTTP/0.9":
+            # A bare "GET /" line: HTTP/0.9 has no status line or headers, only the body.
+            self.wfile.write(body)
+            return
         self.send_response(status)
         self.send_header("Content-Type", "application/x-amz-json-1.1")
         self.send_header("Content-Length", str(len(body)))
@@ -59,10 +63,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _fail(self, err: KmsError, request_id: str) -> None:
         self._reply(err.status, {"__type": err.name, "message": err.message}, request_id)
 
+    def _content_length(self) -> int:
+        """The request's Content-Length: digits only, at most 2 MiB (RFC 9110 8.6). Otherwise
+        SerializationException, and the connection closes (the body's end is unknown)."""
+        text = self.headers.get("Content-Length")
+        if text is None:
+            self.close_connection = True
+            raise KmsError("SerializationException", "Content-Length is required")
+        text = text.strip()
+        if not text.isascii() or not text.isdigit():
+            self.close_connection = True
+            raise KmsError("SerializationException",
+                           f"Content-Length {text[:40]!r} is not a number")
+        length = int(text)
+        if length > _MAX_BODY:
+            self.close_connection = True
+            raise KmsError(
+                "SerializationException", f"request body of {length} bytes exceeds {_MAX_BODY}"
+            )
+        return length
+
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(min(length, _MAX_BODY))
+        if self.headers.get("Content-Length") is not None:
+            try:
+                self.rfile.read(self._content_length())
+            except KmsError:
+                pass  # the connection closes after the answer: its body need not be read
         self._fail(
             KmsError("UnknownOperationException", "KMS accepts only POST / with X-Amz-Target"),
             str(uuid.uuid4()),
@@ -73,17 +99,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         server: _HttpServer = self.server  # type: ignore[assignment]
         record: dict[str, Any] = {"request_id": request_id, "operation": None, "caller": None}
         try:
-            length_text = self.headers.get("Content-Length")
-            if length_text is None:
-                self.close_connection = True
-                raise KmsError("SerializationException", "Content-Length is required")
-            length = int(length_text)
-            if length < 0 or length > _MAX_BODY:
-                self.close_connection = True
-                raise KmsError(
-                    "SerializationException", f"request body of {length} bytes exceeds {_MAX_BODY}"
-                )
-            body = self.rfile.read(length)
+            body = self.rfile.read(self._content_length())
             target = self.headers.get("X-Amz-Target", "")
             if not target.startswith(_TARGET_PREFIX):
                 raise KmsError(

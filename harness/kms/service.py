@@ -11,7 +11,6 @@ reach the key store, the key-policy check and the Recipient verifier through the
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
+from harness import bounded_json
 from harness.errors import ErrorCode, NitroError
 from harness.kms import aliases, crypto, data_key_pairs, key_agreement, keys, mac, policy, signing
 from harness.kms.credentials import Caller
@@ -101,8 +101,8 @@ class KmsService:
                 "UnknownOperationException", f"Unknown operation TrentService.{operation}"
             ) from None
         try:
-            raw = json.loads(body or b"{}")
-        except ValueError:
+            raw = bounded_json.loads(body or b"{}")
+        except ValueError:  # syntax, encoding, or nesting too deep
             raise KmsError("SerializationException", "request body is not valid JSON") from None
         check = Validation()
         params = decode(raw, op_model.input_shape, "", check) if op_model.input_shape else {}

@@ -13,6 +13,7 @@ import copy
 import functools
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,14 @@ SCHEMA_PATH = Path(__file__).parent.parent / "data" / "scenario_schema.yaml"
 #: Default limits in seconds: one step, and a whole scenario (boot included).
 DEFAULT_STEP_TIMEOUT = 120.0
 DEFAULT_SCENARIO_TIMEOUT = 900.0
+
+#: Cases one document's ``matrix`` may expand to (docs/scenarios.md#matrix).
+MAX_MATRIX_CASES = 256
+#: Values one document may hold with its YAML aliases expanded, and how deep its mappings and
+#: lists may nest (docs/scenarios.md#top-level-keys): far beyond any real scenario (the shipped
+#: documents hold at most 137 values, 8 levels deep).
+MAX_DOCUMENT_VALUES = 100_000
+MAX_DOCUMENT_DEPTH = 64
 
 #: Kernels a scenario can be run on: ``nitro``, the harness's Nitro-style kernel (the recipes as
 #: named: ACPI off, devices on the command line, docs/vhost-user.md), and ``debian``, Debian's
@@ -147,6 +156,30 @@ def short(value: Any) -> str:
     """``value`` as JSON (a string as its repr), cut to 60 characters for messages."""
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_extent(doc: Any, path: Path | str) -> None:
+    """ScenarioError when ``doc``, with YAML aliases expanded, holds more than
+    :data:`MAX_DOCUMENT_VALUES` values or nests deeper than :data:`MAX_DOCUMENT_DEPTH`.
+
+    An alias repeats what its anchor names, so a few lines can stand for billions of values
+    that validation and placeholder checks would walk one by one; the walk here stops at the
+    bound (docs/scenarios.md#top-level-keys)."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_DOCUMENT_VALUES:
+            raise ScenarioError(path, getattr(doc, "line", None),
+                                f"the document expands to more than {MAX_DOCUMENT_VALUES} values "
+                                "(YAML aliases repeat what their anchor names)")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) \
+            else ()
+        if children and depth >= MAX_DOCUMENT_DEPTH:
+            raise ScenarioError(path, getattr(node, "line", None),
+                                f"collections nest deeper than {MAX_DOCUMENT_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,6 +386,15 @@ def _matrix_keys(matrix: Any) -> list[str]:
     return []
 
 
+def _matrix_size(matrix: Any) -> int:
+    """How many cases ``matrix`` expands to (a mapping multiplies its lists' lengths)."""
+    if not matrix:
+        return 1
+    if isinstance(matrix, dict):
+        return math.prod(len(v) for v in matrix.values())
+    return len(matrix)
+
+
 def _matrix_cases(matrix: Any) -> list[tuple[dict[str, Any], dict[str, int]]]:
     """Cases as (values by dotted key, line of each value)."""
     if not matrix:
@@ -402,6 +444,13 @@ def expand(doc: LineDict, path: Path) -> list[Scenario]:
     reported at the matrix value's line. Raises :class:`ScenarioError`.
     """
     name = doc.get("name") or path.stem
+    size = _matrix_size(doc.get("matrix"))
+    if size > MAX_MATRIX_CASES:
+        # Each case boots an enclave; a few aliased lists would otherwise multiply into
+        # millions of cases before anything runs.
+        raise ScenarioError(path, doc.key_lines.get("matrix"),
+                            f"matrix: {size} cases, more than the {MAX_MATRIX_CASES} one "
+                            "document may expand to")
     cases = []
     for values, lines in _matrix_cases(doc.get("matrix")):
         data = copy.deepcopy(doc)
@@ -478,8 +527,8 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
     Returns the cases in file order, each case once per kernel of ``kernels`` where it runs
     (:func:`for_kernel`); an ``eif:`` case boots its own file whatever the kernel, so it runs
     once, on the first kernel; a case that another kernel's expansion already produced (same
-    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for YAML syntax
-    errors, schema violations (with file, line and key), unknown placeholders and duplicate
+    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for a file that is
+    not UTF-8, YAML syntax errors, schema violations (with file, line and key), unknown placeholders and duplicate
     names, and NitroError E19 when the file cannot be read, E03 for an unknown kernel or none.
     Nothing is booted.
     """
@@ -490,9 +539,14 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
         image_for_kernel("hello", kernel)  # E03 before any work for an unknown kernel
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise NitroError(ErrorCode.FileOperationFailure, f"{path}: cannot read scenario: {exc.strerror}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(path, raw.count(b"\n", 0, exc.start) + 1,
+                            f"not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x})") from None
     try:
         docs = [d for d in yaml.load_all(text, Loader=_LineLoader) if d is not None]
     except yaml.MarkedYAMLError as exc:
@@ -501,11 +555,14 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
         raise ScenarioError(path, line, f"YAML: {exc.problem or exc.context}")
     except yaml.YAMLError as exc:
         raise ScenarioError(path, None, f"YAML: {exc}")
+    except RecursionError:
+        raise ScenarioError(path, None, "YAML: collections nest too deeply") from None
     if not docs:
         raise ScenarioError(path, None, "no scenario in the file")
     scenarios: list[Scenario] = []
     seen: dict[str, int] = {}
     for doc in docs:
+        _check_extent(doc, path)
         validate_document(doc, path)
         name = doc.get("name") or path.stem
         if name in seen:
