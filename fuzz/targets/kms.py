@@ -87,7 +87,7 @@ class _Internal(logging.Handler):
 def _setup() -> tuple[SimpleNamespace, SimpleNamespace, dict, _Internal]:
     service = KmsService(None, attestation_roots=[aws_root_g1()], attestation_at=AT_DOCUMENT_TIME)
     creds = {ACCESS_KEY: KmsCredential(ACCESS_KEY, SECRET_KEY, PRINCIPAL)}
-    common = dict(service=service, default_principal=PRINCIPAL)
+    common = dict(service=service, default_principal=PRINCIPAL, on_request=None)
     open_server = SimpleNamespace(sigv4=None, **common)
     signed_server = SimpleNamespace(sigv4=SigV4Verifier(creds, service.region, MAX_SKEW_S),
                                     **common)
