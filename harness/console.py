@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shlex
 import socket
 import threading
@@ -20,6 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.console_timestamps import LineClock
 
 # Console text that means the boot or the application failed, whatever the test expects.
 DEFAULT_FAIL_PATTERN = r"Kernel panic|nitro-init: fatal"
@@ -72,6 +75,7 @@ class Console:
         self._closed = False
         self._log = None
         self._write_lock = threading.Lock()
+        self.boot_clock = LineClock()  # the boot's part of the console, timed (boot timeline)
 
     def listen(self) -> None:
         """Bind the console socket (before QEMU starts, which connects as a client)."""
@@ -82,10 +86,17 @@ class Console:
         self._listener.listen(1)
         self._log = open(self.log_path, "ab", buffering=0)
 
-    def attach(self, timeout: float) -> None:
-        """Accept QEMU's connection and start capturing. Raises TimeoutError if QEMU never connects."""
+    def attach(self, timeout: float, *, gone_fd: int | None = None) -> None:
+        """Accept QEMU's connection and start capturing. Raises TimeoutError if QEMU does not
+        connect within ``timeout`` seconds, ChildProcessError when ``gone_fd`` (a pidfd of
+        QEMU) becomes readable first: QEMU exited."""
         assert self._listener is not None
-        self._listener.settimeout(timeout)
+        waited = [self._listener] + ([gone_fd] if gone_fd is not None else [])
+        ready, _, _ = select.select(waited, [], [], timeout)
+        if self._listener not in ready:
+            if ready:
+                raise ChildProcessError("QEMU exited before it connected the console")
+            raise TimeoutError(f"QEMU did not connect the console within {timeout:g} s")
         conn, _ = self._listener.accept()
         conn.settimeout(None)
         self._conn = conn
@@ -99,6 +110,7 @@ class Console:
                 data = self._conn.recv(65536)
             except OSError:
                 data = b""
+            self.boot_clock.feed(data, time.monotonic())
             # Log first: whoever sees the text in memory may read the log file next.
             if data and self._log:
                 with contextlib.suppress(OSError, ValueError):

@@ -105,12 +105,12 @@ def machine_spec(
     )
 
 
-def launch(machine: QemuMachine) -> None:
-    """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`).
-    Raises NitroError E36 with the machine's reason when it fails; the caller still shuts the
-    machine down (QEMU may be running)."""
+def launch(machine: QemuMachine, mark: Any = None) -> None:
+    """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`,
+    which calls ``mark`` with each boot timeline phase). Raises NitroError E36 with the machine's
+    reason when it fails; the caller still shuts the machine down (QEMU may be running)."""
     try:
-        machine.launch()
+        machine.launch(mark=mark)
     except MachineError as err:
         raise NitroError(ErrorCode.EnclaveBootFailure, str(err)) from None
 
