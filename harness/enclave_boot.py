@@ -23,6 +23,8 @@ __all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch", "
 
 #: The preflight's findings, one line each, in the state folder (kept with the artifacts).
 PREFLIGHT_FILE = "preflight.txt"
+#: The first QEMU with ``-overcommit mem-lock=on-fault`` (docs/boot.md#qemu-machine).
+MEM_LOCK_ON_FAULT_SINCE = (10, 0, 0)
 
 
 def check_eif(eif_path: Path) -> tuple[Any, int]:
@@ -84,7 +86,7 @@ def machine_spec(
     other threads on ``cpus.others`` (:class:`harness.allocator.CpuAllocation`), the vsock back
     end on ``state_dir/vsock.sock``, the NSM as :meth:`EnclaveDevices.start_nsm
     <harness.enclave_devices.EnclaveDevices.start_nsm>` returned it, ``acpi`` from the machine
-    layout (docs/boot.md#machine-layout)."""
+    layout (docs/boot.md#machine-layout); QEMU's memory locked on fault where ``qemu`` has it."""
     return MachineSpec(
         qemu=qemu.path,
         accel=qemu.accel,
@@ -101,6 +103,7 @@ def machine_spec(
         nsm_socket=nsm_socket,
         hugepage_size_kib=hugepage_size_kib,
         acpi=acpi,
+        mem_lock_on_fault=qemu.info.version >= MEM_LOCK_ON_FAULT_SINCE,
         extra_args=list(config.extra_qemu_args),
     )
 

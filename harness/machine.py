@@ -27,12 +27,6 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from harness.console import Console
 
-#: TCG's translated-code buffer in MiB. QEMU's default is 1 GiB, and with ``mem-lock=on`` every
-#: page of it is populated and locked before the guest starts: about 0.5-2 s of the boot on a
-#: 2-core host. A python-image boot plus an import of cryptography translates about 57 MiB of
-#: code, so 256 MiB leaves room (a full buffer is flushed and refilled, never an error).
-TCG_CODE_MIB = 256
-
 @dataclass
 class MachineSpec:
     """Everything the QEMU command line is built from.
@@ -41,8 +35,10 @@ class MachineSpec:
     count); ``other_cpus`` where QEMU's other threads run; ``vsock_socket``/``nsm_socket`` the
     vhost-user back ends' sockets (None leaves the device out); ``nsm`` is ``"vhost-user"``,
     ``"qemu"`` (QEMU's own unsigned virtio-nsm) or None; ``acpi`` False for Nitro-style kernels
-    that find virtio-mmio devices on the command line; ``tcg_code_mib`` the size of TCG's buffer
-    of translated code in MiB (docs/boot.md#qemu-machine).
+    that find virtio-mmio devices on the command line; ``mem_lock_on_fault`` locks QEMU's
+    memory as it is touched (``mem-lock=on-fault``, QEMU 10 and later) rather than populating
+    all of it first: guest RAM is preallocated, so it is all resident and locked either way
+    (docs/boot.md#qemu-machine).
     """
 
     qemu: Path
@@ -63,7 +59,7 @@ class MachineSpec:
     hugepage_size_kib: int | None = None
     prealloc: bool = True
     mem_lock: bool = True
-    tcg_code_mib: int = TCG_CODE_MIB
+    mem_lock_on_fault: bool = True
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -100,7 +96,7 @@ def build_command(spec: MachineSpec) -> list[str]:
     cmd = [
         str(spec.qemu),
         "-machine", machine,
-        "-accel", f"tcg,tb-size={spec.tcg_code_mib}" if spec.accel == "tcg" else spec.accel,
+        "-accel", spec.accel,
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-smp", str(len(spec.vcpu_cpus)),
         "-m", f"{spec.memory_mib}M",
@@ -125,7 +121,10 @@ def build_command(spec: MachineSpec) -> list[str]:
     if spec.firmware:
         cmd += ["-bios", str(spec.firmware)]
     if spec.mem_lock:
-        cmd += ["-overcommit", "mem-lock=on"]
+        # mem-lock=on would also populate and lock all of QEMU's other memory before the guest
+        # starts, TCG's 1 GiB buffer of translated code above all: 0.5-2 s of every TCG start
+        # and 1 GiB more resident per enclave.
+        cmd += ["-overcommit", "mem-lock=on-fault" if spec.mem_lock_on_fault else "mem-lock=on"]
     if spec.vsock_socket:
         cmd += [
             "-chardev", f"socket,id=vsock,path={spec.vsock_socket}",

@@ -41,7 +41,7 @@ def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pyte
         "*Hello from the enclave side!",
         "--- boot timeline (*/boot-timeline.json) ---",
         "*host  EIF read, CRC-checked and measured",
-        "*guest [*] Run /init",
+        "*guest*] Run /init",
         "*host  heartbeat received",
         f"artifacts: {folder}",
     ])
