@@ -34,7 +34,7 @@ HOST_PHASES = {
     "eif_measured": "EIF read, CRC-checked and measured",
     "resources_reserved": "CPUs, memory budget, CID and slot reserved",
     "qemu_chosen": "QEMU found and probed, accelerator chosen",
-    "sections_extracted": "kernel and initrd extracted from the EIF",
+    "sections_extracted": "kernel and initrd extracted from the EIF (or found in the cache)",
     "kernel_read": "kernel payload read, machine layout chosen",
     "preflight_checked": "preflight checks done",
     "vsock_started": "vsock back end listening (heartbeat listener bound)",

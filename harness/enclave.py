@@ -31,7 +31,6 @@ from typing import Any
 from harness import (
     artifacts, enclave_boot, enclave_monitor, enclave_resources, enclave_timeline, preflight,
 )
-from harness import eif as eif_mod
 from harness.boot_timeline import BootTimeline
 from harness.bzimage import read_kernel_image
 from harness.console import (
@@ -195,7 +194,7 @@ class Enclave:
             mark("resources_reserved")
             qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
             self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
-            boot = eif_mod.extract_boot_files(eif_path, self.state_dir)
+            boot = enclave_boot.boot_files(eif_path, self.measurements, self.state_dir)
             mark("sections_extracted")
             kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
             self.layout = choose_layout(kernel, cfg.layout)

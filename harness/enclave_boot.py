@@ -18,11 +18,13 @@ from harness import qemu as qemu_mod
 from harness.errors import ErrorCode, NitroError
 from harness.machine import MachineError, MachineSpec, QemuMachine
 
-__all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch", "preflight",
-           "explained_by", "PREFLIGHT_FILE"]
+__all__ = ["QemuChoice", "check_eif", "boot_files", "choose_qemu", "machine_spec", "launch",
+           "preflight", "explained_by", "PREFLIGHT_FILE", "BOOT_FILES_DIR"]
 
 #: The preflight's findings, one line each, in the state folder (kept with the artifacts).
 PREFLIGHT_FILE = "preflight.txt"
+#: The cache of extracted boot files, under the harness's cache (docs/boot.md#boot-files).
+BOOT_FILES_DIR = "eif-boot-files"
 #: The first QEMU with ``-overcommit mem-lock=on-fault`` (docs/boot.md#qemu-machine).
 MEM_LOCK_ON_FAULT_SINCE = (10, 0, 0)
 
@@ -44,6 +46,17 @@ def check_eif(eif_path: Path) -> tuple[Any, int]:
             "hypervisor and QEMU refuse such an EIF)",
         )
     return measurements, eif_path.stat().st_size
+
+
+def boot_files(eif_path: Path, measurements: Any, state_dir: Path) -> eif_mod.BootFiles:
+    """The kernel, command line and initrd QEMU boots from ``eif_path`` (checked and measured:
+    ``measurements``), reused from the boot files cache when an earlier boot of the same content
+    left them there (docs/boot.md#boot-files), else extracted into it (into ``state_dir`` when
+    the cache cannot be written). Raises NitroError E35 for an EIF that cannot boot."""
+    from harness.eif.boot_cache import cached_boot_files
+
+    return cached_boot_files(eif_path, measurements, qemu_mod.cache_dir() / BOOT_FILES_DIR,
+                             state_dir)
 
 
 @dataclass(frozen=True)
