@@ -33,7 +33,6 @@ FILE_NAME = "boot-timeline.json"
 HOST_PHASES = {
     "eif_measured": "EIF read, CRC-checked and measured",
     "resources_reserved": "CPUs, memory budget, CID and slot reserved",
-    "qemu_chosen": "QEMU found and probed, accelerator chosen",
     "sections_extracted": "kernel and initrd extracted from the EIF (or found in the cache)",
     "kernel_read": "kernel payload read, machine layout chosen",
     "preflight_checked": "preflight checks done",
