@@ -1,9 +1,9 @@
 """Keeping an enclave's diagnostic files after it ends.
 
 The state folder is removed at terminate; what a failing test needs to be understood (the
-console log, QEMU's command line and stderr, the vsock and NSM traces, the preflight's findings)
-is copied first into the artifacts folder the caller named (the pytest plugin keeps it for
-failed tests).
+console log, QEMU's command line and stderr, the vsock and NSM traces, the preflight's findings,
+the boot timeline) is copied first into the artifacts folder the caller named (the pytest plugin
+keeps it for failed tests).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 __all__ = ["KEPT_FILES", "keep", "kept_console_log"]
 
 KEPT_FILES = ("console.log", "qemu.cmdline", "qemu.stderr", "vsock.trace", "nsm.trace",
-              "vring.journal", "preflight.txt")
+              "vring.journal", "preflight.txt", "boot-timeline.json")
 
 
 def keep(state_dir: Path | None, artifacts_dir: Path | None) -> None:

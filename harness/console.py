@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shlex
 import socket
 import threading
@@ -31,6 +32,7 @@ import pexpect
 from pexpect.fdpexpect import fdspawn
 
 from harness.console_match import ConsoleMatch, StreamTap
+from harness.console_timestamps import LineClock
 from harness.console_window import ConsoleDecoder, TextWindow
 
 __all__ = ["Console", "ConsoleError", "ConsoleFailure", "ConsoleMatch", "ConsoleTimeout",
@@ -153,6 +155,7 @@ class Console:
         self._log: _LogSink | None = None
         self._log_origin: int | None = None
         self._write_lock = threading.Lock()
+        self.boot_clock = LineClock()  # the boot's part of the console, timed (boot timeline)
 
     def listen(self) -> None:
         """Bind the console socket (before QEMU starts, which connects as a client)."""
@@ -164,10 +167,17 @@ class Console:
         self._log = _LogSink(self.log_path)
         self._log_origin = self._log.origin
 
-    def attach(self, timeout: float) -> None:
-        """Accept QEMU's connection and start capturing. Raises TimeoutError if QEMU never connects."""
+    def attach(self, timeout: float, *, gone_fd: int | None = None) -> None:
+        """Accept QEMU's connection and start capturing. Raises TimeoutError if QEMU does not
+        connect within ``timeout`` seconds, ChildProcessError when ``gone_fd`` (a pidfd of
+        QEMU) becomes readable first: QEMU exited."""
         assert self._listener is not None
-        self._listener.settimeout(timeout)
+        waited = [self._listener] + ([gone_fd] if gone_fd is not None else [])
+        ready, _, _ = select.select(waited, [], [], timeout)
+        if self._listener not in ready:
+            if ready:
+                raise ChildProcessError("QEMU exited before it connected the console")
+            raise TimeoutError(f"QEMU did not connect the console within {timeout:g} s")
         conn, _ = self._listener.accept()
         conn.settimeout(None)
         self._conn = conn
@@ -186,6 +196,7 @@ class Console:
                 data = spawn.read_nonblocking(READ_SIZE, timeout=None)
             except (pexpect.EOF, OSError, ValueError):
                 break
+            self.boot_clock.feed(data, time.monotonic())
             self._window.append(self._decoder.decode(data))
             if len(data) < READ_SIZE:
                 time.sleep(_COALESCE_S)

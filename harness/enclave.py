@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight
-from harness import eif as eif_mod
+from harness import (
+    artifacts, enclave_boot, enclave_monitor, enclave_resources, enclave_timeline, preflight,
+)
+from harness.boot_timeline import BootTimeline
 from harness.bzimage import read_kernel_image
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
@@ -107,7 +109,7 @@ class Enclave:
     ``nsm`` (:class:`harness.nsm.Nsm` or None, with ``nsm_status`` saying why), ``state``
     (``RUNNING``, ``TERMINATING``, ``EMPTY``), ``state_dir``, ``artifacts_dir``, ``layout``
     (:class:`harness.layout.Layout`), ``preflight`` (the findings of :mod:`harness.preflight`),
-    ``end_reason`` once it ended.
+    ``timeline`` (:class:`harness.boot_timeline.BootTimeline`), ``end_reason`` once it ended.
     """
 
     def __init__(self, config: EnclaveConfig, *, artifacts_dir: Path | None = None,
@@ -138,6 +140,7 @@ class Enclave:
         self.layout: Layout | None = None
         self.heartbeat_seconds: float | None = None
         self.end_reason: str | None = None
+        self.timeline = BootTimeline(str(config.eif_path))
         self.preflight: list[preflight.Finding] = []
         self._ended_by_itself = False
         self._monitor: threading.Thread | None = None
@@ -174,51 +177,56 @@ class Enclave:
         return enclave
 
     def _start(self) -> None:
-        cfg = self.config
+        cfg, mark = self.config, self.timeline.mark  # docs/boot.md#boot-timeline
         eif_path = Path(cfg.eif_path)
-        # One streaming pass validates the layout and CRC and measures, before anything is taken.
-        self.measurements, eif_size = enclave_boot.check_eif(eif_path)
-
-        with enclave_resources.reserve(self.registry, cfg, eif_size=eif_size) as taken:
-            self.cid, self.slot = taken.cid, taken.slot
-            self.vcpu_cpus, self.cpu_mode = taken.cpus.vcpu_cpus, taken.cpus.mode
-            # docs/nitro-cli.md#enclave-ids: <instance id>-enc<slot in lower-case hex> (16 digits,
-            # as in module_id).
-            self.enclave_id = f"{self.instance_id}-enc{self.slot:016x}"
-            self.state_dir = taken.state_dir
-            enclave_resources.make_state_dir(self.state_dir)
-            self.state = "STARTING"
-            self._write_record()  # under the lock: the record keeps other starts off these
-
-        qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
-        self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
-        boot = eif_mod.extract_boot_files(eif_path, self.state_dir)
-        kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
-        self.layout = choose_layout(kernel, cfg.layout)
-        self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
-                                                self.state_dir)
-
-        self._devices.start_vsock(self.state_dir, self.cid)
-        nsm_mode, nsm_socket = self._devices.start_nsm(
-            cfg.nsm, qemu.info, self.state_dir, measurements=self.measurements,
-            module_id=self.enclave_id, debug_mode=self.debug_mode,
-            parent_role_arn=cfg.parent_role_arn, instance_id=self.instance_id, pki_dir=cfg.pki_dir,
-        )
-        spec = enclave_boot.machine_spec(
-            cfg, qemu=qemu, boot=boot, cpus=taken.cpus, state_dir=self.state_dir,
-            acpi=self.layout.acpi, nsm=nsm_mode, nsm_socket=nsm_socket,
-            hugepage_size_kib=enclave_resources.hugepage_size_kib(
-                cfg.memory_mib, cfg.hugepages, taken.alloc_cfg),
-        )
-        self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
-        enclave_boot.launch(self.machine)
-        self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
-        with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
-            self.heartbeat_seconds = wait_for_heartbeat(
-                self._devices.heartbeat, self.machine, self._devices.backends,
-                cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
-                artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
+        with enclave_timeline.recorded(self, self._devices):
+            # One streaming pass validates the layout and CRC and measures, before anything is taken.
+            self.measurements, eif_size = enclave_boot.check_eif(eif_path)
+            mark("eif_measured")
+            with enclave_resources.reserve(self.registry, cfg, eif_size=eif_size) as taken:
+                self.cid, self.slot = taken.cid, taken.slot
+                self.vcpu_cpus, self.cpu_mode = taken.cpus.vcpu_cpus, taken.cpus.mode
+                # docs/nitro-cli.md#enclave-ids: <instance id>-enc<slot in lower-case hex> (16
+                # digits, as in module_id).
+                self.enclave_id = f"{self.instance_id}-enc{self.slot:016x}"
+                self.state_dir = taken.state_dir
+                enclave_resources.make_state_dir(self.state_dir)
+                self.state = "STARTING"
+                self._write_record()  # under the lock: the record keeps other starts off these
+            mark("resources_reserved")
+            qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
+            self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
+            boot = enclave_boot.boot_files(eif_path, self.measurements, self.state_dir)
+            mark("sections_extracted")
+            kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
+            self.layout = choose_layout(kernel, cfg.layout)
+            mark("kernel_read")
+            self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
+                                                    self.state_dir)
+            mark("preflight_checked")
+            self._devices.start_vsock(self.state_dir, self.cid)
+            mark("vsock_started")
+            nsm_mode, nsm_socket = self._devices.start_nsm(
+                cfg.nsm, qemu.info, self.state_dir, measurements=self.measurements,
+                module_id=self.enclave_id, debug_mode=self.debug_mode,
+                parent_role_arn=cfg.parent_role_arn, instance_id=self.instance_id, pki_dir=cfg.pki_dir,
             )
+            mark("nsm_started")
+            spec = enclave_boot.machine_spec(
+                cfg, qemu=qemu, boot=boot, cpus=taken.cpus, state_dir=self.state_dir,
+                acpi=self.layout.acpi, nsm=nsm_mode, nsm_socket=nsm_socket,
+                hugepage_size_kib=enclave_resources.hugepage_size_kib(
+                    cfg.memory_mib, cfg.hugepages, taken.alloc_cfg),
+            )
+            self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
+            enclave_boot.launch(self.machine, mark)
+            self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
+            with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
+                self.heartbeat_seconds = wait_for_heartbeat(
+                    self._devices.heartbeat, self.machine, self._devices.backends,
+                    cfg.heartbeat_timeout or heartbeat_timeout(eif_size, cfg.memory_mib),
+                    artifacts.kept_console_log(self.artifacts_dir) or self.state_dir / "console.log",
+                )
         self.state = "RUNNING"
         self._write_record()
         self._monitor = threading.Thread(target=self._watch, name="enclave-monitor", daemon=True)
@@ -375,8 +383,8 @@ class Enclave:
                             assert self.state_dir is not None and self.end_reason is not None
                             record_end(self.registry, self._record(), self.end_reason,
                                        self.state_dir / "console.log")
-                    with contextlib.suppress(OSError):
-                        artifacts.keep(self.state_dir, self.artifacts_dir)
+                    with contextlib.suppress(OSError):  # with the boot timeline completed
+                        enclave_timeline.keep_artifacts(self, self._devices)
                     enclave_resources.release(self.registry, self.slot, self.state_dir)
                 finally:
                     self.state = "EMPTY"

@@ -18,11 +18,15 @@ from harness import qemu as qemu_mod
 from harness.errors import ErrorCode, NitroError
 from harness.machine import MachineError, MachineSpec, QemuMachine
 
-__all__ = ["QemuChoice", "check_eif", "choose_qemu", "machine_spec", "launch", "preflight",
-           "explained_by", "PREFLIGHT_FILE"]
+__all__ = ["QemuChoice", "check_eif", "boot_files", "choose_qemu", "machine_spec", "launch",
+           "preflight", "explained_by", "PREFLIGHT_FILE", "BOOT_FILES_DIR"]
 
 #: The preflight's findings, one line each, in the state folder (kept with the artifacts).
 PREFLIGHT_FILE = "preflight.txt"
+#: The cache of extracted boot files, under the harness's cache (docs/boot.md#boot-files).
+BOOT_FILES_DIR = "eif-boot-files"
+#: The first QEMU with ``-overcommit mem-lock=on-fault`` (docs/boot.md#qemu-machine).
+MEM_LOCK_ON_FAULT_SINCE = (10, 0, 0)
 
 
 def check_eif(eif_path: Path) -> tuple[Any, int]:
@@ -42,6 +46,17 @@ def check_eif(eif_path: Path) -> tuple[Any, int]:
             "hypervisor and QEMU refuse such an EIF)",
         )
     return measurements, eif_path.stat().st_size
+
+
+def boot_files(eif_path: Path, measurements: Any, state_dir: Path) -> eif_mod.BootFiles:
+    """The kernel, command line and initrd QEMU boots from ``eif_path`` (checked and measured:
+    ``measurements``), reused from the boot files cache when an earlier boot of the same content
+    left them there (docs/boot.md#boot-files), else extracted into it (into ``state_dir`` when
+    the cache cannot be written). Raises NitroError E35 for an EIF that cannot boot."""
+    from harness.eif.boot_cache import cached_boot_files
+
+    return cached_boot_files(eif_path, measurements, qemu_mod.cache_dir() / BOOT_FILES_DIR,
+                             state_dir)
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ def machine_spec(
     other threads on ``cpus.others`` (:class:`harness.allocator.CpuAllocation`), the vsock back
     end on ``state_dir/vsock.sock``, the NSM as :meth:`EnclaveDevices.start_nsm
     <harness.enclave_devices.EnclaveDevices.start_nsm>` returned it, ``acpi`` from the machine
-    layout (docs/boot.md#machine-layout)."""
+    layout (docs/boot.md#machine-layout); QEMU's memory locked on fault where ``qemu`` has it."""
     return MachineSpec(
         qemu=qemu.path,
         accel=qemu.accel,
@@ -101,16 +116,17 @@ def machine_spec(
         nsm_socket=nsm_socket,
         hugepage_size_kib=hugepage_size_kib,
         acpi=acpi,
+        mem_lock_on_fault=qemu.info.version >= MEM_LOCK_ON_FAULT_SINCE,
         extra_args=list(config.extra_qemu_args),
     )
 
 
-def launch(machine: QemuMachine) -> None:
-    """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`).
-    Raises NitroError E36 with the machine's reason when it fails; the caller still shuts the
-    machine down (QEMU may be running)."""
+def launch(machine: QemuMachine, mark: Any = None) -> None:
+    """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`,
+    which calls ``mark`` with each boot timeline phase). Raises NitroError E36 with the machine's
+    reason when it fails; the caller still shuts the machine down (QEMU may be running)."""
     try:
-        machine.launch()
+        machine.launch(mark=mark)
     except MachineError as err:
         raise NitroError(ErrorCode.EnclaveBootFailure, str(err)) from None
 

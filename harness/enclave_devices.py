@@ -42,6 +42,7 @@ class EnclaveDevices:
         self.nsm_status = "not started"
         self._vsock_trace: Any = None
         self.state_dir: Path | None = None
+        self._named: dict[str, Any] = {}  # "vsock"/"nsm" -> its back end, for the timeline
 
     def start_vsock(self, state_dir: Path, cid: int) -> None:
         """Start the vsock device for guest ``cid`` on ``state_dir/vsock.sock``, with the
@@ -63,6 +64,7 @@ class EnclaveDevices:
         backend = VhostUserBackend(state_dir / "vsock.sock", self.vsock, offer_config=True)
         backend.start()
         self.backends.append(backend)
+        self._named["vsock"] = backend
         if self.on_vsock is not None:
             self.on_vsock(self.vsock)
 
@@ -111,6 +113,7 @@ class EnclaveDevices:
             backend = VhostUserBackend(socket_path, NsmDevice(self.nsm), offer_config=False)
             backend.start()
             self.backends.append(backend)
+            self._named["nsm"] = backend
             self.nsm_status = "harness NSM (signed attestation documents)"
             return "vhost-user", socket_path
         if mode == "harness":
@@ -137,6 +140,16 @@ class EnclaveDevices:
             if tid:
                 with contextlib.suppress(OSError):
                     os.sched_setaffinity(tid, set(others))
+
+    def milestones(self) -> list[tuple[str, float]]:
+        """``(boot timeline phase, time.monotonic())`` of what each back end saw so far: QEMU
+        connecting its socket (``vsock_connected``), QEMU's first vhost-user message, sent when
+        it realizes the device (``vsock_handshake``), and the guest's driver starting every ring
+        (``vsock_driver_ready``); likewise ``nsm_...`` (docs/boot.md#boot-timeline)."""
+        phases = {"connected": "connected", "handshake": "handshake", "rings": "driver_ready"}
+        return [(f"{name}_{phases[key]}", when)
+                for name, backend in self._named.items()
+                for key, when in sorted(dict(backend.times).items(), key=lambda kv: kv[1])]
 
     def _ring_snapshots(self) -> list[str]:
         """One JSON line per journalled queue with its ring contents, taken before the back ends

@@ -2,9 +2,10 @@
 
 ``run-enclave`` starts ``python -m harness.enclave_process`` in its own session, writes the
 :class:`~harness.enclave.EnclaveConfig` as JSON on its stdin and reads one JSON line back:
-``{"ok": <run-enclave output>, "preflight": [<finding line>, ...]}`` once the heartbeat arrived
-(the preflight's errors and warnings, :mod:`harness.preflight`), or ``{"error": {"code",
-"message", "details"}}``. The process then owns the enclave (QEMU, device back ends) and serves a
+``{"ok": <run-enclave output>, "preflight": [<finding line>, ...], "timeline": [<line>, ...]}``
+once the heartbeat arrived (the preflight's errors and warnings, :mod:`harness.preflight`; the
+boot timeline, :mod:`harness.boot_timeline`), or ``{"error": {"code", "message", "details"},
+"timeline": [...]}`` (the timeline when the boot got that far). The process then owns the enclave (QEMU, device back ends) and serves a
 control socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or by itself
 (the application exited and init rebooted the VM, the kernel panicked, QEMU died;
 docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enclaves`).
@@ -175,12 +176,16 @@ def main() -> int:
             err = exc if isinstance(exc, NitroError) else as_nitro_error(exc)
             if err is None:
                 err = NitroError(ErrorCode.UnspecifiedError, f"{type(exc).__name__}: {exc}")
-            _answer(result_out, _error(err.code.value, err.message, err.details))
+            answer = _error(err.code.value, err.message, err.details)
+            timeline = getattr(exc, "boot_timeline", None)
+            if timeline is not None:
+                answer["timeline"] = timeline.lines()
+            _answer(result_out, answer)
             return err.code.exit_status
         _answer(
             result_out,
             {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control),
-             "preflight": _warnings(enclave)},
+             "preflight": _warnings(enclave), "timeline": enclave.timeline.lines()},
         )
         Supervisor(enclave, listener).serve()
     except KeyboardInterrupt:

@@ -56,6 +56,9 @@ def register(subparsers) -> None:
                           "command line; acpi = ACPI discovery; auto = from what the kernel can do "
                           "(docs/boot.md#choosing-a-layout)")
     run.add_argument("--accel", choices=("kvm", "tcg"), help="default: the doctor's choice")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="print the boot timeline on stderr, one line per phase (harness "
+                          "extension; docs/boot.md#boot-timeline)")
     run.set_defaults(func=run_enclave)
 
     describe = subparsers.add_parser("describe-enclaves", help="list running enclaves as JSON")
@@ -177,6 +180,8 @@ def run_enclave(args) -> int:
             f"the enclave process exited with status {proc.returncode} without an answer",
         )
     answer = json.loads(line)
+    if args.verbose:
+        _print_timeline(answer, answer.get("state_dir"))
     if "error" in answer:
         proc.wait()
         err = answer["error"]
@@ -191,6 +196,18 @@ def run_enclave(args) -> int:
         if _stream_console(answer["control_socket"], None):
             _say_how_it_ended(Registry(), info["EnclaveID"], time.time())
     return 0
+
+
+def _print_timeline(answer: dict, state_dir: str | None) -> None:
+    """The supervisor's boot timeline lines on stderr (``--verbose``), under a heading that names
+    the running enclave's boot-timeline.json."""
+    lines = answer.get("timeline") or []
+    if not lines:
+        return
+    where = f", also in {state_dir}/boot-timeline.json while it runs" if state_dir else ""
+    progress(f"boot timeline (seconds since the start; [guest clock]{where}):")
+    for line in lines:
+        progress(f"  {line}")
 
 
 def describe_enclaves(args) -> int:

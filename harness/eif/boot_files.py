@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.eif.format import (
     MEASURED, SectionType, crc32, decode_cmdline, decode_signature_section, fail, first_cert_der,
@@ -31,6 +32,17 @@ class BootFiles:
     measurements: Measurements | None = None
 
 
+def check_bootable(eif_path: Path, eif: Any) -> None:
+    """Raise ``NitroError(E35)`` when the parsed EIF ``eif`` is one QEMU's nitro-enclave loader
+    and the hypervisor refuse to boot on x86_64 (docs/eif-format.md): version below 4, header
+    flags other than 0 (an aarch64 image)."""
+    if eif.version < 4:
+        raise fail(eif_path, "version", f"{eif.version} < 4: the hypervisor boots only v4 images")
+    if eif.header.flags != 0:
+        raise fail(eif_path, "flags", f"0x{eif.header.flags:04x}: an aarch64 image cannot boot "
+                                      "on x86_64")
+
+
 def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
     """Validate an EIF as the hypervisor/QEMU would and write ``kernel`` and ``initrd`` files.
 
@@ -43,11 +55,7 @@ def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
     """
     eif_path, dest = Path(eif_path), Path(dest_dir)
     eif = read_eif(eif_path, check_crc=False)
-    if eif.version < 4:
-        raise fail(eif_path, "version", f"{eif.version} < 4: the hypervisor boots only v4 images")
-    if eif.header.flags != 0:
-        raise fail(eif_path, "flags", f"0x{eif.header.flags:04x}: an aarch64 image cannot boot "
-                                      "on x86_64")
+    check_bootable(eif_path, eif)
     dest.mkdir(parents=True, exist_ok=True)
     kpath, ipath = dest / "kernel", dest / "initrd"
     pcrs = PcrChains([s.type for s in eif.sections])  # measured in table order, as QEMU does

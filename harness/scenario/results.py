@@ -41,7 +41,9 @@ class StepResult:
 @dataclass
 class ScenarioResult:
     """Outcome of one scenario case: ``status`` passed/failed/skipped, ``elapsed`` seconds,
-    per-step results, the failure ``message`` and console ``excerpt``, the ``artifacts`` folder."""
+    per-step results, the failure ``message`` and console ``excerpt``, the ``artifacts`` folder,
+    and for a failed case the last boot's ``timeline`` (its phase lines, docs/boot.md#boot-timeline,
+    with the file they came from first)."""
 
     scenario: Scenario
     status: Status = Status.RUNNING
@@ -50,15 +52,19 @@ class ScenarioResult:
     message: str = ""
     excerpt: str = ""
     artifacts: Path | None = None
+    timeline: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # callers may pass the plain string
 
     def failure_report(self) -> str:
-        """Multi-line report of a failed case: where, why, console excerpt, artifacts path."""
+        """Multi-line report of a failed case: where, why, console excerpt, boot timeline,
+        artifacts path."""
         lines = [self.message]
         if self.excerpt:
             lines += ["--- console (last lines) ---", self.excerpt.rstrip("\n"), "---"]
+        if self.timeline:
+            lines += [f"--- boot timeline ({self.timeline[0]}) ---", *self.timeline[1:], "---"]
         if self.artifacts:
             lines.append(f"artifacts: {self.artifacts}")
         return "\n".join(lines)

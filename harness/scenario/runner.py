@@ -109,7 +109,11 @@ class ScenarioRunner:
             if problems and result.status != Status.FAILED:
                 result.status, result.message = Status.FAILED, "; ".join(problems)
         if result.status == Status.FAILED:
-            result.excerpt = _clean_excerpt(result.excerpt) or self._kept_console_tail()
+            result.timeline = self._kept_timeline()
+            excerpt = result.excerpt
+            if result.timeline:  # the report shows the whole timeline: drop a boot error's tail of it
+                excerpt = excerpt.split("\nboot timeline, last phases", 1)[0]
+            result.excerpt = _clean_excerpt(excerpt) or self._kept_console_tail()
         return result
 
     # -- the step loop
@@ -255,6 +259,17 @@ class ScenarioRunner:
             return ""
         text = logs[-1].read_text(encoding="utf-8", errors="replace").replace("\r", "")
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    def _kept_timeline(self) -> list[str]:
+        """The newest kept boot-timeline.json of the case (docs/boot.md#boot-timeline): its path,
+        then one line per phase; [] without one (or when it cannot be read)."""
+        from harness.boot_timeline import FILE_NAME, format_phases, load_phases
+
+        kept = sorted(self.artifacts_dir.glob(f"*/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
+        try:
+            return [str(kept[-1]), *format_phases(load_phases(kept[-1]))] if kept else []
+        except (OSError, ValueError):
+            return []
 
     # -- what steps keep between them
 

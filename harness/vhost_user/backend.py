@@ -54,7 +54,8 @@ class VhostUserBackend:
 
     ``error`` is None, or one line saying why serving ended abnormally (QEMU disconnected with
     rings running, a malformed message or ring, a device callback raising). ``disconnected``
-    is set when the front end's connection ends for any reason.
+    is set when the front end's connection ends for any reason. ``times``: ``time.monotonic()``
+    when QEMU ``connected``, sent its first message (``handshake``) and started every ring (``rings``).
 
     ``call_soon``, ``call_later``, ``add_reader``/``remove_reader`` and
     ``add_writer``/``remove_writer`` are the loop's (:class:`~harness.vhost_user.loop.EventLoop`).
@@ -75,6 +76,7 @@ class VhostUserBackend:
         self.refusals: collections.deque[str] = collections.deque(maxlen=16)
         self.connected = threading.Event()
         self.disconnected = threading.Event()
+        self.times: dict[str, float] = {}
         self.queues = [VirtQueue(self, i, device.queue_size) for i in range(device.num_queues)]
         self.memory: MemoryTable | None = None
         self.acked_features = 0
@@ -230,6 +232,7 @@ class VhostUserBackend:
         conn.setblocking(True)
         conn.settimeout(5.0)  # a message's payload follows its header at once
         self._conn = conn
+        self.times["connected"] = time.monotonic()
         self.add_reader(conn.fileno(), self._on_message)
         self.connected.set()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from typing import TYPE_CHECKING, Callable
 
 from harness.vhost_user.memory import MemoryRegion, MemoryTable
@@ -47,6 +48,7 @@ def dispatch(be: VhostUserBackend, req: int, flags: int, payload: bytes, fds: li
     A known request without a handler (a feature never offered) is answered with REPLY_ACK
     status 1 when the front end asked for an ack. Raises VhostUserError (malformed message).
     """
+    be.times.setdefault("handshake", time.monotonic())
     handler = HANDLERS.get(req)
     ack_status = 0
     if handler is None:
@@ -219,6 +221,8 @@ def _set_vring_fd(be: VhostUserBackend, req: int, payload: bytes, fds: list[int]
         os.set_blocking(fd, False)
         q.kick_fd = fd
         q.started = True
+        if all(x.started for x in be.queues):  # the guest's driver started the device
+            be.times.setdefault("rings", time.monotonic())
         if not be.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
             q.enabled = True  # vhost-user spec: rings start enabled without it
         be.add_reader(fd, lambda q=q: be._on_kick(q))

@@ -6,6 +6,7 @@ back end that crashes, each on a real TCG boot.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -68,6 +69,17 @@ def test_init_without_heartbeat_times_out_with_e36(registry, tmp_path):
     assert "no heartbeat on vsock port 9000 within 25 s" in err.value.message
     assert str(tmp_path / "art" / "console.log") in err.value.message
     assert "silent-init: not sending the heartbeat" in err.value.details
+    # The boot timeline: its last phases after the console lines, all of them in the artifacts.
+    kept = tmp_path / "art" / "boot-timeline.json"
+    details = err.value.details.splitlines()
+    at = details.index(f"boot timeline, last phases (all of them: {kept}):")
+    assert details[-1].endswith("host  boot failed") and len(details) - at - 1 == 12
+    timeline = json.loads(kept.read_text())
+    assert timeline["outcome"] == "failed" and timeline["error"].startswith(
+        "no heartbeat on vsock port 9000 within 25 s")
+    names = [p["name"] for p in timeline["phases"]]
+    assert names.index("resumed") < names.index("run_init") < names.index("failed") == len(names) - 1
+    assert "heartbeat" not in names and "init_heartbeat" not in names
     _no_leftovers(registry)
 
 
@@ -98,7 +110,7 @@ def test_failed_start_reports_its_own_error_not_the_shutdown(registry, monkeypat
     # that follows (no QMP, so no quit could be sent) kills QEMU without raising over it.
     from harness.machine import MachineError, QemuMachine
 
-    def no_qmp(self, timeout):
+    def no_qmp(self, *args):
         raise MachineError("QEMU did not open QMP within 0.1 s: injected")
 
     monkeypatch.setattr(QemuMachine, "_accept_qmp", no_qmp)

@@ -1,9 +1,11 @@
 """The pytest plugin with a real boot: a scenario whose guest runs but prints the wrong text
-fails with the console excerpt and keeps its artifacts. The plugin's behaviour that needs no
-boot is tests/unit/test_pytest_plugin.py."""
+fails with the console excerpt and the boot timeline, and keeps its artifacts, the timeline's
+file with its phases in boot order among them. The plugin's behaviour that needs no boot is
+tests/unit/test_pytest_plugin.py."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 from harness.images import debian
@@ -37,9 +39,42 @@ def test_broken_scenario_boots_and_fails_with_console_excerpt_and_artifacts(pyte
         "'Goodbye from the enclave side!' did not appear within 10 s",
         "--- console (last lines) ---",
         "*Hello from the enclave side!",
+        "--- boot timeline (*/boot-timeline.json) ---",
+        "*host  EIF read, CRC-checked and measured",
+        "*guest*] Run /init",
+        "*host  heartbeat received",
         f"artifacts: {folder}",
     ])
     logs = list(folder.glob("*/console.log"))
     assert len(logs) == 1
     assert "Hello from the enclave side!" in logs[0].read_text(errors="replace")
     assert (folder / "scenario.yaml").exists()
+    timeline = json.loads((logs[0].parent / "boot-timeline.json").read_text())
+    assert (timeline["format"], timeline["outcome"], timeline["error"]) == (
+        "nitro-harness boot timeline 1", "heartbeat", None)
+    assert_boot_order(timeline["phases"])
+
+
+HOST_ORDER = ["eif_measured", "resources_reserved", "sections_extracted", "kernel_read",
+              "preflight_checked", "vsock_started", "nsm_started", "qemu_spawned",
+              "console_connected", "qmp_socket", "qmp_ready", "vcpus_pinned", "resumed", "heartbeat"]
+
+
+def assert_boot_order(phases: list[dict]) -> None:
+    """The phases of a hello boot on the Nitro-style kernel, in the order a boot passes them
+    (docs/boot.md#boot-timeline)."""
+    at = {p["name"]: p["host_s"] for p in phases if p["side"] == "host"}
+    assert [p["name"] for p in phases if p["name"] in HOST_ORDER] == HOST_ORDER
+    assert [p["host_s"] for p in phases] == sorted(p["host_s"] for p in phases)
+    for device in ("vsock", "nsm"):
+        assert at["qemu_spawned"] <= at[f"{device}_connected"] <= at[f"{device}_handshake"] <= at["qmp_ready"]
+        assert at["resumed"] <= at[f"{device}_driver_ready"] <= at["heartbeat"]
+    guest = [p for p in phases if p["side"] == "guest"]
+    steps = [p["name"] for p in guest]
+    assert steps[:6] == ["console_first_byte", "kernel_started", "console_enabled",
+                         "initramfs_unpacking", "initramfs_unpacked", "run_init"]
+    assert set(steps[6:-1]) == {"init_step"} and steps[-1] == "init_heartbeat"
+    assert "init: loaded /nsm.ko" in [p["label"] for p in guest]
+    clock = [p["guest_s"] for p in guest[1:]]
+    assert clock == sorted(clock) and clock[0] == 0.0
+    assert at["resumed"] <= guest[0]["host_s"]

@@ -97,7 +97,11 @@ def test_a_failure_after_the_back_ends_started_keeps_its_own_error(eif, registry
         Enclave.start(_config(eif), registry=registry, artifacts_dir=tmp_path / "art")
     assert err.value.code == ErrorCode.EnclaveBootFailure
     assert err.value.message == "machine spec refused (injected)"
-    assert err.value.details.startswith("while releasing: [ E00 ] UnspecifiedError: enclave i-")
+    # The boot timeline comes first (a failed boot lists its last phases), the release after.
+    first, *timeline, releasing = err.value.details.splitlines()
+    assert first == f"boot timeline, last phases (all of them: {tmp_path / 'art' / 'boot-timeline.json'}):"
+    assert timeline[-1].endswith("host  boot failed") and timeline[-2].endswith("NSM back end listening")
+    assert releasing.startswith("while releasing: [ E00 ] UnspecifiedError: enclave i-")
     assert err.value.details.endswith("-enc0000000000000000: released, but vsock back end did "
                                       "not stop in 10 s (injected)")
     assert stopped == [["VhostUserBackend"]]

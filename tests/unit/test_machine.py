@@ -33,7 +33,7 @@ def test_shared_memfd_preallocated_and_locked(tmp_path):
     cmd = build_command(spec(tmp_path))
     assert "memory-backend-memfd,id=mem,size=512M,share=on,prealloc=on" in option_values(cmd, "-object")
     assert option_values(cmd, "-machine") == ["microvm,memory-backend=mem,acpi=on"]
-    assert option_values(cmd, "-overcommit") == ["mem-lock=on"]
+    assert option_values(cmd, "-overcommit") == ["mem-lock=on-fault"]
     huge = build_command(spec(tmp_path, hugepage_size_kib=2048))
     assert any("hugetlb=on,hugetlbsize=2048K" in o for o in option_values(huge, "-object"))
 
@@ -65,6 +65,16 @@ def test_kvm_uses_host_cpu_and_acpi_off_for_nitro_kernels(tmp_path):
     assert option_values(cmd, "-machine") == ["microvm,memory-backend=mem,acpi=off"]
 
 
+def test_memory_locked_on_fault_where_qemu_has_it(tmp_path):
+    # Guest RAM is preallocated, so it is resident and locked either way; mem-lock=on would also
+    # populate and lock TCG's 1 GiB code buffer before the guest starts.
+    assert option_values(build_command(spec(tmp_path)), "-overcommit") == ["mem-lock=on-fault"]
+    older = build_command(spec(tmp_path, mem_lock_on_fault=False))
+    assert option_values(older, "-overcommit") == ["mem-lock=on"]
+    assert "-overcommit" not in build_command(spec(tmp_path, mem_lock=False))
+    assert option_values(build_command(spec(tmp_path)), "-accel") == ["tcg"]
+
+
 def test_launcher_binds_qemu_to_the_harness_and_other_cpus():
     from harness.machine import launcher
 
@@ -92,3 +102,23 @@ def test_shutdown_without_qmp_kills_qemu_and_never_raises(tmp_path):
     machine.shutdown(grace=0.5)  # idempotent
     assert machine.process.poll() == -9
     assert time.monotonic() - started < 5
+
+
+def test_a_qemu_that_exits_at_start_is_reported_at_once_with_the_boot_timeline_marks(tmp_path):
+    # The console wait watches QEMU's pidfd: an exit before the console connects is reported as
+    # that exit (not as a 30 s timeout), with what QEMU printed.
+    import pytest
+
+    from harness.machine import MachineError, QemuMachine
+
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'qemu: -machine microvm: no such machine' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    marks = []
+    machine = QemuMachine(spec(tmp_path, qemu=fake, other_cpus=()))
+    with pytest.raises(MachineError) as err:
+        machine.launch(timeout=30, mark=marks.append)
+    machine.shutdown()
+    assert str(err.value) == ("QEMU exited with status 3 at start: "
+                              "qemu: qemu: -machine microvm: no such machine")
+    assert marks == ["qemu_spawned"]
