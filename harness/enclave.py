@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight
+from harness import artifacts, enclave_boot, enclave_monitor, enclave_resources, preflight, processes
 from harness import eif as eif_mod
 from harness.bzimage import read_kernel_image
 from harness.console import (
@@ -210,6 +210,9 @@ class Enclave:
         )
         self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
         enclave_boot.launch(self.machine)
+        # QEMU's PID and start time in the record before the long heartbeat wait: if this
+        # process dies now, whoever reclaims the record can end that QEMU, and only that one.
+        self._write_record()
         self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
         with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
             self.heartbeat_seconds = wait_for_heartbeat(
@@ -403,11 +406,13 @@ def enclave_record(enclave: Enclave) -> EnclaveRecord:
         cpu_ids=list(enclave.vcpu_cpus),
         memory_mib=enclave.memory_mib,
         pid=os.getpid(),
+        pid_start=processes.start_time(os.getpid()),
         state_dir=str(enclave.state_dir),
         shared_cpus=enclave.cpu_mode == "shared",
         debug_mode=enclave.debug_mode,
         control_socket=enclave.control_socket,
         qemu_pid=enclave.machine.pid if enclave.machine else None,
+        qemu_start=processes.start_time(enclave.machine.pid) if enclave.machine else None,
         eif_path=str(enclave.config.eif_path),
         measurements=enclave.measurements.to_json() if enclave.measurements else {},
         state=enclave.state if enclave.running or enclave.state != "RUNNING" else "EMPTY",

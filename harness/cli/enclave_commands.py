@@ -189,8 +189,11 @@ def run_enclave(args) -> int:
 def describe_enclaves(args) -> int:
     """describe-enclaves: a JSON array of every running enclave (docs/nitro-cli.md#describe-enclaves);
     an enclave whose EIF would not boot on Nitro gets a warning line on stderr (the JSON keeps
-    nitro-cli's shape)."""
-    records = [r for r in Registry().records() if r.state in ("RUNNING", "TERMINATING")]
+    nitro-cli's shape). Enclaves whose enclave process died are reclaimed first
+    (docs/nitro-cli.md#stale-enclaves)."""
+    registry = Registry()
+    registry.reclaim()
+    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")]
     for r in records:
         if r.nitro_warning:
             progress(f"warning: enclave {r.enclave_id}: {r.nitro_warning}")
@@ -253,6 +256,7 @@ def console_cmd(args) -> int:
     """console: stream a debug-mode enclave's console (docs/nitro-cli.md#console: E44 without
     debug mode); for an enclave that ended by itself, its kept log and why it ended."""
     registry = Registry()
+    registry.reclaim()  # an enclave whose enclave process died gets its ended record first
     try:
         record = _find(args, registry)
     except NitroError as err:
@@ -310,6 +314,7 @@ def terminate_enclave(args) -> int:
     """terminate-enclave: end one enclave (by ID or name) or ``--all``; prints nitro-cli's JSON.
     ``--all`` also removes the records of enclaves that ended by themselves."""
     registry = Registry()
+    registry.reclaim()  # docs/nitro-cli.md#stale-enclaves
     records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")] if args.all \
         else [_find_running(args, registry)]
     results = []
