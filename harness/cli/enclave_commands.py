@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from harness import allocator, ended_enclaves
+from harness import allocator, ended_enclaves, processes
 from harness.cli import print_json, progress
 from harness.enclave import EnclaveConfig
 from harness.enclave_process import control_request
@@ -315,8 +315,9 @@ def terminate_enclave(args) -> int:
     ``--all`` also removes the records of enclaves that ended by themselves."""
     registry = Registry()
     registry.reclaim()  # docs/nitro-cli.md#stale-enclaves
-    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")] if args.all \
-        else [_find_running(args, registry)]
+    # --all takes booting enclaves too: their enclave process ends the boot (harness.boot_control).
+    records = [r for r in registry.records() if r.state in ("STARTING", "RUNNING", "TERMINATING")] \
+        if args.all else [_find_running(args, registry)]
     results = []
     for record in records:
         if not record.control_socket:
@@ -343,7 +344,7 @@ def terminate_enclave(args) -> int:
         if isinstance(answer.get("error"), dict):
             err = answer["error"]
             raise NitroError(ErrorCode(err["code"]), err["message"], err.get("details"))
-        _wait_gone(record.pid, 30)
+        _wait_gone(record.pid, 30, record.pid_start)
         results.append({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": True})
     if args.all:
         removed = ended_enclaves.clear_ended(registry)
@@ -367,11 +368,13 @@ def _find_running(args, registry: Registry):
         raise
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
+def _wait_gone(pid: int, timeout: float, start: int | None = None) -> bool:
+    """Wait up to ``timeout`` s for the enclave process ``pid`` (started at ``start``, when
+    known) to exit; True once it has. A zombie has exited: its parent, often init, reaps it
+    when it will (harness.processes)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while processes.running(pid, start):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True
