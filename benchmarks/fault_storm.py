@@ -346,7 +346,8 @@ class Storm:
             self.cli_pids.discard(run.pid)
         r.run_status = run.returncode
         if run.returncode:
-            r.run_error = (err.strip().splitlines() or [""])[-1][:200]
+            lines = err.strip().splitlines() or [""]
+            r.run_error = next((x for x in lines if x.startswith("[ E")), lines[-1])[:200]
         if r.heartbeat_first is None and r.kind == "terminate-during-boot":
             r.heartbeat_first = run.returncode == 0
         self._settle(r, targets)
@@ -530,7 +531,8 @@ def table(rounds: list[Round]) -> str:
 
 def round_line(r: Round) -> str:
     left = ", ".join(f"{k} {v}" for k, v in r.leftovers.items() if v) or "nothing left"
-    when = "after the heartbeat" if r.heartbeat_first else "during boot"
+    when = ("after the heartbeat" if r.heartbeat_first else "during boot") \
+        if r.kind != "guest-panic" else "in the guest"
     return (f"round {r.index:3d} {r.kind:22s} delay {r.delay:5.2f} s moment {r.moment} s "
             f"({when}) {r.detail} | {r.injected} | run-enclave {r.run_status}"
             f"{': ' + r.run_error if r.run_error else ''} | ended: {r.ended or '-'} | "
