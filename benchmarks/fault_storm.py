@@ -39,18 +39,20 @@ counts what is left in the runtime directory and on the host:
 Everything must be 0. Whatever a round leaves is cleaned by the storm (processes it can tie to
 the round, by PID verified by start time; files) so the next round starts clean, and is
 reported. The storm makes itself a child subreaper (PR_SET_CHILD_SUBREAPER) and reaps the
-enclave processes and QEMUs orphaned to it, as a host's init does (this machine's PID 1 reaps
-nobody).
+enclave processes and QEMUs orphaned to it, as a host's init does; ``--no-reap`` leaves them to
+PID 1 (in some containers, this CI machine kind's among them, PID 1 reaps nobody, so they stay
+zombies: the harness must then still see them as gone).
 
 Output: one line per round on stderr; at the end a table on stdout (fault kind, rounds,
-leftovers of each kind, run-enclave exit statuses) and the wall time; ``--json FILE`` writes
-the rounds. Exit status 0 when nothing was left by any round, 1 otherwise, 2 when the storm
-could not start, 130 when interrupted.
+rounds whose fault found no target, leftovers of each kind, run-enclave exit statuses) and the
+wall time; ``--json FILE`` writes the rounds. Exit status 0 when every fault was injected and
+nothing was left by any round, 1 otherwise, 2 when the storm could not start, 130 when
+interrupted.
 
 Usage::
 
     nice -n 10 python benchmarks/fault_storm.py [--rounds 100] [--seed S] [--kinds K,K]
-        [--max-delay 10] [--boot-window 4] [--settle 120] [--json FILE]
+        [--max-delay 10] [--boot-window 4] [--settle 120] [--json FILE] [--no-reap]
 """
 
 from __future__ import annotations
@@ -257,15 +259,29 @@ def runtime_entries(runtime: Path) -> tuple[list[str], int]:
 # images
 
 
+def own_copy(eif_path: Path, folder: Path, name: str) -> Path:
+    """A copy of ``eif_path`` in the storm's folder: the image cache is shared, and another
+    user's build may replace its files during a storm."""
+    out = folder / name
+    if not out.exists():
+        shutil.copyfile(eif_path, folder / f".{name}.tmp")
+        os.replace(folder / f".{name}.tmp", out)
+    return out
+
+
 def panic_eif(folder: Path, delay: float | None) -> Path:
     """hello whose application panics the kernel after ``delay`` s, or (None) hello's kernel
     with a ramdisk without init, which panics during boot."""
     if delay is not None:
-        return build_image("hello", cmd=["/bin/sh", "-c", f"sleep {delay:g}; echo c > /proc/sysrq-trigger"])
+        name = f"panic-{delay:g}.eif"
+        if (folder / name).exists():
+            return folder / name
+        built = build_image("hello", cmd=["/bin/sh", "-c", f"sleep {delay:g}; echo c > /proc/sysrq-trigger"])
+        return own_copy(built, folder, name)
     out = folder / "no-init.eif"
     if not out.exists():
         with tempfile.TemporaryDirectory() as tmp:
-            boot = eif.extract_boot_files(build_image("hello"), tmp)
+            boot = eif.extract_boot_files(folder / "hello.eif", tmp)
             ramdisk = Path(tmp) / "ramdisk"
             cpio.write_cpio_file(ramdisk, [cpio.Entry.directory("dev")])
             eif.write_eif(out, boot.kernel, boot.cmdline, [ramdisk], None)
@@ -302,7 +318,7 @@ class Storm:
         self.images = Path(tempfile.mkdtemp(prefix="nh-storm-img-"))
         self.env = dict(os.environ, NITRO_HARNESS_RUNTIME_DIR=str(self.runtime))
         self.env.pop("NITRO_HARNESS_VRING_JOURNAL", None)
-        self.hello = build_image("hello")
+        self.hello = own_copy(build_image("hello"), self.images, "hello.eif")
         self.cli_pids: set[int] = set()
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -516,13 +532,15 @@ def table(rounds: list[Round]) -> str:
     by_kind: dict[str, list[Round]] = collections.defaultdict(list)
     for r in rounds:
         by_kind[r.kind].append(r)
-    head = ["fault", "rounds", *LEFTOVERS, "describe not []", "run-enclave exit statuses"]
+    head = ["fault", "rounds", "not injected", *LEFTOVERS, "describe not []",
+            "run-enclave exit statuses"]
     lines = ["| " + " | ".join(h.replace("_", " ") for h in head) + " |",
              "|" + "---|" * len(head)]
     for kind in [k for k in KINDS if k in by_kind] + ["all"]:
         rs = rounds if kind == "all" else by_kind[kind]
         statuses = collections.Counter(r.run_status for r in rs)
-        cells = [kind, str(len(rs))] + [str(sum(r.leftovers[k] for r in rs)) for k in LEFTOVERS]
+        missed = sum(r.injected.startswith("no target") for r in rs)
+        cells = [kind, str(len(rs)), str(missed)] + [str(sum(r.leftovers[k] for r in rs)) for k in LEFTOVERS]
         cells.append(str(sum(not r.describe_ok for r in rs)))
         cells.append(", ".join(f"{s}: {n}" for s, n in sorted(statuses.items(), key=str)))
         lines.append("| " + " | ".join(cells) + " |")
@@ -601,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "after": final.leftovers}, indent=2))
     if status:
         return status
-    left = any(any(r.leftovers.values()) or not r.describe_ok for r in rounds + [final])
+    left = any(any(r.leftovers.values()) or not r.describe_ok or r.injected.startswith("no target")
+               for r in rounds + [final])
     if not args.runtime_dir and not left:
         shutil.rmtree(storm.runtime, ignore_errors=True)
     return 1 if left else 0
