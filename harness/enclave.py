@@ -31,6 +31,7 @@ from typing import Any
 
 from harness import (
     artifacts, enclave_boot, enclave_monitor, enclave_resources, enclave_timeline, preflight,
+    processes,
 )
 from harness.boot_timeline import BootTimeline
 from harness.bzimage import read_kernel_image
@@ -220,6 +221,7 @@ class Enclave:
             )
             self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
             enclave_boot.launch(self.machine, mark)
+            self._write_record()  # QEMU's PID and start time, before the wait: reclaim may end it
             self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
             with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
                 self.heartbeat_seconds = wait_for_heartbeat(
@@ -319,9 +321,7 @@ class Enclave:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` s for the enclave to end by itself; True once it has."""
-        if self.machine is None:
-            return True
-        return self.machine.wait(timeout) is not None
+        return self.machine is None or self.machine.wait(timeout) is not None
 
     @property
     def running(self) -> bool:
@@ -413,11 +413,13 @@ def enclave_record(enclave: Enclave) -> EnclaveRecord:
         cpu_ids=list(enclave.vcpu_cpus),
         memory_mib=enclave.memory_mib,
         pid=os.getpid(),
+        pid_start=processes.start_time(os.getpid()),
         state_dir=str(enclave.state_dir),
         shared_cpus=enclave.cpu_mode == "shared",
         debug_mode=enclave.debug_mode,
         control_socket=enclave.control_socket,
         qemu_pid=enclave.machine.pid if enclave.machine else None,
+        qemu_start=processes.start_time(enclave.machine.pid) if enclave.machine else None,
         eif_path=str(enclave.config.eif_path),
         measurements=enclave.measurements.to_json() if enclave.measurements else {},
         state=enclave.state if enclave.running or enclave.state != "RUNNING" else "EMPTY",

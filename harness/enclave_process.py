@@ -8,7 +8,9 @@ boot timeline, :mod:`harness.boot_timeline`), or ``{"error": {"code", "message",
 "timeline": [...]}`` (the timeline when the boot got that far). The process then owns the enclave (QEMU, device back ends) and serves a
 control socket until the enclave ends: by ``terminate-enclave``, by SIGTERM/SIGINT, or by itself
 (the application exited and init rebooted the VM, the kernel panicked, QEMU died;
-docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enclaves`).
+docs/boot.md#enclave-end), which leaves an ended record (:mod:`harness.ended_enclaves`). The
+control socket is served during the boot too (:mod:`harness.boot_control`): a ``terminate`` then
+ends the boot, and run-enclave gets E36 saying so.
 
 Control protocol (Unix stream socket, one JSON request line per connection):
 ``{"op": "describe"}`` -> one JSON line; ``{"op": "terminate"}`` -> ``{"Terminated": true}`` after
@@ -28,6 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
+from harness.boot_control import BootControl
 from harness.enclave import Enclave, EnclaveConfig
 from harness.errors import ErrorCode, NitroError
 from harness.registry import Registry
@@ -45,10 +48,12 @@ def config_from_json(data: dict) -> EnclaveConfig:
 class Supervisor:
     """Owns one enclave and answers its control socket (see the module doc)."""
 
-    def __init__(self, enclave: Enclave, listener: socket.socket):
+    def __init__(self, enclave: Enclave, listener: socket.socket,
+                 pending: list[tuple[socket.socket, dict]] | None = None):
         self.enclave = enclave
         self.listener = listener
         self.stop = threading.Event()
+        self.pending = pending or []  # requests that came during the boot
 
     def serve(self) -> None:
         """Serve control requests until the enclave ends or is terminated.
@@ -56,6 +61,8 @@ class Supervisor:
         ``terminate`` is handled on this thread, so the process exits only after the enclave is
         released and the reply sent; ``describe`` and ``console`` get a thread each.
         """
+        for conn, request in self.pending:
+            threading.Thread(target=self._handle, args=(conn, request), daemon=True).start()
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ)
         try:
@@ -140,6 +147,8 @@ def main() -> int:
     result_out = os.fdopen(os.dup(1), "w")
     enclave = None
     listener = None
+    boot: BootControl | None = None
+    answered = False
     control = log_path = None
     status = 0
 
@@ -162,6 +171,8 @@ def main() -> int:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(str(control))
             listener.listen(8)
+            boot = BootControl(listener)
+            boot.start()
             enclave = Enclave.start(
                 config_from_json(request["config"]),
                 registry=registry,
@@ -187,15 +198,23 @@ def main() -> int:
             {"ok": enclave.run_info(), "state_dir": str(enclave.state_dir), "control_socket": str(control),
              "preflight": _warnings(enclave), "timeline": enclave.timeline.lines()},
         )
-        Supervisor(enclave, listener).serve()
+        answered = True
+        Supervisor(enclave, listener, boot.stop()).serve()
     except KeyboardInterrupt:
         status = 130
+        if boot is not None and boot.terminator is not None and not answered:
+            _answer(result_out, _error(
+                ErrorCode.EnclaveBootFailure.value,
+                "terminate-enclave ended the enclave before its heartbeat arrived"))
+            status = ErrorCode.EnclaveBootFailure.exit_status
     finally:
         # A second signal must not interrupt the release.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if enclave is not None:
             enclave.terminate()
+        if boot is not None:  # released: now confirm a terminate that came during the boot
+            boot.answer_terminate({"Terminated": True})
         if listener is not None:
             listener.close()
         for path in (control, log_path):

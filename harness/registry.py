@@ -4,8 +4,12 @@ Every enclave, whether started by ``run-enclave`` (its own supervising process) 
 the pytest plugin, holds one record ``<runtime>/enclaves/<slot>.json`` while it lives, so
 ``describe-enclaves`` sees them all and two enclaves never share a slot, a CID or (in strict
 mode) a CPU. Records are created under an exclusive ``flock`` on ``<runtime>/lock`` and carry the
-owning PID: a record whose process is gone is stale and is reclaimed, so a crashed harness never
-blocks the next run.
+owning process and its QEMU, each as a PID and a start time (:mod:`harness.processes`). A record
+whose owner is gone (exited, killed, a zombie, or its PID now another process's) is stale: it is
+never listed, and under the lock it is reclaimed (docs/nitro-cli.md#stale-enclaves): its QEMU,
+if still that same process, is killed, its state folder, control socket and log are removed, and
+for a ``run-enclave`` enclave an ended record says what happened, so a crashed or killed harness
+never blocks the next run or keeps a CID or CPU.
 
 Runtime directory: ``NITRO_HARNESS_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/nitro-harness``, else
 ``/run/nitro-harness`` when writable (root), else ``/tmp/nitro-harness-<uid>``.
@@ -17,11 +21,15 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from harness import processes
 from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 
@@ -52,8 +60,10 @@ class EnclaveRecord:
     """What the runtime directory knows of one running enclave.
 
     ``slot`` is the enclave's number (the hex suffix of its ID), ``pid`` the process that owns
-    the enclave (supervisor or test process), ``control_socket`` its control endpoint (None for
-    in-process enclaves), ``state_dir`` the folder with its sockets and logs,
+    the enclave (supervisor or test process) and ``pid_start`` its start time, ``qemu_pid`` and
+    ``qemu_start`` the same for QEMU (start times in clock ticks since boot, None when unknown:
+    :mod:`harness.processes`), ``control_socket`` its control endpoint (None for in-process
+    enclaves), ``state_dir`` the folder with its sockets and logs,
     ``nitro_warning`` the line saying the EIF would not boot on Nitro (a kernel without
     command-line devices, booted in the ACPI layout; docs/boot.md#choosing-a-layout), else None.
     """
@@ -74,6 +84,8 @@ class EnclaveRecord:
     measurements: dict = field(default_factory=dict)
     state: str = "RUNNING"
     nitro_warning: str | None = None
+    pid_start: int | None = None
+    qemu_start: int | None = None
 
     def to_json(self) -> dict:
         """The record as a JSON-ready dict."""
@@ -101,14 +113,9 @@ class EnclaveRecord:
         }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# The files a supervising process keeps in the runtime directory (harness/enclave_process.py).
+_PER_PROCESS_FILE = re.compile(r"(?:control-(\d+)\.sock|supervisor-(\d+)\.log)")
+_STATE_DIR = re.compile(r"enc(\d+)")
 
 
 class Registry:
@@ -121,23 +128,40 @@ class Registry:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root else runtime_dir()
         (self.root / "enclaves").mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._local = threading.local()  # how deep this thread holds the lock
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["Registry"]:
-        """Hold the runtime directory's exclusive lock for the duration of the block."""
-        with open(self.root / "lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        """Hold the runtime directory's exclusive lock for the duration of the block
+        (re-entrant within one thread)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            self._local.depth = depth + 1
             try:
                 yield self
             finally:
+                self._local.depth = depth
+            return
+        with open(self.root / "lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._local.depth = 1
+            try:
+                yield self
+            finally:
+                self._local.depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _holding(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
 
     def _path(self, slot: int) -> Path:
         return self.root / "enclaves" / f"{slot}.json"
 
     def records(self) -> list[EnclaveRecord]:
-        """Live records, oldest slot first; stale ones (owner process gone) are removed."""
-        found = []
+        """Live records, lowest slot first. Stale ones (see the module doc) are left out and,
+        when this thread holds :meth:`locked`, reclaimed (:meth:`reclaim`); without the lock
+        nothing is changed, so a start that is reusing a reclaimed slot is never disturbed."""
+        found, stale = [], []
         for path in sorted((self.root / "enclaves").glob("*.json"), key=lambda p: p.stem):
             try:
                 data = json.loads(path.read_text())
@@ -145,12 +169,73 @@ class Registry:
             except (OSError, ValueError, TypeError):
                 # A torn or foreign file: not an enclave we can describe.
                 continue
-            if not _alive(record.pid):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                continue
-            found.append(record)
+            if processes.running(record.pid, record.pid_start):
+                found.append(record)
+            else:
+                stale.append((path, record))
+        if self._holding():
+            for path, record in stale:
+                self._reclaim_record(path, record)
+            self._sweep({r.slot for r in found}, {r.pid for r in found})
         return sorted(found, key=lambda r: r.slot)
+
+    def reclaim(self) -> None:
+        """Under the lock, reclaim what dead owners left (docs/nitro-cli.md#stale-enclaves):
+        for each stale record, its QEMU if still the process recorded (PID and start time, its
+        state folder in the command line), its state folder, control socket and log, and the
+        record (an ended record is written for a ``run-enclave`` enclave); then state folders
+        no record names and per-process files of processes that are gone. Never ends a
+        process it cannot verify; raises only OSError for a runtime directory it cannot
+        change."""
+        with self.locked():
+            self.records()
+
+    def _inside(self, path: str | None) -> Path | None:
+        """``path`` when it is directly in the runtime directory (a record's paths are never
+        followed elsewhere), else None."""
+        if not path:
+            return None
+        p = Path(path)
+        return p if p.parent == self.root else None
+
+    def _reclaim_record(self, path: Path, record: EnclaveRecord) -> None:
+        # QEMU's command line names its sockets in the state folder.
+        killed = processes.kill_verified(record.qemu_pid, record.qemu_start,
+                                         marker=f"{record.state_dir}/")
+        state_dir = self._inside(record.state_dir)
+        if record.control_socket:  # a run-enclave enclave: say how it ended
+            from harness.ended_enclaves import record_end
+
+            reason = (f"its enclave process (PID {record.pid}) ended without releasing it "
+                      "(killed or crashed); the harness reclaimed its CID and CPUs"
+                      + (f" and killed QEMU (PID {record.qemu_pid})" if killed else ""))
+            log = state_dir / "console.log" if state_dir is not None else None
+            with contextlib.suppress(OSError):
+                record_end(self, record, reason, log)
+        if state_dir is not None and _STATE_DIR.fullmatch(state_dir.name):
+            shutil.rmtree(state_dir, ignore_errors=True)
+        for leftover in (self._inside(record.control_socket),
+                         self.root / f"supervisor-{record.pid}.log"):
+            if leftover is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _sweep(self, live_slots: set[int], live_pids: set[int]) -> None:
+        """Remove state folders no live record names and the control sockets and logs of
+        supervising processes that are gone (one killed before it wrote a record)."""
+        for entry in self.root.iterdir():
+            folder = _STATE_DIR.fullmatch(entry.name)
+            if folder and entry.is_dir() and int(folder.group(1)) not in live_slots:
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            owned = _PER_PROCESS_FILE.fullmatch(entry.name)
+            if owned:
+                pid = int(owned.group(1) or owned.group(2))
+                if pid not in live_pids and not processes.running(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
 
     def allocate_slot(self) -> int:
         """Lowest free slot number (call under :meth:`locked`)."""

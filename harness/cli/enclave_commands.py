@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import allocator, ended_enclaves
+from harness import allocator, ended_enclaves, processes
 from harness.cli import print_json, progress
 from harness.control_socket import control_request
 from harness.errors import ErrorCode, NitroError
@@ -213,8 +213,11 @@ def _print_timeline(answer: dict, state_dir: str | None) -> None:
 def describe_enclaves(args) -> int:
     """describe-enclaves: a JSON array of every running enclave (docs/nitro-cli.md#describe-enclaves);
     an enclave whose EIF would not boot on Nitro gets a warning line on stderr (the JSON keeps
-    nitro-cli's shape)."""
-    records = [r for r in Registry().records() if r.state in ("RUNNING", "TERMINATING")]
+    nitro-cli's shape). Enclaves whose enclave process died are reclaimed first
+    (docs/nitro-cli.md#stale-enclaves)."""
+    registry = Registry()
+    registry.reclaim()
+    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")]
     for r in records:
         if r.nitro_warning:
             progress(f"warning: enclave {r.enclave_id}: {r.nitro_warning}")
@@ -277,6 +280,7 @@ def console_cmd(args) -> int:
     """console: stream a debug-mode enclave's console (docs/nitro-cli.md#console: E44 without
     debug mode); for an enclave that ended by itself, its kept log and why it ended."""
     registry = Registry()
+    registry.reclaim()  # an enclave whose enclave process died gets its ended record first
     try:
         record = _find(args, registry)
     except NitroError as err:
@@ -334,8 +338,10 @@ def terminate_enclave(args) -> int:
     """terminate-enclave: end one enclave (by ID or name) or ``--all``; prints nitro-cli's JSON.
     ``--all`` also removes the records of enclaves that ended by themselves."""
     registry = Registry()
-    records = [r for r in registry.records() if r.state in ("RUNNING", "TERMINATING")] if args.all \
-        else [_find_running(args, registry)]
+    registry.reclaim()  # docs/nitro-cli.md#stale-enclaves
+    # --all takes booting enclaves too: their enclave process ends the boot (harness.boot_control).
+    records = [r for r in registry.records() if r.state in ("STARTING", "RUNNING", "TERMINATING")] \
+        if args.all else [_find_running(args, registry)]
     results = []
     for record in records:
         if not record.control_socket:
@@ -362,7 +368,7 @@ def terminate_enclave(args) -> int:
         if isinstance(answer.get("error"), dict):
             err = answer["error"]
             raise NitroError(ErrorCode(err["code"]), err["message"], err.get("details"))
-        _wait_gone(record.pid, 30)
+        _wait_gone(record.pid, 30, record.pid_start)
         results.append({"EnclaveName": record.name, "EnclaveID": record.enclave_id, "Terminated": True})
     if args.all:
         removed = ended_enclaves.clear_ended(registry)
@@ -386,11 +392,13 @@ def _find_running(args, registry: Registry):
         raise
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
+def _wait_gone(pid: int, timeout: float, start: int | None = None) -> bool:
+    """Wait up to ``timeout`` s for the enclave process ``pid`` (started at ``start``, when
+    known) to exit; True once it has. A zombie has exited: its parent, often init, reaps it
+    when it will (harness.processes)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while processes.running(pid, start):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
+    return True

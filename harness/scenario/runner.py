@@ -109,11 +109,11 @@ class ScenarioRunner:
             if problems and result.status != Status.FAILED:
                 result.status, result.message = Status.FAILED, "; ".join(problems)
         if result.status == Status.FAILED:
-            result.timeline = self._kept_timeline()
+            result.timeline = kept_timeline(self.artifacts_dir)
             excerpt = result.excerpt
             if result.timeline:  # the report shows the whole timeline: drop a boot error's tail of it
                 excerpt = excerpt.split("\nboot timeline, last phases", 1)[0]
-            result.excerpt = _clean_excerpt(excerpt) or self._kept_console_tail()
+            result.excerpt = _clean_excerpt(excerpt) or kept_console_tail(self.artifacts_dir)
         return result
 
     # -- the step loop
@@ -252,25 +252,6 @@ class ScenarioRunner:
             return "\n".join(text.rstrip("\n").splitlines()[-lines:])
         return ""
 
-    def _kept_console_tail(self, lines: int = 25) -> str:
-        # A boot that failed leaves no Enclave object; its console log is in the artifacts.
-        logs = sorted(self.artifacts_dir.glob("*/console.log"), key=lambda p: p.stat().st_mtime)
-        if not logs:
-            return ""
-        text = logs[-1].read_text(encoding="utf-8", errors="replace").replace("\r", "")
-        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-    def _kept_timeline(self) -> list[str]:
-        """The newest kept boot-timeline.json of the case (docs/boot.md#boot-timeline): its path,
-        then one line per phase; [] without one (or when it cannot be read)."""
-        from harness.boot_timeline import FILE_NAME, format_phases, load_phases
-
-        kept = sorted(self.artifacts_dir.glob(f"*/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
-        try:
-            return [str(kept[-1]), *format_phases(load_phases(kept[-1]))] if kept else []
-        except (OSError, ValueError):
-            return []
-
     # -- what steps keep between them
 
     def on_close(self, cleanup: Cleanup) -> None:
@@ -343,3 +324,25 @@ def _clean_excerpt(text: str) -> str:
     if lines and lines[0].strip().rstrip(":") == "last console lines":
         lines = lines[1:]
     return "\n".join(lines).strip("\n")
+
+
+def kept_console_tail(artifacts_dir: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of the newest console log kept in ``artifacts_dir`` ("" without
+    one): a boot that failed leaves no Enclave object, only its artifacts."""
+    logs = sorted(artifacts_dir.glob("*/console.log"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return ""
+    text = logs[-1].read_text(encoding="utf-8", errors="replace").replace("\r", "")
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def kept_timeline(artifacts_dir: Path) -> list[str]:
+    """The newest boot-timeline.json kept in ``artifacts_dir`` (docs/boot.md#boot-timeline): its
+    path, then one line per phase; [] without one (or when it cannot be read)."""
+    from harness.boot_timeline import FILE_NAME, format_phases, load_phases
+
+    kept = sorted(artifacts_dir.glob(f"*/{FILE_NAME}"), key=lambda p: p.stat().st_mtime)
+    try:
+        return [str(kept[-1]), *format_phases(load_phases(kept[-1]))] if kept else []
+    except (OSError, ValueError):
+        return []

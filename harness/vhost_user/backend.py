@@ -286,8 +286,10 @@ class VhostUserBackend:
     def _on_disconnect(self) -> None:
         running = any(q.started for q in self.queues)
         if running and not self._loop.stopping:
-            self._fail("QEMU disconnected from the vhost-user socket while the device's "
-                       "rings were running (QEMU exited or was killed)")
+            # End of file is all the back end sees: QEMU exited or was killed, or the
+            # connection itself was closed.
+            self._fail("the vhost-user connection closed while the device's rings were running "
+                       "(QEMU exited or was killed, or the connection was shut down)")
         self._drop_connection()
 
     def _reply(self, req: int, payload: bytes) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.boot_images import recipe_eif
+from helpers.boot_images import recipe_eif, silent_init_eif
 
 HELLO = "Hello from the enclave side!"
 
@@ -103,6 +103,35 @@ def test_console_needs_debug_mode_and_terminate_all(cli):
     assert done.returncode == 0, done.stderr
     assert sorted(e["EnclaveName"] for e in json.loads(done.stdout)) == ["loud", "quiet"]
     assert json.loads(cli("describe-enclaves").stdout) == []
+
+
+def test_terminate_during_the_boot_ends_it_at_once(cli, tmp_path):
+    # An init that never sends the heartbeat: the boot would last the whole heartbeat timeout.
+    eif = silent_init_eif(tmp_path / "silent.eif")
+    env = dict(os.environ, NITRO_HARNESS_RUNTIME_DIR=str(cli.runtime))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run-enclave", "--eif-path", str(eif), "--memory", "256",
+         "--cpu-count", "1", "--enclave-name", "booting", "--heartbeat-timeout", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(600):  # the record appears once CPUs, CID and slot are taken
+            done = cli("terminate-enclave", "--enclave-name", "booting", timeout=120)
+            if "no running enclave has it" not in done.stderr:
+                break
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert (answer["EnclaveName"], answer["Terminated"]) == ("booting", True)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 36, err
+    assert "[ E36 ] EnclaveBootFailure: terminate-enclave ended the enclave before its heartbeat arrived" in err
+    assert out == ""
+    assert json.loads(cli("describe-enclaves").stdout) == []
+    left = sorted(str(p.relative_to(cli.runtime)) for p in cli.runtime.rglob("*"))
+    assert [p for p in left if p != "ended"] == ["enclaves", "lock"]
 
 
 def test_strict_cpu_mode_refuses_more_cpus_than_the_pool(cli, tmp_path):

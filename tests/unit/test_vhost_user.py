@@ -313,7 +313,7 @@ def test_disconnect_with_running_rings_sets_error(served):
     fe.start_queues([8, 8])
     fe.sock.close()
     assert be.disconnected.wait(5)
-    assert "disconnected" in be.error
+    assert "the vhost-user connection closed while the device's rings were running" in be.error
     assert sorted(dev.stopped_queues) == [0, 1]
 
 
