@@ -71,14 +71,26 @@ class ImageArchive:
         }
 
 
-def _read_json(tf: tarfile.TarFile, name: str, path: Path) -> Any:
+def _open_member(tf: tarfile.TarFile, name: str, path: Path, where: str):
+    """The file object of member ``name`` of ``tf``: E48 naming ``where`` when the member is
+    missing, not a file, or a link to a member the archive does not have (``docker save``
+    writes repeated layers as links, so links are followed, not refused)."""
     try:
         member = tf.getmember(name)
     except KeyError:
-        raise _fail(path, name, "not found in the archive") from None
-    f = tf.extractfile(member)
+        raise _fail(path, where, "not found in the archive") from None
+    try:
+        f = tf.extractfile(member)
+    except KeyError:  # tarfile's way of saying a link's target is not in the archive
+        raise _fail(path, where, f"links to {member.linkname!r}, which is not in the archive") \
+            from None
     if f is None:
-        raise _fail(path, name, "is not a regular file")
+        raise _fail(path, where, "is not a regular file")
+    return f
+
+
+def _read_json(tf: tarfile.TarFile, name: str, path: Path) -> Any:
+    f = _open_member(tf, name, path, name)
     try:
         return bounded_json.loads(f.read())
     except ValueError as e:  # syntax, encoding, or nesting too deep
@@ -164,6 +176,8 @@ def open_image_archive(path: Path | str) -> ImageArchive:
         tf = tarfile.open(path, "r:*")
     except FileNotFoundError:
         raise NitroError(ErrorCode.FileOperationFailure, f"{path}: open: no such file") from None
+    except EOFError as e:  # a compressed stream that ends early
+        raise _fail(path, "archive", f"is truncated or corrupt ({e})") from None
     except (tarfile.TarError, OSError) as e:
         raise _fail(path, "archive", f"is not a tar archive ({e})") from None
     with tf:
@@ -267,13 +281,7 @@ def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
 def _apply_layer(outer: tarfile.TarFile, layer: str, fs: dict[str, Entry], path: Path, work: Path,
                  counter: int) -> int:
     """Apply the layer member ``layer`` of ``outer`` to ``fs``; returns the spill counter."""
-    try:
-        member = outer.getmember(layer)
-    except KeyError:
-        raise _fail(path, f"layer {layer}", "not found in the archive") from None
-    raw = outer.extractfile(member)
-    if raw is None:
-        raise _fail(path, f"layer {layer}", "is not a regular file")
+    raw = _open_member(outer, layer, path, f"layer {layer}")
     head = raw.read(4)
     raw.seek(0)
     if head == b"\x28\xb5\x2f\xfd":

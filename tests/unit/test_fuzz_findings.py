@@ -122,6 +122,43 @@ def test_docker_archive_truncated_inside_a_member_is_e48(tmp_path):
                                   "of data)")
 
 
+def test_truncated_gzip_archive_is_e48(tmp_path):
+    import gzip
+
+    raw = gzip.compress(_docker_save({"config": {"Cmd": ["/a"]}}))
+    path = tmp_path / "img.tar.gz"
+    path.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(NitroError) as info:
+        da.open_image_archive(path)
+    assert info.value.code == ErrorCode.EifBuildingError
+    assert info.value.message == (f"{path}: archive: is truncated or corrupt (Compressed file "
+                                  "ended before the end-of-stream marker was reached)")
+
+
+def test_manifest_that_links_to_a_missing_member_is_e48(tmp_path):
+    raw = _tar({"manifest.json": ("sym", "nowhere")})
+    assert _e48(tmp_path, raw) == "manifest.json: links to 'nowhere', which is not in the archive"
+
+
+def test_layer_that_links_to_a_missing_member_is_e48(tmp_path):
+    raw = _tar({"manifest.json": json.dumps([{"Config": "c.json", "Layers": ["l.tar"]}]).encode(),
+                "c.json": b'{"config": {"Cmd": ["/a"]}}', "l.tar": ("sym", "blobs/sha256/0")})
+    assert _e48(tmp_path, raw) == ("layer l.tar: links to 'blobs/sha256/0', which is not in "
+                                   "the archive")
+
+
+def test_layer_that_links_to_another_layer_is_read(tmp_path):
+    # `docker save` writes a layer that two images share once and links the second name to it.
+    raw = _tar({"manifest.json": json.dumps(
+                    [{"Config": "c.json", "Layers": ["a/layer.tar", "b/layer.tar"]}]).encode(),
+                "c.json": b'{"config": {"Cmd": ["/a"]}}', "a/layer.tar": _tar({"f": b"x"}),
+                "b/layer.tar": ("sym", "../a/layer.tar")})
+    path = tmp_path / "img.tar"
+    path.write_bytes(raw)
+    _archive, rootfs = da.load_docker_archive(path, tmp_path / "work")
+    assert [e.name for e in rootfs if e.name == "f"] == ["f"]
+
+
 def test_oci_index_entry_without_a_digest_is_e48(tmp_path):
     assert _e48(tmp_path, _oci({"manifests": [{"mediaType": "x"}]}, {})) == \
         "digest: must be a string"
