@@ -34,7 +34,6 @@ from harness import (
     processes,
 )
 from harness.boot_timeline import BootTimeline
-from harness.bzimage import read_kernel_image
 from harness.console import (
     DEFAULT_FAIL_PATTERN,
     ConsoleError,
@@ -45,6 +44,7 @@ from harness.console import (
 from harness.enclave_devices import EnclaveDevices
 from harness.ended_enclaves import record_end
 from harness.errors import ErrorCode, NitroError
+from harness.guest_ram import GuestRam
 from harness.heartbeat_wait import HEARTBEAT_PORT as HEARTBEAT_PORT  # importable from here, as before
 from harness.heartbeat_wait import heartbeat_timeout, wait_for_heartbeat
 from harness.layout import Layout, choose_layout
@@ -149,6 +149,7 @@ class Enclave:
         self._lock = threading.Lock()
         self._terminated = False
         self._released = threading.Event()
+        self._guest_ram: GuestRam | None = None
 
     # ----------------------------------------------------------------------------------------
     # start
@@ -195,11 +196,14 @@ class Enclave:
                 self.state = "STARTING"
                 self._write_record()  # under the lock: the record keeps other starts off these
             mark("resources_reserved")
+            hugepage_kib = enclave_resources.hugepage_size_kib(cfg.memory_mib, cfg.hugepages,
+                                                               taken.alloc_cfg)
+            self._guest_ram = GuestRam.unless_hugepages(cfg.memory_mib, hugepage_kib, taken.cpus)
             qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
             self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
             boot = enclave_boot.boot_files(eif_path, self.measurements, self.state_dir)
             mark("sections_extracted")
-            kernel = read_kernel_image(boot.kernel)  # decompressed once, for the layout and preflight
+            kernel = enclave_boot.boot_kernel(boot.kernel)  # for the layout and preflight
             self.layout = choose_layout(kernel, cfg.layout)
             mark("kernel_read")
             self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
@@ -213,14 +217,14 @@ class Enclave:
                 parent_role_arn=cfg.parent_role_arn, instance_id=self.instance_id, pki_dir=cfg.pki_dir,
             )
             mark("nsm_started")
+            memory_fd = self._guest_ram.fd if self._guest_ram else None
             spec = enclave_boot.machine_spec(
                 cfg, qemu=qemu, boot=boot, cpus=taken.cpus, state_dir=self.state_dir,
                 acpi=self.layout.acpi, nsm=nsm_mode, nsm_socket=nsm_socket,
-                hugepage_size_kib=enclave_resources.hugepage_size_kib(
-                    cfg.memory_mib, cfg.hugepages, taken.alloc_cfg),
+                hugepage_size_kib=hugepage_kib, memory_fd=memory_fd,
             )
             self.machine = QemuMachine(spec)  # kept before launch: a half-started QEMU is shut down
-            enclave_boot.launch(self.machine, mark)
+            enclave_boot.launch(self.machine, mark, self._guest_ram)
             self._write_record()  # QEMU's PID and start time, before the wait: reclaim may end it
             self._devices.place_threads(self.machine.console.native_id, taken.cpus.others)
             with enclave_boot.explained_by(self.preflight):  # no heartbeat: the preflight may say why
@@ -369,26 +373,7 @@ class Enclave:
                 self.state = "TERMINATING"
                 with contextlib.suppress(Exception):
                     self._write_record()
-        stuck: list[str] = []
-        try:
-            if self.machine is not None:
-                self.machine.shutdown()
-        finally:
-            try:
-                stuck = self._devices.stop()
-            finally:
-                try:
-                    with contextlib.suppress(OSError):  # artifacts are best effort, release is not
-                        if self._ended_by_itself and self.control_socket:  # a run-enclave one
-                            assert self.state_dir is not None and self.end_reason is not None
-                            record_end(self.registry, self._record(), self.end_reason,
-                                       self.state_dir / "console.log")
-                    with contextlib.suppress(OSError):  # with the boot timeline completed
-                        enclave_timeline.keep_artifacts(self, self._devices)
-                    enclave_resources.release(self.registry, self.slot, self.state_dir)
-                finally:
-                    self.state = "EMPTY"
-                    self._released.set()
+        stuck = _stop_and_release(self)
         if stuck:
             # Everything is released, but a thread is still running: say so rather than
             # report a clean terminate.
@@ -425,3 +410,31 @@ def enclave_record(enclave: Enclave) -> EnclaveRecord:
         state=enclave.state if enclave.running or enclave.state != "RUNNING" else "EMPTY",
         nitro_warning=enclave.layout.nitro_warning if enclave.layout else None,
     )
+
+
+def _stop_and_release(enclave: Enclave) -> list[str]:
+    """:meth:`Enclave.terminate`'s work, in its order, every step on every path; returns what
+    would not stop (a back end's thread), for the caller to report."""
+    stuck: list[str] = []
+    try:
+        if enclave.machine is not None:
+            enclave.machine.shutdown()
+    finally:
+        try:
+            if enclave._guest_ram is not None:  # after QEMU: then the memory is freed
+                enclave._guest_ram.close()
+            stuck = enclave._devices.stop()
+        finally:
+            try:
+                with contextlib.suppress(OSError):  # artifacts are best effort, release is not
+                    if enclave._ended_by_itself and enclave.control_socket:  # a run-enclave one
+                        assert enclave.state_dir is not None and enclave.end_reason is not None
+                        record_end(enclave.registry, enclave_record(enclave), enclave.end_reason,
+                                   enclave.state_dir / "console.log")
+                with contextlib.suppress(OSError):  # with the boot timeline completed
+                    enclave_timeline.keep_artifacts(enclave, enclave._devices)
+                enclave_resources.release(enclave.registry, enclave.slot, enclave.state_dir)
+            finally:
+                enclave.state = "EMPTY"
+                enclave._released.set()
+    return stuck

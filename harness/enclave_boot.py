@@ -7,19 +7,23 @@ docs/eif-format.md#crc); the PCRs come from the same read (docs/pcrs.md#one-pass
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from harness import doctor, host
+from harness.bzimage import KernelImage, read_kernel_image
 from harness import eif as eif_mod
 from harness import qemu as qemu_mod
 from harness.errors import ErrorCode, NitroError
 from harness.machine import MachineError, MachineSpec, QemuMachine
 
-__all__ = ["QemuChoice", "check_eif", "boot_files", "choose_qemu", "machine_spec", "launch",
-           "preflight", "explained_by", "PREFLIGHT_FILE", "BOOT_FILES_DIR"]
+__all__ = ["QemuChoice", "check_eif", "boot_files", "boot_kernel", "choose_qemu", "machine_spec",
+           "launch", "preflight", "explained_by", "PREFLIGHT_FILE", "BOOT_FILES_DIR"]
 
 #: The preflight's findings, one line each, in the state folder (kept with the artifacts).
 PREFLIGHT_FILE = "preflight.txt"
@@ -70,6 +74,32 @@ class QemuChoice:
     accel_reason: str
 
 
+#: Kernels read in this process, by the image's digest: a test session boots the same few
+#: EIFs again and again, and decompressing a kernel's payload took 45-65 ms of each boot.
+_KERNELS: "collections.OrderedDict[bytes, KernelImage]" = collections.OrderedDict()
+_KERNELS_KEPT = 4
+_KERNELS_LOCK = threading.Lock()
+
+
+def boot_kernel(path: Path) -> KernelImage:
+    """The facts of the kernel image at ``path`` (:func:`harness.bzimage.read_kernel_image`:
+    format, architecture, decompressed payload) for the layout choice and the preflight;
+    reused from an earlier boot in this process when the image's bytes are the same
+    (docs/boot.md#boot-files). Raises OSError when the file cannot be read."""
+    image = path.read_bytes()
+    digest = hashlib.blake2b(image, digest_size=32).digest()
+    with _KERNELS_LOCK:
+        if digest in _KERNELS:
+            _KERNELS.move_to_end(digest)
+            return _KERNELS[digest]
+    kernel = read_kernel_image(image)
+    with _KERNELS_LOCK:
+        _KERNELS[digest] = kernel
+        while len(_KERNELS) > _KERNELS_KEPT:
+            _KERNELS.popitem(last=False)
+    return kernel
+
+
 def choose_qemu(qemu: Path | None, accel: str | None) -> QemuChoice:
     """Find and probe QEMU (``qemu`` or :func:`harness.qemu.find_qemu`'s choice) and take the
     accelerator ``accel`` or the doctor's (docs/architecture.md#accelerator, which also honours
@@ -93,13 +123,15 @@ def machine_spec(
     nsm: str | None,
     nsm_socket: Path | None,
     hugepage_size_kib: int | None,
+    memory_fd: int | None = None,
 ) -> MachineSpec:
     """The machine for ``config`` (:class:`harness.enclave.EnclaveConfig`: memory, extra QEMU
     arguments): ``boot``'s kernel, initrd and command line, vCPUs on ``cpus.vcpu_cpus`` and QEMU's
     other threads on ``cpus.others`` (:class:`harness.allocator.CpuAllocation`), the vsock back
     end on ``state_dir/vsock.sock``, the NSM as :meth:`EnclaveDevices.start_nsm
     <harness.enclave_devices.EnclaveDevices.start_nsm>` returned it, ``acpi`` from the machine
-    layout (docs/boot.md#machine-layout); QEMU's memory locked on fault where ``qemu`` has it."""
+    layout (docs/boot.md#machine-layout); QEMU's memory locked on fault where ``qemu`` has it;
+    guest RAM from ``memory_fd`` when the harness allocated it (docs/boot.md#guest-ram)."""
     return MachineSpec(
         qemu=qemu.path,
         accel=qemu.accel,
@@ -115,20 +147,28 @@ def machine_spec(
         nsm=nsm,
         nsm_socket=nsm_socket,
         hugepage_size_kib=hugepage_size_kib,
+        memory_fd=memory_fd,
         acpi=acpi,
         mem_lock_on_fault=qemu.info.version >= MEM_LOCK_ON_FAULT_SINCE,
         extra_args=list(config.extra_qemu_args),
     )
 
 
-def launch(machine: QemuMachine, mark: Any = None) -> None:
+def launch(machine: QemuMachine, mark: Any = None, guest_ram: Any = None) -> None:
     """Launch ``machine`` (paused, vCPUs pinned, resumed: :meth:`harness.machine.QemuMachine.launch`,
-    which calls ``mark`` with each boot timeline phase). Raises NitroError E36 with the machine's
-    reason when it fails; the caller still shuts the machine down (QEMU may be running)."""
+    which calls ``mark`` with each boot timeline phase). ``guest_ram``
+    (:class:`harness.guest_ram.GuestRam`) may still be filling: QEMU maps and preallocates the
+    same file meanwhile (docs/boot.md#guest-ram). Raises NitroError E27 when QEMU failed and the
+    fill had found the host short of memory (the reason QEMU failed), else E36 with the
+    machine's reason; the caller still shuts the machine down (QEMU may be running)."""
     try:
         machine.launch(mark=mark)
     except MachineError as err:
+        if guest_ram is not None:
+            guest_ram.ready()
         raise NitroError(ErrorCode.EnclaveBootFailure, str(err)) from None
+    if guest_ram is not None:
+        guest_ram.settled()
 
 
 def preflight(eif_path: Path, config: Any, kernel: Any, measurements: Any,

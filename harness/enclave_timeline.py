@@ -74,7 +74,9 @@ def _complete(enclave: Any, devices: Any) -> None:
     """Add the back ends' and the console's phases as they are now and write the file into the
     state folder (when there is one)."""
     timeline = enclave.timeline
-    timeline.set_observed(devices.milestones())
+    filled = getattr(enclave, "_guest_ram", None)
+    filled = [("guest_ram_ready", filled.filled_at)] if filled and filled.filled_at else []
+    timeline.set_observed(devices.milestones() + filled)
     if enclave.machine is not None:
         clock = enclave.machine.console.boot_clock.copy()
         timeline.add_console(parse_console(clock.head, clock), clock)

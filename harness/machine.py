@@ -38,7 +38,9 @@ class MachineSpec:
     that find virtio-mmio devices on the command line; ``mem_lock_on_fault`` locks QEMU's
     memory as it is touched (``mem-lock=on-fault``, QEMU 10 and later) rather than populating
     all of it first: guest RAM is preallocated, so it is all resident and locked either way
-    (docs/boot.md#qemu-machine).
+    (docs/boot.md#qemu-machine). ``memory_fd``: a memfd of the harness's holding the guest RAM,
+    already allocated (:class:`harness.guest_ram.GuestRam`, docs/boot.md#guest-ram), which QEMU
+    maps under the same number; None lets QEMU create its own.
     """
 
     qemu: Path
@@ -57,6 +59,7 @@ class MachineSpec:
     nsm_queue_size: int = 2
     acpi: bool = True
     hugepage_size_kib: int | None = None
+    memory_fd: int | None = None
     prealloc: bool = True
     mem_lock: bool = True
     mem_lock_on_fault: bool = True
@@ -88,7 +91,13 @@ def build_command(spec: MachineSpec) -> list[str]:
     """Return QEMU's argv for ``spec`` (see the module doc for why each part is there)."""
     machine = "microvm,memory-backend=mem"
     machine += ",acpi=on" if spec.acpi else ",acpi=off"
-    memory = f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"
+    if spec.memory_fd is not None:
+        if spec.hugepage_size_kib:
+            raise ValueError("a harness memfd is never hugepage-backed: QEMU makes that one")
+        memory = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,share=on,"
+                  f"mem-path=/proc/self/fd/{spec.memory_fd}")
+    else:
+        memory = f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"
     if spec.prealloc:
         memory += ",prealloc=on"
     if spec.hugepage_size_kib:
@@ -206,6 +215,7 @@ class QemuMachine:
                 stdout=self._stderr,
                 stderr=self._stderr,
                 close_fds=True,
+                pass_fds=() if self.spec.memory_fd is None else (self.spec.memory_fd,),
             )
         except OSError as err:
             raise MachineError(f"cannot start {self.spec.qemu}: {err}") from None

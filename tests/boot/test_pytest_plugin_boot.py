@@ -66,6 +66,8 @@ def assert_boot_order(phases: list[dict]) -> None:
     at = {p["name"]: p["host_s"] for p in phases if p["side"] == "host"}
     assert [p["name"] for p in phases if p["name"] in HOST_ORDER] == HOST_ORDER
     assert [p["host_s"] for p in phases] == sorted(p["host_s"] for p in phases)
+    # The guest RAM is filled alongside QEMU's start (docs/boot.md#guest-ram).
+    assert at["resources_reserved"] < at["guest_ram_ready"]
     for device in ("vsock", "nsm"):
         assert at["qemu_spawned"] <= at[f"{device}_connected"] <= at[f"{device}_handshake"] <= at["qmp_ready"]
         assert at["resumed"] <= at[f"{device}_driver_ready"] <= at["heartbeat"]

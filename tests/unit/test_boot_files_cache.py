@@ -96,3 +96,25 @@ def test_old_entries_beyond_the_kept_ones_are_removed_recent_ones_never(tmp_path
     for i in range(3):
         boot(write(tmp_path / f"r{i}.eif", [(KERNEL, b"R%d" % i)] + SECTIONS[1:]), cache, state)
     assert len(list(cache.iterdir())) == boot_cache.KEEP + 3
+
+
+def test_the_kernel_is_read_once_per_content_in_a_process(tmp_path, monkeypatch):
+    from harness import enclave_boot
+
+    reads = []
+    real = enclave_boot.read_kernel_image
+    monkeypatch.setattr(enclave_boot, "read_kernel_image", lambda image: reads.append(image) or real(image))
+    monkeypatch.setattr(enclave_boot, "_KERNELS", type(enclave_boot._KERNELS)())
+    paths = []
+    for n in range(6):
+        path = tmp_path / f"k{n}"
+        path.write_bytes(b"\x7fELF" + bytes([n]) * 60)
+        paths.append(path)
+    first = enclave_boot.boot_kernel(paths[0])
+    (tmp_path / "same").write_bytes(paths[0].read_bytes())
+    assert enclave_boot.boot_kernel(tmp_path / "same") is first  # same bytes, another file
+    assert len(reads) == 1
+    for path in paths[1:]:
+        enclave_boot.boot_kernel(path)
+    assert len(reads) == 6 and len(enclave_boot._KERNELS) == 4  # the 4 most recent kept
+    assert enclave_boot.boot_kernel(paths[0]) is not first and len(reads) == 7
