@@ -8,7 +8,9 @@ Reports, in one run, alternating the contenders so host load hits them alike:
   shape (memfd RAM preallocated and locked, as the harness reserves enclave memory up front)
   with no harness devices, timed until init reaches the heartbeat step (its console line
   ``nitro-init: loaded /nsm.ko``, printed right before it connects), so the ratio is the
-  harness's overhead;
+  harness's overhead. The bare QEMU preallocates its RAM itself, as a plain QEMU command line
+  does; the harness fills its memfd on the enclave's CPUs while it prepares the rest
+  (docs/boot.md#guest-ram), which is why the ratio can be below 1;
 * with ``--compare-debian``: the ``hello-debian`` image (Debian's cloud kernel, ACPI layout)
   against ``hello`` (the Nitro-style kernel).
 
