@@ -8,7 +8,8 @@ checked against a limit before ``read``, the writable part filled, the chain pus
 docs/vhost-user.md#bounds. Declared errors: ``VhostUserError`` (a ring the device cannot trust,
 ``ChainTooLarge``). Besides exceptions, the queue's own invariant is checked after every input:
 each chain returned exactly once, the used index where the device wrote it, every id returned
-a head the driver made available.
+a head the driver made available (right after each push; again at the end only when the device
+wrote nothing, since a guest may point a writable buffer at its own used ring).
 
 Input layout: ``[log2(num) % 9] [last_avail_idx u16] [mode] [used idx u16]`` then the
 descriptor table (16 bytes per entry), the avail ring (flags, idx, ``num`` heads), and the rest
@@ -111,11 +112,19 @@ def one_input(data: bytes) -> None:
         q.push(chain)
         returned += 1
         assert not chain.readable and not chain.writable, "push left views into guest RAM"
+        # Checked at once: a later chain's writable buffer may lie on the used ring itself (the
+        # guest's choice; a device writes where it is told), overwriting this element.
+        slot = USED_GPA + 4 + 8 * ((q.used_idx - 1) % num)
+        head, _length = USED_ELEM.unpack(ram.read(slot, 8))
+        assert head == chain.head < num, \
+            f"used element names head {head} for chain {chain.head} of a {num}-entry ring"
     assert q.outstanding == 0, f"{q.outstanding} chains popped and never returned"
     written = (q.used_idx - used_idx) & 0xFFFF
     assert written == returned + q.refused, \
         f"used index moved by {written} for {returned} chains and {q.refused} refusals"
     assert U16.unpack(ram.read(USED_GPA + 2, 2))[0] == q.used_idx
+    if not mode & 4:
+        return  # the device wrote into guest RAM, maybe onto the used ring: checked per push
     for k in range(written):
         slot = USED_GPA + 4 + 8 * ((used_idx + k) % num)
         head, _length = USED_ELEM.unpack(ram.read(slot, 8))
