@@ -9,7 +9,8 @@ docs/boot.md#enclave-kernels. An x86_64 EIF carries a bzImage: a real-mode setup
 
 The payload is decompressed with Python's own modules for gzip, bzip2, lzma and xz, with
 ``compression.zstd`` (Python 3.14) or the ``zstandard`` package for zstd (Debian's and Ubuntu's
-kernels), and with the ``zstd``, ``lz4`` or ``lzop`` command when the module is missing. A
+kernels), with the ``lz4`` package for LZ4 (the harness's own kernel), and with the ``zstd`` or
+``lzop`` command when the module is missing. A
 payload none of them reads leaves :attr:`KernelImage.payload` None, with the reason in
 :attr:`KernelImage.payload_note`; nothing here raises for a malformed image.
 """
@@ -40,7 +41,7 @@ COMPRESSIONS = (
 )
 # Commands that read a payload when Python has no module for it; the kernel appends the
 # uncompressed size (4 bytes) to the payload, which these refuse as trailing garbage.
-_TOOLS = {"zstd": ["zstd", "-dcq"], "lz4": ["lz4", "-dcq"], "lzo": ["lzop", "-dcq"]}
+_TOOLS = {"zstd": ["zstd", "-dcq"], "lzo": ["lzop", "-dcq"]}
 _ARM64_MAGIC = b"ARM\x64"
 _XLF_KERNEL_64 = 0x1
 
@@ -96,6 +97,46 @@ def setup_header_version(image: bytes) -> str | None:
     return text or None
 
 
+#: The LZ4 frame Linux compresses kernels with: the legacy format (lib/decompress_unlz4.c),
+#: a magic then blocks of a 32-bit little-endian compressed size and the block, each block at
+#: most 8 MiB once decompressed.
+_LZ4_LEGACY_MAGIC = 0x184C2102
+_LZ4_LEGACY_BLOCK = 8 << 20
+#: The most a kernel payload may decompress to here (a real vmlinux is 10-60 MiB): a guard
+#: against an EIF whose kernel section is a decompression bomb.
+MAX_PAYLOAD = 256 << 20
+
+
+def _unlz4_legacy(data: bytes) -> bytes:
+    """Decompress a Linux legacy-format LZ4 stream (``lz4 -l``, what ``CONFIG_KERNEL_LZ4``
+    makes) with the ``lz4`` package's block decoder. The 4-byte size the kernel appends after
+    the last block ends the stream. Raises ValueError for a corrupt stream or one over
+    :data:`MAX_PAYLOAD`."""
+    import lz4.block
+
+    out, pos, total = [], 4, 0
+    while pos + 4 <= len(data):
+        size = struct.unpack_from("<I", data, pos)[0]
+        if size == _LZ4_LEGACY_MAGIC:  # concatenated streams each start with the magic
+            pos += 4
+            continue
+        if size == 0 or pos + 4 + size > len(data):
+            break  # the kernel's appended size, or the end
+        try:
+            block = lz4.block.decompress(data[pos + 4:pos + 4 + size],
+                                         uncompressed_size=_LZ4_LEGACY_BLOCK)
+        except lz4.block.LZ4BlockError as e:
+            raise ValueError(f"block at byte {pos}: {e}") from None
+        total += len(block)
+        if total > MAX_PAYLOAD:
+            raise ValueError(f"decompresses to more than {MAX_PAYLOAD >> 20} MiB")
+        out.append(block)
+        pos += 4 + size
+    if not out:
+        raise ValueError("no LZ4 block")
+    return b"".join(out)
+
+
 def _decompress_with_module(kind: str, data: bytes) -> bytes | None:
     """Decompress one stream with Python's modules; None when no module reads ``kind``.
     Raises the module's error for a corrupt stream. Trailing bytes are ignored."""
@@ -107,6 +148,8 @@ def _decompress_with_module(kind: str, data: bytes) -> bytes | None:
         return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(data)
     if kind == "bzip2":
         return bz2.BZ2Decompressor().decompress(data)
+    if kind == "lz4":
+        return _unlz4_legacy(data)
     if kind == "zstd":
         try:
             from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14

@@ -24,8 +24,8 @@ HOST_PACKAGES = ("build-essential", "cpio", "openssl", "qemu-system-data", "xz-u
 QEMU_BUILD_PACKAGES = ("ninja-build", "pkg-config", "libglib2.0-dev", "libpixman-1-dev",
                        "libcbor-dev", "libgnutls28-dev", "libfdt-dev", "flex", "bison", "patch")
 #: What the kernel build needs beyond those (bc, libelf for objtool, OpenSSL headers for the
-#: certificate tools); cheap, so installed whether or not the kernel is built.
-KERNEL_BUILD_PACKAGES = ("bc", "libelf-dev", "libssl-dev")
+#: certificate tools, lz4 for the payload); cheap, so installed whether or not the kernel is built.
+KERNEL_BUILD_PACKAGES = ("bc", "libelf-dev", "libssl-dev", "lz4")
 ALL_PACKAGES = HOST_PACKAGES + QEMU_BUILD_PACKAGES + KERNEL_BUILD_PACKAGES
 
 #: The QEMU version built (``$QEMU_VERSION`` overrides it, as build-qemu.sh reads it).

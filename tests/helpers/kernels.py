@@ -31,6 +31,15 @@ def compress(data: bytes, kind: str) -> bytes | None:
         return lzma.compress(data, format=lzma.FORMAT_ALONE)
     if kind == "bzip2":
         return bz2.compress(data)
+    if kind == "lz4":  # Linux's legacy frame (lz4 -l): magic, then size-prefixed blocks
+        import lz4.block
+
+        blocks = [data[i:i + (8 << 20)] for i in range(0, len(data), 8 << 20)] or [b""]
+        out = b"\x02\x21\x4c\x18"
+        for block in blocks:
+            packed = lz4.block.compress(block, store_size=False)
+            out += struct.pack("<I", len(packed)) + packed
+        return out
     if kind == "zstd":
         try:
             import zstandard
@@ -100,17 +109,28 @@ def cached_nsm_ko(kind: str) -> Path | None:
 
 
 def without_embedded_config(bzimage: bytes) -> bytes | None:
-    """A copy of a gzip bzImage whose embedded configuration cannot be found (its ``IKCFG_ST``
-    marker renamed), everything else unchanged: a real kernel that describes itself as AWS's
-    do, by its built-in parameters only. The payload is recompressed into the same length (the
-    decompressor stub has its size built in; the gzip stream ends early, zeros follow). None
-    when the kernel's payload is not gzip or does not fit again."""
+    """A copy of a gzip or LZ4 bzImage whose embedded configuration cannot be found (its
+    ``IKCFG_ST`` marker renamed), everything else unchanged: a real kernel that describes itself
+    as AWS's do, by its built-in parameters only. The decompressor stub has the payload's size
+    built in, so the payload keeps its length: LZ4 stores the marker as literal bytes, renamed
+    in place (and checked by decompressing); gzip is recompressed, the stream ends early and
+    zeros follow. None when neither works."""
     import zlib
+
+    from harness.bzimage import _unlz4_legacy
 
     setup_sects = bzimage[0x1F1] or 4
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
     payload = bzimage[start:start + length]
+    if payload.startswith(b"\x02\x21\x4c\x18"):
+        if payload.count(b"IKCFG_ST") != 1:
+            return None
+        renamed = payload.replace(b"IKCFG_ST", b"IKCFG_XX")
+        before, after = _unlz4_legacy(payload), _unlz4_legacy(renamed)
+        if after != before.replace(b"IKCFG_ST", b"IKCFG_XX") or before.count(b"IKCFG_ST") != 1:
+            return None
+        return bzimage[:start] + renamed + bzimage[start + length:]
     if not payload.startswith(b"\x1f\x8b"):
         return None
     vmlinux_bytes = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)

@@ -36,7 +36,7 @@ def test_decision_table(config, param, layout, supported, tmp_path):
         assert "would not boot on Nitro" in chosen.nitro_warning
 
 
-@pytest.mark.parametrize("kind", ["gzip", "xz", "lzma", "bzip2", "zstd"])
+@pytest.mark.parametrize("kind", ["gzip", "xz", "lzma", "bzip2", "zstd", "lz4"])
 def test_every_payload_compression_is_read(kind):
     if compress(b"x", kind) is None:
         pytest.skip(f"no {kind} compressor on this machine (zstandard package or zstd command)")
@@ -135,3 +135,18 @@ def test_explicit_layout_reaches_the_engine_from_cli_and_scenarios(tmp_path):
     with pytest.raises(scn.ScenarioError) as info:
         scn.load_scenarios(path)
     assert info.value.line == 3 and "enclave.layout" in info.value.message
+
+
+def test_lz4_payload_that_is_corrupt_or_too_large_is_not_read(monkeypatch):
+    from harness import bzimage
+
+    body = vmlinux(None, param=True) + bytes(5000)
+    good = fake_bzimage(body, "lz4")
+    assert read_kernel_image(good).payload == body
+    bad = bytearray(good)
+    bad[1024 + 0x80 + 8] ^= 0xFF  # the first block's token: its lengths no longer add up
+    image = read_kernel_image(bytes(bad))
+    assert image.payload is None and image.payload_note.startswith("the lz4 payload does not decompress")
+    monkeypatch.setattr(bzimage, "MAX_PAYLOAD", 1000)
+    image = read_kernel_image(good)
+    assert image.payload is None and "decompresses to more than" in image.payload_note
