@@ -327,6 +327,11 @@ class Enclave:
         """Wait up to ``timeout`` s for the enclave to end by itself; True once it has."""
         return self.machine is None or self.machine.wait(timeout) is not None
 
+    def wait_released(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until everything is released (by :meth:`terminate`, or by
+        the monitor once the enclave ended by itself, with its end reason recorded)."""
+        return self._released.wait(timeout)
+
     @property
     def running(self) -> bool:
         """True while QEMU runs."""

@@ -35,6 +35,10 @@ from harness.enclave import Enclave, EnclaveConfig
 from harness.errors import ErrorCode, NitroError
 from harness.registry import Registry
 
+#: How long the supervisor waits for the monitor thread to release an enclave that ended by
+#: itself (it reads the end reason and keeps the console, then stops the back ends: seconds).
+MONITOR_WAIT_S = 30.0
+
 
 def config_from_json(data: dict) -> EnclaveConfig:
     """Rebuild an EnclaveConfig from its JSON form (paths as strings)."""
@@ -91,6 +95,11 @@ class Supervisor:
                     threading.Thread(target=self._handle, args=(conn, request), daemon=True).start()
         finally:
             sel.close()
+        if not self.stop.is_set():
+            # QEMU is gone by itself: the monitor thread records why and releases the enclave
+            # (the kept console and end reason `console` prints afterwards). Without this wait
+            # the caller's terminate could come first and take the end for the parent's doing.
+            self.enclave.wait_released(MONITOR_WAIT_S)
 
     def _handle(self, conn: socket.socket, request: dict) -> None:
         with conn:

@@ -149,3 +149,25 @@ def test_an_enclave_that_ended_by_itself_leaves_a_record_when_released(registry,
 ])
 def test_the_end_reason_comes_from_the_console_when_it_says_why(console, reason):
     assert enclave_monitor.end_reason(SimpleNamespace(), 0, [], console) == reason
+
+
+def test_the_supervisor_lets_the_monitor_record_an_end_before_it_returns(tmp_path):
+    # run-enclave's process: QEMU gone by itself ends the serve loop at its next look, and the
+    # process's own terminate follows. The monitor thread must have recorded the end (reason,
+    # kept console) first, or that terminate takes the end for the parent's doing and
+    # `console` then finds nothing (a CI run saw E03 "no running enclave has it").
+    import socket
+    import threading
+    import time
+
+    from harness.enclave_process import Supervisor
+
+    released = threading.Event()
+    enclave = SimpleNamespace(running=False, wait_released=released.wait)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "control.sock"))
+        listener.listen()
+        threading.Timer(0.3, released.set).start()  # the monitor, a little later
+        start = time.monotonic()
+        Supervisor(enclave, listener).serve()
+        assert released.is_set() and time.monotonic() - start >= 0.25
