@@ -165,6 +165,28 @@ def _pick_manifest(tf: tarfile.TarFile, index: Any, path: Path, where: str = "in
     return doc
 
 
+#: What Python's tarfile raises, besides TarError and OSError, on archives that are damaged
+#: or made to hurt: EOFError from a compressed stream cut short; OverflowError and ValueError
+#: from a header whose size or offset does not fit a machine integer (a GNU long name of
+#: 2**63 bytes, a seek past 2**63).
+_DAMAGE = (EOFError, OverflowError, ValueError)
+#: The most a gzip layer can decompress to per compressed byte: deflate's limit is 1032:1.
+_GZIP_RATIO = 1032
+#: For bzip2 and xz layers (which Docker does not write), whose ratios have no useful bound: a
+#: member may declare at most this many bytes.
+_OTHER_COMPRESSED_LIMIT = 1 << 40
+
+
+def _layer_limit(head: bytes, size: int) -> int:
+    """The most bytes a layer stream of ``size`` bytes starting with ``head`` can hold once
+    decompressed."""
+    if head[:2] == b"\x1f\x8b":
+        return size * _GZIP_RATIO
+    if head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+        return _OTHER_COMPRESSED_LIMIT
+    return size
+
+
 def open_image_archive(path: Path | str) -> ImageArchive:
     """Read the image description from a ``docker save`` or OCI image-layout tarball.
 
@@ -176,14 +198,14 @@ def open_image_archive(path: Path | str) -> ImageArchive:
         tf = tarfile.open(path, "r:*")
     except FileNotFoundError:
         raise NitroError(ErrorCode.FileOperationFailure, f"{path}: open: no such file") from None
-    except EOFError as e:  # a compressed stream that ends early
+    except _DAMAGE as e:  # a compressed stream that ends early, a header's absurd size
         raise _fail(path, "archive", f"is truncated or corrupt ({e})") from None
     except (tarfile.TarError, OSError) as e:
         raise _fail(path, "archive", f"is not a tar archive ({e})") from None
     with tf:
         try:
             return _describe(tf, path)
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, OSError) + _DAMAGE as e:
             # tarfile reads members lazily: a truncated or corrupt archive fails here.
             raise _fail(path, "archive", f"is truncated or corrupt ({e})") from None
 
@@ -270,11 +292,11 @@ def rootfs_entries(archive: ImageArchive, workdir: Path | str) -> list[Entry]:
         for layer in archive.layers:
             try:
                 counter = _apply_layer(outer, layer, fs, path, work, counter)
-            except (tarfile.TarError, EOFError, OSError) as e:
-                # Members are read lazily and layers streamed: damage shows up anywhere here.
-                raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
             except CpioError as e:  # a member no ramdisk entry can hold (empty link target)
                 raise _fail(path, f"layer {layer}", str(e)) from None
+            except (tarfile.TarError, OSError) + _DAMAGE as e:
+                # Members are read lazily and layers streamed: damage shows up anywhere here.
+                raise _fail(path, f"layer {layer}", f"is truncated or corrupt ({e})") from None
     return list(fs.values())
 
 
@@ -282,7 +304,8 @@ def _apply_layer(outer: tarfile.TarFile, layer: str, fs: dict[str, Entry], path:
                  counter: int) -> int:
     """Apply the layer member ``layer`` of ``outer`` to ``fs``; returns the spill counter."""
     raw = _open_member(outer, layer, path, f"layer {layer}")
-    head = raw.read(4)
+    head = raw.read(6)
+    limit = _layer_limit(head, raw.seek(0, 2))
     raw.seek(0)
     if head == b"\x28\xb5\x2f\xfd":
         raise _fail(path, f"layer {layer}", "is zstd-compressed; not supported")
@@ -293,6 +316,12 @@ def _apply_layer(outer: tarfile.TarFile, layer: str, fs: dict[str, Entry], path:
         raise _fail(path, f"layer {layer}", f"is not a tar stream ({e})") from None
     with lt:
         for m in lt:
+            # tarfile skips a member's data by reading up to where its declared size ends, one
+            # read per 10 KiB even past the stream's end: a member declaring exabytes would keep
+            # it busy for ever. No member can end beyond what the layer decompresses to.
+            if m.offset_data + m.size > limit:
+                raise _fail(path, f"layer {layer}", f"member {m.name!r} declares {m.size} bytes, "
+                                                    f"more than the layer can hold")
             counter = _apply_member(fs, this_layer, lt, m, path, layer, work, counter)
     return counter
 

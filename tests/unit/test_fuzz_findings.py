@@ -214,6 +214,42 @@ def test_layer_member_of_negative_size_is_e48(tmp_path):
     assert _e48(tmp_path, bytes(raw)).startswith("layer l.tar: is truncated or corrupt (")
 
 
+def _with_size_field(raw: bytes, at: int, field: bytes) -> bytes:
+    """``raw`` with the 12-byte size field of the tar header at ``at`` replaced, checksum fixed."""
+    out = bytearray(raw)
+    out[at + 124:at + 136] = field
+    header = out[at:at + 512]
+    total = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
+    out[at + 148:at + 156] = b"%06o\0 " % total
+    return bytes(out)
+
+
+def test_layer_member_declaring_more_than_the_layer_holds_is_e48_at_once(tmp_path):
+    # tarfile skips a member's data by reading to its declared end, a read per 10 KiB even past
+    # the stream's end: 2**80 bytes declared kept the fuzzer's input busy past its time limit.
+    layer = _tar({"f": b"x"})
+    raw = _docker_save({}, layer=_with_size_field(layer, 0, b"\x80" + (1 << 80).to_bytes(11, "big")))
+    assert _e48(tmp_path, raw) == (f"layer l.tar: member 'f' declares {1 << 80} bytes, more than "
+                                   "the layer can hold")
+
+
+def test_archive_header_whose_size_does_not_fit_an_integer_is_e48(tmp_path):
+    # A GNU long-name header of 2**84 bytes: tarfile's read of it raises OverflowError.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("x" * 120)  # over 100 bytes: a GNU long-name header first
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"data"))
+    raw = buf.getvalue()
+    assert raw[156:157] == b"L"
+    path = tmp_path / "img.tar"
+    path.write_bytes(_with_size_field(raw, 0, b"\x80" + (1 << 84).to_bytes(11, "big")))
+    with pytest.raises(NitroError) as info:
+        da.open_image_archive(path)
+    assert info.value.code == ErrorCode.EifBuildingError
+    assert info.value.message.startswith(f"{path}: archive: is truncated or corrupt (")
+
+
 # -- cpio writing -------------------------------------------------------------------------------
 
 
