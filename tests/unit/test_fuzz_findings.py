@@ -55,6 +55,17 @@ def _oci(index: object, blobs: dict[str, object]) -> bytes:
                  **{f"blobs/sha256/{k}": json.dumps(v).encode() for k, v in blobs.items()}})
 
 
+def _open_e48(tmp_path, raw: bytes) -> str:
+    """The E48 message (after the path) of :func:`da.open_image_archive` on ``raw``."""
+    path = tmp_path / "img.tar"
+    path.write_bytes(raw)
+    with pytest.raises(NitroError) as info:
+        da.open_image_archive(path)
+    assert info.value.code == ErrorCode.EifBuildingError
+    assert info.value.message.startswith(f"{path}: ")
+    return info.value.message[len(f"{path}: "):]
+
+
 def _e48(tmp_path, raw: bytes) -> str:
     path = tmp_path / "img.tar"
     path.write_bytes(raw)
@@ -113,26 +124,16 @@ def test_eif_metadata_nested_past_the_parser_is_e35(tmp_path):
 def test_docker_archive_truncated_inside_a_member_is_e48(tmp_path):
     # tarfile reads members lazily, so the archive opens and fails while listing its names.
     raw = _tar({"manifest.json": b"[]", "blob": b"x" * 5000})
-    path = tmp_path / "img.tar"
-    path.write_bytes(raw[:512 * 4])
-    with pytest.raises(NitroError) as info:
-        da.open_image_archive(path)
-    assert info.value.code == ErrorCode.EifBuildingError
-    assert info.value.message == (f"{path}: archive: is truncated or corrupt (unexpected end "
-                                  "of data)")
+    assert _open_e48(tmp_path, raw[:512 * 4]) == "archive: is truncated or corrupt (unexpected end of data)"
 
 
 def test_truncated_gzip_archive_is_e48(tmp_path):
     import gzip
 
     raw = gzip.compress(_docker_save({"config": {"Cmd": ["/a"]}}))
-    path = tmp_path / "img.tar.gz"
-    path.write_bytes(raw[:len(raw) // 2])
-    with pytest.raises(NitroError) as info:
-        da.open_image_archive(path)
-    assert info.value.code == ErrorCode.EifBuildingError
-    assert info.value.message == (f"{path}: archive: is truncated or corrupt (Compressed file "
-                                  "ended before the end-of-stream marker was reached)")
+    assert _open_e48(tmp_path, raw[:len(raw) // 2]) == (
+        "archive: is truncated or corrupt (Compressed file ended before the end-of-stream marker "
+        "was reached)")
 
 
 def test_manifest_that_links_to_a_missing_member_is_e48(tmp_path):
@@ -242,12 +243,8 @@ def test_archive_header_whose_size_does_not_fit_an_integer_is_e48(tmp_path):
         tf.addfile(info, io.BytesIO(b"data"))
     raw = buf.getvalue()
     assert raw[156:157] == b"L"
-    path = tmp_path / "img.tar"
-    path.write_bytes(_with_size_field(raw, 0, b"\x80" + (1 << 84).to_bytes(11, "big")))
-    with pytest.raises(NitroError) as info:
-        da.open_image_archive(path)
-    assert info.value.code == ErrorCode.EifBuildingError
-    assert info.value.message.startswith(f"{path}: archive: is truncated or corrupt (")
+    message = _open_e48(tmp_path, _with_size_field(raw, 0, b"\x80" + (1 << 84).to_bytes(11, "big")))
+    assert message.startswith("archive: is truncated or corrupt (")
 
 
 # -- cpio writing -------------------------------------------------------------------------------
