@@ -250,9 +250,15 @@ def parse_ciphertext_for_recipient(blob: bytes) -> EnvelopedData:
         raise
     except (ValueError, TypeError, KeyError) as err:
         raise CmsError(f"CiphertextForRecipient: not a CMS EnvelopedData ({err})") from None
+    except (AttributeError, IndexError):
+        # asn1crypto parses lazily: a field of another universal type than CMS puts there (an
+        # INSTANCE OF, an ObjectDescriptor where the IV belongs) fails only when it is read.
+        raise CmsError("CiphertextForRecipient: not a CMS EnvelopedData (a field holds another "
+                       "ASN.1 type than CMS defines there)") from None
     if not result.recipients:
         raise CmsError("EnvelopedData.recipientInfos: empty, expected one recipient")
-    if not result.content_encryption_algorithm.startswith("aes") or len(result.iv) != 16:
+    if (not result.content_encryption_algorithm.startswith("aes")
+            or not isinstance(result.iv, bytes) or len(result.iv) != 16):
         raise CmsError(
             "EncryptedContentInfo.contentEncryptionAlgorithm: expected AES-CBC with a "
             f"16-byte IV, got {result.content_encryption_algorithm}"

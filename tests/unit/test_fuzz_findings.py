@@ -8,6 +8,7 @@ each rule in words and check the message the user sees.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import json
 import socket
 import tarfile
@@ -411,3 +412,17 @@ def test_key_policy_nested_past_the_parser_is_a_malformed_policy(kms):
     assert out.startswith(b"HTTP/1.1 400 ")
     assert out.endswith(b'{"__type":"MalformedPolicyDocumentException","message":"policy: not '
                         b'valid JSON (arrays or objects nest deeper than 128 levels)"}')
+
+
+def test_cms_field_of_another_asn1_type_is_a_cms_error():
+    # The fuzzer's smallest such input: EncryptedContentInfo's IV is an INSTANCE OF, which
+    # asn1crypto parses only when read (AttributeError before).
+    from harness.kms.cms import parse_ciphertext_for_recipient
+
+    from fuzz import verdict
+
+    raw = (Path(verdict.__file__).parent / "crashes" / "cms" / "attributeerror-aca97d922055298f").read_bytes()
+    with pytest.raises(CmsError, match=r"^CiphertextForRecipient: not a CMS EnvelopedData \(a field "
+                                       r"holds another ASN\.1 type than CMS defines there\)$"):
+        parse_ciphertext_for_recipient(raw)
+
