@@ -76,13 +76,8 @@ class BootControl:
             sel.close()
 
     def _take(self, conn: socket.socket) -> None:
-        conn.settimeout(10)  # a client sends its request line at once
-        try:
-            request = json.loads(conn.makefile("r").readline() or "{}")
-        except (OSError, ValueError):
-            request = None
-        if not isinstance(request, dict):  # garbage must not end the enclave
-            conn.close()
+        request = read_request(conn)
+        if request is None:
             return
         if request.get("op") == "terminate" and self.terminator is None:
             self.terminator = conn
@@ -92,3 +87,17 @@ class BootControl:
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self._pending.append((conn, request))
+
+
+def read_request(conn: socket.socket) -> dict | None:
+    """One control request: the JSON object on ``conn``'s first line (a client sends it at once:
+    10 s). None, with ``conn`` closed, for anything else: garbage must not end the enclave."""
+    conn.settimeout(10)
+    try:
+        request = json.loads(conn.makefile("r").readline() or "{}")
+    except (OSError, ValueError):
+        request = None
+    if not isinstance(request, dict):
+        conn.close()
+        return None
+    return request

@@ -30,7 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
-from harness.boot_control import BootControl
+from harness.boot_control import BootControl, read_request
 from harness.enclave import Enclave, EnclaveConfig
 from harness.errors import ErrorCode, NitroError
 from harness.registry import Registry
@@ -73,13 +73,8 @@ class Supervisor:
             while not self.stop.is_set() and self.enclave.running:
                 for _key, _ in sel.select(timeout=0.5):
                     conn, _ = self.listener.accept()
-                    conn.settimeout(10)
-                    try:
-                        request = json.loads(conn.makefile("r").readline() or "{}")
-                    except (OSError, ValueError):
-                        request = None
-                    if not isinstance(request, dict):  # garbage must not end the enclave
-                        conn.close()
+                    request = read_request(conn)
+                    if request is None:
                         continue
                     if request.get("op") == "terminate":
                         with conn:
