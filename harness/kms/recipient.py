@@ -54,9 +54,12 @@ def load_roots(roots: Iterable[Any]) -> list[Any]:
             else:
                 out.append(x509.load_der_x509_certificate(data))
         except ValueError as err:
+            # A path is named whole (the user must find the file); raw bytes only by their size.
+            what = (str(item) if isinstance(item, (str, os.PathLike))
+                    else f"of {len(data)} bytes")
             raise NitroError(
                 ErrorCode.InvalidArgument,
-                f"attestation root {item!r:.60}: not a PEM or DER certificate ({err})",
+                f"attestation root {what}: not a PEM or DER certificate ({err})",
             ) from None
     return out
 

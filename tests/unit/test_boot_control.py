@@ -44,10 +44,12 @@ def test_terminate_interrupts_the_boot_and_is_confirmed_after_the_release(contro
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
-    client = None
+    # Connected before the request is sent: on a loaded machine the interruption can come while
+    # sendall still runs, and the client must be in hand then.
+    client = _send(path, b"")
     try:
         with pytest.raises(KeyboardInterrupt):
-            client = _send(path, json.dumps({"op": "terminate"}).encode() + b"\n")
+            client.sendall(json.dumps({"op": "terminate"}).encode() + b"\n")
             time.sleep(30)  # the boot: interrupted long before it ends
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -268,7 +268,12 @@ def test_recipes_option_and_ini_put_user_folders_first(pytester, monkeypatch):
     result.stderr.fnmatch_lines(["*--recipes / nitro_harness_recipes: */absent: recipes folder not found*"])
 
 
-def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester):
+def test_xdist_workers_get_distinct_runtime_dirs_and_cids(pytester, monkeypatch):
+    # Run under xdist itself, this test's own worker has set these variables; the inner session
+    # must choose its workers' folders as a fresh one does.
+    for name in ("NITRO_HARNESS_RUNTIME_DIR", "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT",
+                 "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
     out = pytester.path / "out"
     out.mkdir()
     pytester.makepyfile(f"""
