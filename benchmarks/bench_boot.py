@@ -12,14 +12,18 @@ Reports, in one run, alternating the contenders so host load hits them alike:
   does; the harness fills its memfd on the enclave's CPUs while it prepares the rest
   (docs/boot.md#guest-ram), which is why the ratio can be below 1;
 * with ``--compare-debian``: the ``hello-debian`` image (Debian's cloud kernel, ACPI layout)
-  against ``hello`` (the Nitro-style kernel).
+  against ``hello`` (the Nitro-style kernel);
+* with ``--compare-arch``: the ``hello-arm64`` image (Graviton: the arm64 Nitro-style kernel on
+  ``qemu-system-aarch64``'s virt machine, docs/boot.md#aarch64-machine) against ``hello``, both
+  under TCG here.
 
 Then the boot timeline's phases (docs/boot.md#boot-timeline) side by side: the median host
 time of each phase, in seconds since ``Enclave.start`` began (harness) or since QEMU was spawned
 (bare), and the median guest clock of the guest's phases, read from the console the same way for
 both (:mod:`harness.console_timestamps`).
 
-Usage: ``python benchmarks/bench_boot.py [--rounds N] [--image hello] [--compare-debian]``.
+Usage: ``python benchmarks/bench_boot.py [--rounds N] [--image hello] [--compare-debian]
+[--compare-arch]``.
 Prints medians and ratios; asserts nothing.
 """
 
@@ -61,13 +65,13 @@ def harness_boot(image: Path) -> tuple[float, Phases, list[Phase]]:
     return took, _keyed(phases), phases
 
 
-def bare_boot(image: Path, qemu_path: Path, work: Path) -> tuple[float, Phases]:
+def bare_boot(image: Path, work: Path) -> tuple[float, Phases]:
     boot = eif.extract_boot_files(image, work)
-    layout = choose_layout(boot.kernel)
+    layout = choose_layout(boot.kernel, arch=boot.arch)
     spec = MachineSpec(
-        qemu=qemu_path, accel="tcg", kernel=boot.kernel, initrd=boot.initrd, cmdline=boot.cmdline,
-        memory_mib=512, vcpu_cpus=(0,), other_cpus=(), state_dir=work, firmware=qemu.find_firmware(),
-        acpi=layout.acpi,
+        qemu=qemu.find_qemu(boot.arch), accel="tcg", kernel=boot.kernel, initrd=boot.initrd,
+        cmdline=boot.cmdline, memory_mib=512, vcpu_cpus=(0,), other_cpus=(), state_dir=work,
+        firmware=qemu.find_firmware(), acpi=layout.acpi, arch=boot.arch,
     )
     cmd = [a for a in build_command(spec) if a != "-S"]
     # Plain QEMU: serial on stdio instead of the harness's console socket, no QMP.
@@ -135,18 +139,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image", default="hello")
     parser.add_argument("--compare-debian", action="store_true")
+    parser.add_argument("--compare-arch", action="store_true")
     args = parser.parse_args()
-    qemu_path = qemu.find_qemu()
     images = {args.image: build_image(args.image)}
     if args.compare_debian:
         images["hello-debian"] = build_image("hello-debian")
+    if args.compare_arch:
+        images["hello-arm64"] = build_image("hello-arm64")
     results: dict[str, list[float]] = {}
     phases: dict[str, list[Phases]] = {}
     labels: dict[str, str] = {}
     for _ in range(args.rounds):
         for name, image in images.items():
             with tempfile.TemporaryDirectory() as tmp:
-                took, bare = bare_boot(image, qemu_path, Path(tmp))
+                took, bare = bare_boot(image, Path(tmp))
             results.setdefault(f"bare {name}", []).append(took)
             phases.setdefault(f"bare {name}", []).append(bare)
             took, keyed, raw = harness_boot(image)
@@ -163,6 +169,12 @@ def main() -> None:
         print(
             "Nitro-style kernel / Debian cloud kernel (harness boot-to-heartbeat): "
             f"{medians[f'harness {args.image}'] / medians['harness hello-debian']:.2f}x"
+        )
+    if args.compare_arch:
+        print(
+            "aarch64 / x86_64 under TCG (harness boot-to-heartbeat, hello-arm64 / hello): "
+            f"{medians['harness hello-arm64'] / medians['harness hello']:.2f}x; harness / bare "
+            f"QEMU (hello-arm64): {medians['harness hello-arm64'] / medians['bare hello-arm64']:.2f}x"
         )
     labels["qemu_spawned"] = "QEMU process started"
     for name in images:

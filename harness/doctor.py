@@ -25,6 +25,7 @@ from typing import Any
 
 from harness import assets
 from harness import host as hostmod
+from harness.arch import AARCH64
 from harness import qemu as qemumod
 from harness.errors import ErrorCode, NitroError
 from harness.host import HostFacts, KvmStatus, format_cpu_list
@@ -256,6 +257,21 @@ def _qemu_checks(info: QemuInfo, from_env: bool) -> list[Check]:
     return checks
 
 
+def _aarch64_check() -> Check:
+    """The QEMU for aarch64 (Graviton) EIFs: found and with the ``virt`` machine
+    (docs/architecture.md#architectures). A warning when missing: x86_64 EIFs boot without it."""
+    try:
+        info = qemumod.probe_qemu(qemumod.find_qemu(AARCH64))
+    except NitroError as err:
+        return Check("qemu aarch64", WARN, f"aarch64 EIFs cannot boot: {err.message}",
+                     qemumod.SETUP_HINT)
+    if not info.has_virt:
+        return Check("qemu aarch64", WARN, f"{info.path} has no 'virt' machine: aarch64 EIFs "
+                     "cannot boot", _REBUILD)
+    return Check("qemu aarch64", OK, f"{info.path} (QEMU {'.'.join(map(str, info.version))}, "
+                 "virt machine present: aarch64 EIFs boot)")
+
+
 def _accelerator_fix(kvm: KvmStatus, reason: str) -> str | None:
     """The command (or action) that would make KVM usable, given why it was not chosen."""
     if os.environ.get(ACCEL_ENV):
@@ -336,26 +352,32 @@ def _host_checks(host: HostFacts) -> list[Check]:
     return checks
 
 
-def _kernel_check() -> Check:
-    """The Nitro-style kernel the set-up's kernel step caches (``kernel-*/`` with ``.complete``
-    and a bzImage), which the shipped image recipes boot; the newest one is reported."""
+def _kernel_check(arch: str = "x86_64") -> Check:
+    """The Nitro-style kernel the set-up's kernel step caches for ``arch`` (``kernel-*/`` with
+    ``.complete`` and a bzImage; for aarch64 ``kernel-arm64-*/`` with an Image), which the shipped
+    image recipes boot; the newest one is reported ("nitro kernel", "nitro kernel arm64")."""
     import json
 
+    prefix, blob, name, users = (
+        ("kernel-arm64-", "Image", "nitro kernel arm64", "the aarch64 images boot it")
+        if arch == "aarch64" else
+        ("kernel-", "bzImage", "nitro kernel", "the hello and python recipes boot it"))
     builds = []
-    for d in qemumod.cache_dir().glob("kernel-*"):
-        if (d / ".complete").is_file() and (d / "bzImage").is_file():
+    for d in qemumod.cache_dir().glob(f"{prefix}*"):
+        if (d / ".complete").is_file() and (d / blob).is_file():
             builds.append(((d / ".complete").stat().st_mtime, d))
     if not builds:
-        return Check("nitro kernel", WARN,
-                     f"no complete build in {qemumod.cache_dir()}/kernel-* "
-                     "(the hello and python recipes boot it)", "nitro-harness setup --only kernel")
+        return Check(name, WARN,
+                     f"no complete build in {qemumod.cache_dir()}/{prefix}* "
+                     f"({users})",
+                     "nitro-harness setup --only kernel")
     newest = max(builds)[1]
     try:
         release = json.loads((newest / "build-info.json").read_text()).get("kernelrelease", "?")
     except (OSError, ValueError):
         release = "?"
     nsm = "with nsm.ko" if (newest / "nsm.ko").is_file() else "no nsm.ko"
-    return Check("nitro kernel", OK, f"{newest} ({release}, {nsm})")
+    return Check(name, OK, f"{newest} ({release}, {nsm})")
 
 
 def _setup_checks() -> list[Check]:
@@ -406,6 +428,7 @@ def diagnose(
         checks.append(Check("qemu", FAIL, err.message, qemumod.SETUP_HINT))
     if info is not None:
         checks.extend(_qemu_checks(info, from_env))
+    checks.append(_aarch64_check())
 
     firmware = qemumod.find_firmware(info.path if info else None)
     checks.append(
@@ -443,6 +466,7 @@ def diagnose(
                                     f"tcg (slower, works everywhere): {reason}",
                                     _accelerator_fix(host.kvm, reason)))
     checks.append(_kernel_check())
+    checks.append(_kernel_check("aarch64"))
     checks.extend(_setup_checks())
     checks.extend(_host_checks(host))
     return Report(checks=checks, host=host, qemu=info, firmware=firmware,

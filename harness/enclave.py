@@ -199,12 +199,12 @@ class Enclave:
             hugepage_kib = enclave_resources.hugepage_size_kib(cfg.memory_mib, cfg.hugepages,
                                                                taken.alloc_cfg)
             self._guest_ram = GuestRam.unless_hugepages(cfg.memory_mib, hugepage_kib, taken.cpus)
-            qemu = enclave_boot.choose_qemu(self._qemu, self._accel)
-            self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
             boot = enclave_boot.boot_files(eif_path, self.measurements, self.state_dir)
             mark("sections_extracted")
+            qemu = enclave_boot.choose_qemu(self._qemu, self._accel, boot.arch)
+            self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
             kernel = enclave_boot.boot_kernel(boot.kernel)  # for the layout and preflight
-            self.layout = choose_layout(kernel, cfg.layout)
+            self.layout = choose_layout(kernel, cfg.layout, boot.arch)
             mark("kernel_read")
             self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,
                                                     self.state_dir)

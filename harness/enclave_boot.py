@@ -10,12 +10,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from harness import doctor, host
+from harness.arch import X86_64, Arch, host_arch
 from harness.bzimage import KernelImage, read_kernel_image
 from harness import eif as eif_mod
 from harness import qemu as qemu_mod
@@ -100,12 +102,35 @@ def boot_kernel(path: Path) -> KernelImage:
     return kernel
 
 
-def choose_qemu(qemu: Path | None, accel: str | None) -> QemuChoice:
-    """Find and probe QEMU (``qemu`` or :func:`harness.qemu.find_qemu`'s choice) and take the
-    accelerator ``accel`` or the doctor's (docs/architecture.md#accelerator, which also honours
-    and checks ``NITRO_HARNESS_ACCEL``). Raises NitroError when no usable QEMU is found."""
-    path = qemu or qemu_mod.find_qemu()
+def choose_qemu(qemu: Path | None, accel: str | None, arch: Arch = X86_64) -> QemuChoice:
+    """Find and probe the QEMU for ``arch``'s EIFs (``qemu`` or :func:`harness.qemu.find_qemu`'s
+    choice) and take the accelerator ``accel`` or the doctor's (docs/architecture.md#accelerator,
+    which also honours and checks ``NITRO_HARNESS_ACCEL``).
+
+    A guest of another architecture than the host's runs under TCG: KVM runs only the host's
+    own (docs/architecture.md#architectures); asking for KVM then is E03. Raises NitroError
+    E19 when no QEMU is found and when the one given lacks the machine ``arch`` boots on
+    (``microvm`` for x86_64, ``virt`` for aarch64), in one line naming what to install.
+    """
+    path = qemu or qemu_mod.find_qemu(arch)
     info = qemu_mod.probe_qemu(path)
+    machine_ok = info.has_virt if arch != X86_64 else info.has_microvm
+    if not machine_ok:
+        machine = "virt" if arch != X86_64 else "microvm"
+        raise NitroError(ErrorCode.FileOperationFailure,
+                         f"{path}: has no '{machine}' machine, so it cannot boot an {arch.name} "
+                         f"EIF: install {arch.qemu_binary} (`{qemu_mod.SETUP_HINT}` builds it) or "
+                         f"set {qemu_mod.qemu_env(arch)} to one")
+    native = host_arch() == arch
+    if not native:
+        forced = accel or os.environ.get(doctor.ACCEL_ENV, "").strip().lower()
+        if forced == "kvm":
+            raise NitroError(ErrorCode.InvalidArgument,
+                             f"accelerator kvm: an {arch.name} EIF cannot run under KVM on this "
+                             f"{host_arch() or 'unknown'} host (KVM runs only the host's "
+                             "architecture); use tcg")
+        return QemuChoice(path, info, "tcg", f"an {arch.name} guest on an "
+                                             f"{host_arch() or 'unknown'} host: TCG emulates it")
     if accel:
         return QemuChoice(path, info, accel, "chosen by the caller")
     chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
@@ -151,6 +176,7 @@ def machine_spec(
         acpi=acpi,
         mem_lock_on_fault=qemu.info.version >= MEM_LOCK_ON_FAULT_SINCE,
         extra_args=list(config.extra_qemu_args),
+        arch=boot.arch,
     )
 
 

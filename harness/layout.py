@@ -16,6 +16,10 @@ in and command-line devices enabled carries). A kernel that takes command-line d
 device, vsock first, NSM second). Only a kernel shown to lack them gets the ``acpi`` layout, and
 such an EIF would not boot on Nitro (:attr:`Layout.nitro_warning`). A kernel whose payload
 cannot be read is assumed to be a Nitro kernel. An explicit choice overrides the detection.
+
+An aarch64 EIF has one layout, ``virt`` (docs/boot.md#aarch64-machine): QEMU's ``virt``
+machine lists its virtio-mmio transports in the device tree it gives the kernel, so there is
+nothing to choose.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.arch import X86_64, Arch
 from harness.bzimage import KernelImage, read_kernel_image
 from harness.errors import ErrorCode, NitroError
 
@@ -128,13 +133,24 @@ def cmdline_devices(kernel: Path | bytes | KernelImage) -> CmdlineDevices:
                                  "parameter")
 
 
-def choose_layout(kernel: Path | bytes | KernelImage, requested: str = "auto") -> Layout:
-    """Pick the machine layout for ``kernel`` (see the module doc and :func:`cmdline_devices`).
+def choose_layout(kernel: Path | bytes | KernelImage, requested: str = "auto",
+                  arch: Arch = X86_64) -> Layout:
+    """Pick the machine layout for ``kernel`` of an ``arch`` EIF (see the module doc and
+    :func:`cmdline_devices`).
 
-    Raises NitroError E03 for a ``requested`` value outside :data:`LAYOUTS`.
+    Raises NitroError E03 for a ``requested`` value outside :data:`LAYOUTS`, and for an
+    explicit ``nitro`` or ``acpi`` asked of an aarch64 EIF (those are x86_64 machines).
     """
     if requested not in LAYOUTS:
         raise NitroError(ErrorCode.InvalidArgument, f"layout {requested!r}: must be one of {LAYOUTS}")
+    if arch != X86_64:
+        if requested != "auto":
+            raise NitroError(ErrorCode.InvalidArgument,
+                             f"layout {requested!r}: an {arch.name} EIF boots on the virt "
+                             "machine, whose device tree lists its devices; the layouts are "
+                             "for x86_64 EIFs (leave it auto)")
+        return Layout("virt", f"an {arch.name} EIF: the virt machine's device tree lists the "
+                              "virtio-mmio devices")
     if requested != "auto":
         return Layout(requested, "chosen explicitly")
     devices = cmdline_devices(kernel)

@@ -9,6 +9,11 @@ paused (``-S``) with its whole process on the non-enclave CPUs; once QMP reports
 ids each is pinned to its enclave CPU and the guest is resumed, so no QEMU thread but a vCPU ever
 runs on an enclave CPU.
 
+An aarch64 EIF boots on ``qemu-system-aarch64``'s ``virt`` machine instead
+(docs/boot.md#aarch64-machine): GICv3, a Neoverse N1 CPU (Graviton2's core) under TCG, no
+firmware (QEMU loads the ``Image`` itself), the virtio-mmio transports described in the device
+tree, the PL011 UART as the console; everything else is the same.
+
 Finding and probing the QEMU binary lives in :mod:`harness.qemu`; the accelerator choice in
 :mod:`harness.doctor`.
 """
@@ -25,6 +30,7 @@ from typing import Callable
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from harness.arch import X86_64, Arch
 from harness.console import Console
 
 @dataclass
@@ -40,7 +46,8 @@ class MachineSpec:
     all of it first: guest RAM is preallocated, so it is all resident and locked either way
     (docs/boot.md#qemu-machine). ``memory_fd``: a memfd of the harness's holding the guest RAM,
     already allocated (:class:`harness.guest_ram.GuestRam`, docs/boot.md#guest-ram), which QEMU
-    maps under the same number; None lets QEMU create its own.
+    maps under the same number; None lets QEMU create its own. ``arch`` the EIF's
+    architecture (:mod:`harness.arch`): the machine type follows from it.
     """
 
     qemu: Path
@@ -64,6 +71,7 @@ class MachineSpec:
     mem_lock: bool = True
     mem_lock_on_fault: bool = True
     extra_args: list[str] = field(default_factory=list)
+    arch: Arch = X86_64
 
     @property
     def console_socket(self) -> Path:
@@ -81,16 +89,40 @@ def _guest_cmdline(spec: MachineSpec) -> str:
     ("IO-APIC + timer doesn't work!"); KVM guests skip that check themselves (kvmclock sets
     no_timer_check), as on Nitro, so TCG guests get the same parameter. QEMU appends the
     virtio_mmio.device= entries itself for the Nitro layout.
+
+    On aarch64 the EIF's ``console=ttyS0`` names a UART the ``virt`` machine does not have;
+    its PL011 is added after it (the last ``console=`` becomes /dev/console; the PCRs are
+    measured from the EIF, so they do not change): docs/boot.md#aarch64-machine.
     """
+    if spec.arch != X86_64:
+        return f"{spec.cmdline} console={spec.arch.console}"
     if spec.accel == "tcg" and not spec.acpi:
         return f"{spec.cmdline} no_timer_check"
     return spec.cmdline
 
 
-def build_command(spec: MachineSpec) -> list[str]:
-    """Return QEMU's argv for ``spec`` (see the module doc for why each part is there)."""
+def _machine_and_cpu(spec: MachineSpec) -> list[str]:
+    """``-machine``, ``-cpu`` and the x86-only pieces for ``spec``'s architecture."""
+    if spec.arch != X86_64:
+        # No ACPI tables without firmware, so the guest reads the device tree QEMU writes; a
+        # Neoverse N1 rather than ``max``: Graviton2's core, and TCG emulates it faster
+        # (``max`` adds pointer authentication, which costs every function return under TCG).
+        return ["-machine", "virt,gic-version=3,memory-backend=mem",
+                "-cpu", "host" if spec.accel == "kvm" else "neoverse-n1"]
     machine = "microvm,memory-backend=mem"
     machine += ",acpi=on" if spec.acpi else ",acpi=off"
+    return [
+        "-machine", machine,
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        # docs/boot.md#enclave-end: AWS's command line reboots through the keyboard controller
+        # (reboot=k, i8042.*); microvm has none, and without it init's reboot would never end the
+        # VM.
+        "-device", "i8042",
+    ]
+
+
+def build_command(spec: MachineSpec) -> list[str]:
+    """Return QEMU's argv for ``spec`` (see the module doc for why each part is there)."""
     if spec.memory_fd is not None:
         if spec.hugepage_size_kib:
             raise ValueError("a harness memfd is never hugepage-backed: QEMU makes that one")
@@ -104,17 +136,12 @@ def build_command(spec: MachineSpec) -> list[str]:
         memory += f",hugetlb=on,hugetlbsize={spec.hugepage_size_kib}K"
     cmd = [
         str(spec.qemu),
-        "-machine", machine,
+        *_machine_and_cpu(spec),
         "-accel", spec.accel,
-        "-cpu", "host" if spec.accel == "kvm" else "max",
         "-smp", str(len(spec.vcpu_cpus)),
         "-m", f"{spec.memory_mib}M",
         "-object", memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-S",
-        # docs/boot.md#enclave-end: AWS's command line reboots through the keyboard controller
-        # (reboot=k, i8042.*); microvm has none, and without it init's reboot would never end the
-        # VM.
-        "-device", "i8042",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", _guest_cmdline(spec),
@@ -122,12 +149,12 @@ def build_command(spec: MachineSpec) -> list[str]:
         "-serial", "chardev:console",
         "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
     ]
-    if spec.accel == "tcg" and spec.acpi:
+    if spec.accel == "tcg" and spec.acpi and spec.arch == X86_64:
         # With ACPI, a guest whose TSC calibration fails (a loaded host) falls back to the PIT
         # and never gets a tick on microvm under TCG; instruction counting gives it a
         # deterministic clock. The Nitro layout (no ACPI) needs no such help.
         cmd += ["-icount", "shift=auto"]
-    if spec.firmware:
+    if spec.firmware and spec.arch == X86_64:
         cmd += ["-bios", str(spec.firmware)]
     if spec.mem_lock:
         # mem-lock=on would also populate and lock all of QEMU's other memory before the guest

@@ -13,7 +13,7 @@ skip with the reason).
   parent's vsock endpoints of that enclave), ``nitro_artifacts`` (the test's artifacts folder).
 - Markers: ``enclave(image=..., eif=..., memory_mib=..., cpu_count=..., ...)``, ``requires_kvm``,
   ``requires_nsm`` (skipped with the doctor's reason).
-- Options: ``--qemu``, ``--accel``, ``--keep-artifacts``, ``--artifacts-dir``, ``--kernel``,
+- Options: ``--qemu``, ``--accel``, ``--keep-artifacts``, ``--artifacts-dir``, ``--kernel``, ``--arch``,
   ``--recipes DIR`` (and ini ``nitro_harness_recipes``: the user's recipe folders, searched before
   the shipped ones), ``--shard-id K --num-shards N`` (:mod:`harness.pytest_shard`).
 - EIF paths (``enclave(eif=...)``, a scenario's ``eif:``) are tried relative to the test or
@@ -81,6 +81,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "default: the nitro_harness_kernels ini value, else nitro")
     parser.addini("nitro_harness_kernels", type="args", default=["nitro"],
                   help="kernels YAML scenarios run on when --kernel is not given (nitro, debian)")
+    group.addoption("--arch", action="append", choices=scn.ARCHES, default=None, dest="nitro_arches",
+                    help="run YAML scenarios on this architecture (repeatable): x86_64, or aarch64 "
+                         "(Graviton: the recipe <image>-arm64 on QEMU's virt machine, under TCG "
+                         "on an x86_64 host); default: the nitro_harness_arches ini value, else x86_64")
+    parser.addini("nitro_harness_arches", type="args", default=["x86_64"],
+                  help="architectures YAML scenarios run on when --arch is not given (x86_64, aarch64)")
     group.addoption("--recipes", action="append", metavar="DIR", default=None, dest="nitro_recipes",
                     help="a folder of the user's image recipes (repeatable), searched before "
                          "the shipped recipes and those of the nitro_harness_recipes ini option")
@@ -104,6 +110,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown or not config.getini("nitro_harness_kernels"):
         raise pytest.UsageError(f"ini option nitro_harness_kernels: {unknown or 'empty'}: "
                                 f"each must be one of {', '.join(scn.KERNELS)}")
+    unknown = [a for a in config.getini("nitro_harness_arches") if a not in scn.ARCHES]
+    if unknown or not config.getini("nitro_harness_arches"):
+        raise pytest.UsageError(f"ini option nitro_harness_arches: {unknown or 'empty'}: "
+                                f"each must be one of {', '.join(scn.ARCHES)}")
     here = Path(config.invocation_params.dir)
     recipe_dirs = [*(here / d for d in config.getoption("nitro_recipes") or []),
                    *config.getini("nitro_harness_recipes")]
@@ -141,6 +151,12 @@ def _eif_bases(request: pytest.FixtureRequest) -> list[Path]:
 def _kernels(config: pytest.Config) -> list[str]:
     """Kernels every scenario case runs on: ``--kernel`` values, else the ini's, deduplicated."""
     chosen = config.getoption("nitro_kernels") or config.getini("nitro_harness_kernels")
+    return list(dict.fromkeys(chosen))
+
+
+def _arches(config: pytest.Config) -> list[str]:
+    """Architectures every scenario case runs on: ``--arch`` values, else the ini's, deduplicated."""
+    chosen = config.getoption("nitro_arches") or config.getini("nitro_harness_arches")
     return list(dict.fromkeys(chosen))
 
 
@@ -364,7 +380,8 @@ class ScenarioFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         """One :class:`ScenarioItem` per scenario document and matrix case."""
         try:
-            scenarios = scn.load_scenarios(self.path, kernels=_kernels(self.config))
+            scenarios = scn.load_scenarios(self.path, kernels=_kernels(self.config),
+                                           arches=_arches(self.config))
         except NitroError as err:
             # CollectError prints just this line (file:line: key: rule), no traceback.
             raise self.CollectError(str(err)) from None
@@ -375,6 +392,7 @@ class ScenarioFile(pytest.File):
             item.add_marker(pytest.mark.slow)
             # `-k kernel_debian` / `-k "not kernel_debian"` pick a kernel (ids only show debian).
             item.extra_keyword_matches.add(f"kernel_{case.kernel}")
+            item.extra_keyword_matches.add(f"arch_{case.arch}")  # `-k arch_aarch64`
             for requirement in case.requires:
                 item.add_marker(getattr(pytest.mark, f"requires_{requirement}"))
             for marker in case.data.get("markers") or []:

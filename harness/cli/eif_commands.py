@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import eif as eifmod
+from harness.arch import from_eif_flags
 from harness.cli import print_json, progress
 from harness.errors import ErrorCode, NitroError
 from harness.pcr import Measurements, ext, pcr_for_certificate_der
@@ -113,7 +114,10 @@ def describe(path: Path) -> dict:
     Field order as nitro-cli: EifVersion, Measurements, IsSigned, SigningCertificate (signed
     only), CheckCRC, SignatureCheck (signed only), ImageName, ImageVersion, Metadata (when the
     EIF has metadata; custom metadata keys are merged into Metadata as nitro-cli flattens
-    them). Raises ``NitroError(E35)`` for an invalid EIF.
+    them), then the harness's ``Arch`` (``x86_64`` or ``aarch64``, from the header's flags:
+    docs/eif-format.md#header; nitro-cli prints no such field, so it comes last, where
+    scripts reading nitro-cli's fields do not meet it). Raises ``NitroError(E35)`` for an
+    invalid EIF.
     """
     m, eif = eifmod.measure_and_check(path, with_crc=True)
     for note in eif.sequential_notes:
@@ -153,6 +157,7 @@ def describe(path: Path) -> dict:
         if isinstance(custom, dict):
             md.update(custom)
         doc["Metadata"] = md
+    doc["Arch"] = from_eif_flags(eif.header.flags).name
     return doc
 
 

@@ -3,7 +3,8 @@
 ``images build NAME [--output-file F]`` builds (or takes from the cache) the EIF of a recipe
 (``NAME.yaml`` in a recipe folder, or a recipe path) and prints its description: path, whether it
 came from the cache, measurements (nitro-cli's Measurements object), kernel, packages, sizes.
-``images list`` prints the recipes and the images in the cache. Recipe folders: ``--recipes DIR``
+``images list`` prints the recipes and the images in the cache, each with its architecture
+(``Arch``: x86_64, or aarch64 for an ``arch: aarch64`` recipe). Recipe folders: ``--recipes DIR``
 (repeatable), then ``$NITRO_HARNESS_RECIPES``, then the shipped ``harness/data/recipes``
 (:mod:`harness.assets`). Errors are E48 (EifBuildingError) naming the recipe file and field, E19
 for a ``--recipes`` folder that does not exist.
@@ -46,9 +47,11 @@ def _list(args: argparse.Namespace) -> int:
     from harness.images.recipes import cached_images, list_recipes
 
     _add_recipe_dirs(args)
-    recipes = [{"Name": r.name, "Description": r.raw.get("description", ""),
+    recipes = [{"Name": r.name, "Arch": r.arch.name, "Description": r.raw.get("description", ""),
                 "Recipe": str(r.path)} for r in list_recipes()]
-    cached = [{"ImageName": i.get("ImageName"), "EifPath": i.get("EifPath"),
+    # Images built before recipes had an architecture are x86_64 ones.
+    cached = [{"ImageName": i.get("ImageName"), "Arch": i.get("Arch", "x86_64"),
+               "EifPath": i.get("EifPath"),
                "PCR0": i.get("Measurements", {}).get("PCR0"),
                "Kernel": i.get("Kernel", {}).get("release")} for i in cached_images()]
     print_json({"Recipes": recipes, "Cached": cached})

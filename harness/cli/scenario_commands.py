@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kernel", action="append", choices=scn.KERNELS, dest="kernels",
                         help="run every case on this kernel (repeatable; default nitro): nitro = the "
                              "harness's Nitro-style kernel, debian = Debian's cloud kernel (recipe <image>-debian)")
+    parser.add_argument("--arch", action="append", choices=scn.ARCHES, dest="arches",
+                        help="run every case on this architecture (repeatable; default x86_64): "
+                             "aarch64 = Graviton, the recipe <image>-arm64 on QEMU's virt machine")
     parser.add_argument("--artifacts-dir", metavar="DIR",
                         help="where per-case artifacts folders go (default: a new temporary folder)")
     parser.add_argument("--keep-artifacts", action="store_true",
@@ -69,14 +72,19 @@ def _scenario_files(paths: list[str]) -> list[Path]:
 
 def run_command(args: argparse.Namespace) -> int:
     """Validate every scenario, run each case, report; return 0 or :data:`EXIT_FAILED`."""
-    cases = [case for path in _scenario_files(args.paths) for case in scn.load_scenarios(path, kernels=list(dict.fromkeys(args.kernels or ["nitro"])))]
+    kernels = list(dict.fromkeys(args.kernels or ["nitro"]))
+    arches = list(dict.fromkeys(args.arches or ["x86_64"]))
+    cases = [case for path in _scenario_files(args.paths)
+             for case in scn.load_scenarios(path, kernels=kernels, arches=arches)]
     if args.select:
         cases = [c for c in cases if args.select in c.id]
     if not cases:
         if args.select:
             raise NitroError(ErrorCode.InvalidArgument, f"no scenario case matches -k {args.select!r}")
         raise NitroError(ErrorCode.InvalidArgument,
-                         f"no scenario case runs on kernel {', '.join(args.kernels or ['nitro'])}")
+                         f"no scenario case runs on kernel {', '.join(kernels)} and architecture "
+                         f"{', '.join(arches)} (an aarch64 case needs its image's <image>-arm64 "
+                         "recipe)")
     root = Path(args.artifacts_dir) if args.artifacts_dir else Path(tempfile.mkdtemp(prefix="nitro-harness-run-"))
     root.mkdir(parents=True, exist_ok=True)
     progress(f"running {len(cases)} scenario case(s); artifacts under {root}")

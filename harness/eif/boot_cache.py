@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.arch import from_eif_flags
 from harness.eif.boot_files import BootFiles, check_bootable, extract_boot_files
 from harness.eif.reader import read_eif
 from harness.pcr import Measurements
@@ -55,7 +56,7 @@ def cached_boot_files(eif_path: Path | str, measurements: Measurements, cache_di
 
     Where the cache cannot be written, they are extracted into ``fallback_dir`` instead. The
     returned files must not be written to. Raises NitroError E35 for an EIF the hypervisor
-    would not boot (version below 4, an aarch64 image), whether or not it is cached, and as
+    would not boot (version below 4), whether or not it is cached, and as
     :func:`extract_boot_files` does.
     """
     eif_path = Path(eif_path)
@@ -69,7 +70,8 @@ def cached_boot_files(eif_path: Path | str, measurements: Measurements, cache_di
         except OSError:
             pass  # removed meanwhile: extract again below
         else:
-            return BootFiles(entry / "kernel", cmdline, entry / "initrd", measurements)
+            return BootFiles(entry / "kernel", cmdline, entry / "initrd", measurements,
+                             from_eif_flags(eif.header.flags))
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=cache_dir))
@@ -89,7 +91,8 @@ def cached_boot_files(eif_path: Path | str, measurements: Measurements, cache_di
         shutil.rmtree(work, ignore_errors=True)
         raise
     _evict(Path(cache_dir))
-    return BootFiles(entry / "kernel", boot.cmdline, entry / "initrd", boot.measurements)
+    return BootFiles(entry / "kernel", boot.cmdline, entry / "initrd", boot.measurements,
+                     boot.arch)
 
 
 def _evict(cache_dir: Path) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.arch import X86_64, Arch, from_eif_flags
 from harness.eif.format import (
     MEASURED, SectionType, crc32, decode_cmdline, decode_signature_section, fail, first_cert_der,
 )
@@ -24,30 +25,29 @@ from harness.pcr import Measurements, pcr_for_certificate_der
 @dataclass(frozen=True)
 class BootFiles:
     """What QEMU boots: ``kernel`` file, ``cmdline`` string, ``initrd`` file (all ramdisks
-    concatenated in table order, as the hypervisor loads them), and the EIF's measurements."""
+    concatenated in table order, as the hypervisor loads them), the EIF's measurements and
+    its architecture (:class:`harness.arch.Arch`, from the header's flags)."""
 
     kernel: Path
     cmdline: str
     initrd: Path
     measurements: Measurements | None = None
+    arch: Arch = X86_64
 
 
 def check_bootable(eif_path: Path, eif: Any) -> None:
-    """Raise ``NitroError(E35)`` when the parsed EIF ``eif`` is one QEMU's nitro-enclave loader
-    and the hypervisor refuse to boot on x86_64 (docs/eif-format.md): version below 4, header
-    flags other than 0 (an aarch64 image)."""
+    """Raise ``NitroError(E35)`` when the parsed EIF ``eif`` is one the hypervisor refuses to
+    boot (docs/eif-format.md): version below 4. Either architecture flag boots, each on its
+    own machine (docs/boot.md#aarch64-machine); the reader has refused other flag bits."""
     if eif.version < 4:
         raise fail(eif_path, "version", f"{eif.version} < 4: the hypervisor boots only v4 images")
-    if eif.header.flags != 0:
-        raise fail(eif_path, "flags", f"0x{eif.header.flags:04x}: an aarch64 image cannot boot "
-                                      "on x86_64")
 
 
 def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
     """Validate an EIF as the hypervisor/QEMU would and write ``kernel`` and ``initrd`` files.
 
     Rules beyond :func:`read_eif` (QEMU's nitro-enclave loader, docs/eif-format.md): version
-    >= 4, header flags 0 (an aarch64 image cannot boot on x86_64), matching CRC. Writes
+    >= 4, matching CRC. Writes
     ``dest_dir/kernel`` and ``dest_dir/initrd`` (every ramdisk concatenated in table order)
     atomically (harness.atomic_file, without fsync: they are rebuilt for every boot),
     computing the CRC and PCR0/1/2/8 in the same read. Raises ``NitroError(E35)`` (nothing is
@@ -89,7 +89,7 @@ def extract_boot_files(eif_path: Path | str, dest_dir: Path | str) -> BootFiles:
     if eif.signature_raw is not None:
         pem, _ = decode_signature_section(eif_path, eif.signature_raw)
         pcr8 = pcr_for_certificate_der(first_cert_der(eif_path, pem))
-    return BootFiles(kpath, cmdline, ipath, pcrs.result(pcr8))
+    return BootFiles(kpath, cmdline, ipath, pcrs.result(pcr8), from_eif_flags(eif.header.flags))
 
 
 def kernel_version_of(kernel: Path | str) -> str | None:

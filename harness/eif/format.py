@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import cbor2
 
+from harness.arch import FLAG_AARCH64 as _FLAG_AARCH64
 from harness.errors import ErrorCode, NitroError
 
 try:  # zlib-ng's crc32 uses carry-less multiplication: ~5x stock zlib; same CRC-32.
@@ -39,7 +40,8 @@ MAX_SECTIONS = 32
 CURRENT_VERSION = 4
 #: Versions this reader understands (v2 first public, v3 signature, v4 metadata).
 KNOWN_VERSIONS = (2, 3, 4)
-FLAG_AARCH64 = 0x1
+#: Header flags bit 0: an aarch64 image (harness.arch, docs/eif-format.md#header).
+FLAG_AARCH64 = _FLAG_AARCH64
 DEFAULT_MEM = 1 << 30
 DEFAULT_CPUS = 2
 

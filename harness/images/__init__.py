@@ -8,5 +8,7 @@ image-layout tarball into a root filesystem plus Cmd/Env; ``debian`` fetches and
 Debian packages. Building the images the harness ships from their recipes: ``recipe``
 (loading and validating recipe files), ``static_programs`` (init, nsm-pcr), ``kernel``,
 ``rootfs``, ``cache`` (the input-hash image cache) and ``recipes``, the front
-(``build_image``) that also re-exports their public names.
+(``build_image``) that also re-exports their public names. For an image of another
+architecture than the host's (arm64 on x86_64): ``apt_state`` (a private apt state for its
+packages) and ``host_twin`` (running its busybox and python through the host's builds).
 """

@@ -1,7 +1,8 @@
 """The image cache: built EIFs keyed by a hash of every input that decides their bytes.
 
-A recipe resolves (:func:`resolve_inputs`) to exact inputs: the kernel package or prebuilt
-kernel, each Debian package's version and SHA256, the wheels, plus cmd/env overrides.
+A recipe resolves (:func:`resolve_inputs`) to exact inputs: its architecture, the kernel
+package or prebuilt kernel, each Debian package's version and SHA256, the wheels, plus cmd/env
+overrides.
 :meth:`Inputs.key` adds the recipe itself, the keys of init and of each static program, the
 application tarball or directory, the guest helpers and the code that writes ramdisks and
 EIFs; its SHA-256 (:func:`image_digest`) names the cached file,
@@ -78,10 +79,11 @@ def code_digest() -> str:
     import harness.cpio
     import harness.eif
     import harness.images.recipes
-    from harness.images import docker_archive, kernel, ramdisk, recipe, rootfs, static_programs
+    from harness.images import (docker_archive, host_twin, kernel, ramdisk, recipe, rootfs,
+                                static_programs)
     h = hashlib.sha256()
     for mod in (harness.cpio, harness.cose, ramdisk, debian, docker_archive, recipe,
-                static_programs, kernel, rootfs, harness.images.recipes):
+                static_programs, kernel, rootfs, harness.images.recipes, host_twin):
         h.update(Path(mod.__file__).read_bytes())
     for path in sorted(Path(harness.eif.__file__).parent.glob("*.py")):  # a package: every module
         h.update(path.read_bytes())
@@ -116,11 +118,13 @@ class Inputs:
             "format": BUILD_FORMAT,
             "recipe": r.raw,
             "name": r.name,
-            "init": init_key(),
-            "programs": {p: program_key(n) for p, n in sorted(r.rootfs.get("programs",
-                                                                           {}).items())},
+            # Also in the recipe (or its absence), but a default may change: said outright.
+            "arch": r.arch.name,
+            "init": init_key(r.arch),
+            "programs": {p: program_key(n, r.arch)
+                         for p, n in sorted(r.rootfs.get("programs", {}).items())},
             "kernel": (self.kernel_pkg.key() if self.kernel_pkg is not None
-                       else prebuilt_kernel_key(prebuilt_kernel_dir(r))),
+                       else prebuilt_kernel_key(prebuilt_kernel_dir(r), r.arch)),
             "debs": [p.key() for p in self.debs],
             "wheels": {w.name: debian.sha256_file(w) for w in self.wheels},
             "application": app,
@@ -150,16 +154,23 @@ def _resolution_cache(want: dict[str, Any]) -> Path:
 
 def resolve_inputs(recipe: Recipe, *, cmd: Sequence[str] | None = None,
                    env: Sequence[str] | None = None, log: Log = nolog) -> Inputs:
-    """Resolve a recipe's kernel and Debian packages to exact versions and hashes.
+    """Resolve a recipe's kernel and Debian packages to exact versions and hashes, as packages
+    of the recipe's architecture (an arm64 recipe's from the private apt state,
+    :mod:`harness.images.apt_state`, whose lists are fetched first when missing).
 
-    apt is asked once per change of the apt index or of the recipe's package lists; otherwise
-    the stored resolution is reused (this is what makes a warm build instant). Wheels are
-    fetched (``pip download``) on first use. Raises NitroError(E48) when apt or pip cannot
-    resolve a name.
+    apt is asked once per change of the apt index (of that architecture) or of the recipe's
+    package lists; otherwise the stored resolution is reused (this is what makes a warm build
+    instant). Wheels are fetched (``pip download``) on first use. Raises NitroError(E48) when
+    apt or pip cannot resolve a name.
     """
     rf = recipe.rootfs
+    arch = recipe.arch
+    if rf.get("debs") or recipe.kernel.get("package"):
+        # The fingerprint below must see the lists the resolution will read.
+        debian.ensure_lists(arch, log)
     want = {"kernel": recipe.kernel.get("package"), "debs": rf.get("debs", []),
-            "skip": rf.get("skip", []), "apt": debian.apt_index_fingerprint()}
+            "skip": rf.get("skip", []), "arch": arch.name,
+            "apt": debian.apt_index_fingerprint(arch)}
     cache = _resolution_cache(want)
     stored = None
     if cache.is_file():
@@ -173,8 +184,9 @@ def resolve_inputs(recipe: Recipe, *, cmd: Sequence[str] | None = None,
     else:
         log(f"resolving packages with apt-cache ({want['kernel'] or 'prebuilt kernel'}, "
             f"{len(want['debs'])} rootfs package(s) and their dependencies)")
-        debs = debian.resolve(want["debs"], skip=want["skip"], what=f"{recipe.path}: rootfs.debs")
-        kernel_pkg = resolve_kernel_package(want["kernel"]) if want["kernel"] else None
+        debs = debian.resolve(want["debs"], skip=want["skip"], what=f"{recipe.path}: rootfs.debs",
+                              arch=arch)
+        kernel_pkg = resolve_kernel_package(want["kernel"], arch) if want["kernel"] else None
         write_atomically(cache, json.dumps({"want": want,
                                             "kernel": kernel_pkg.__dict__ if kernel_pkg else None,
                                             "debs": [d.__dict__ for d in debs]},

@@ -4,7 +4,8 @@ A ``kernel.package`` is unpacked once (``dpkg -x``, never installed) into
 ``~/.cache/nitro-harness/kernels/``; the modules the recipe lists are ordered after their
 ``depends`` (read from each module's ``.modinfo``, as depmod does) and decompressed for the
 bootstrap ramdisk, and ``nsm`` becomes ``/nsm.ko``. A ``kernel.directory`` is a prebuilt
-kernel (``bzImage``, ``nsm.ko``, drivers built in; ``nitro-harness setup --only kernel`` writes one).
+kernel (``bzImage`` for an x86_64 recipe, ``Image`` for an aarch64 one, ``nsm.ko``, drivers
+built in; ``nitro-harness setup --only kernel`` writes one of each).
 :func:`kernel_parts` gives a build what it needs of either. Errors are NitroError(E48).
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from harness.arch import AARCH64, X86_64, Arch
 from harness.atomic_file import write_atomically
 from harness.images import debian
 from harness.images.file_lock import exclusive_lock
@@ -145,8 +147,9 @@ def module_load_order(kernel: Kernel, wanted: Sequence[str]) -> tuple[list[str],
     return order, found_builtin
 
 
-def resolve_kernel_package(name: str) -> debian.DebPackage:
-    """apt's candidate for a kernel package, following meta packages to the real image.
+def resolve_kernel_package(name: str, arch: Arch = X86_64) -> debian.DebPackage:
+    """apt's candidate of ``arch`` for a kernel package, following meta packages to the real
+    image.
 
     ``linux-image-6.12-cloud-amd64`` depends on exactly the newest
     ``linux-image-6.12.N+debXX-cloud-amd64``; that one (with a ``/boot/vmlinuz``) is returned.
@@ -154,10 +157,13 @@ def resolve_kernel_package(name: str) -> debian.DebPackage:
     """
     seen: list[str] = []
     while True:
-        pkg = debian.show([name]).get(name)
+        pkg = debian.show([name], arch).get(name)
         if pkg is None:
-            raise fail(name, "kernel.package: not in apt's index; run `apt-get update` "
-                       "(bookworm-backports must be an apt source)")
+            hint = ("run `apt-get update` (bookworm-backports must be an apt source)"
+                    if debian.uses_host_apt(arch) else
+                    f"run `nitro-harness setup --only sources` (refreshes "
+                    f"{debian.apt_state_dir(arch)})")
+            raise fail(name, f"kernel.package: not in apt's {arch.debian} index; {hint}")
         seen.append(name)
         nxt = [g[0] for g in debian.parse_relations(pkg.depends)
                if g[0].startswith("linux-image-")]
@@ -166,8 +172,9 @@ def resolve_kernel_package(name: str) -> debian.DebPackage:
         name = nxt[0]
 
 
-def prepare_kernel(pkg: debian.DebPackage, log: Log = nolog) -> Kernel:
-    """Fetch and unpack a kernel package into ``~/.cache/nitro-harness/kernels/`` (once).
+def prepare_kernel(pkg: debian.DebPackage, log: Log = nolog, arch: Arch = X86_64) -> Kernel:
+    """Fetch (as ``arch``'s package) and unpack a kernel package into
+    ``~/.cache/nitro-harness/kernels/`` (once).
 
     Raises NitroError(E48) when the package has no ``boot/vmlinuz-*``.
     """
@@ -177,7 +184,7 @@ def prepare_kernel(pkg: debian.DebPackage, log: Log = nolog) -> Kernel:
         # Parallel builds (pytest-xdist workers) unpack a kernel once; the others wait here.
         with exclusive_lock(root.parent / f".{root.name}.lock"):
             if not (root / ".complete").is_file():
-                deb = debian.fetch([pkg])[pkg.name]
+                deb = debian.fetch([pkg], arch)[pkg.name]
                 log(f"unpacking {deb.name}")
                 tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-"))
                 try:
@@ -212,7 +219,8 @@ def decompressed_module(kernel: Kernel, name: str) -> Path:
 
 @dataclass(frozen=True)
 class KernelParts:
-    """What an image takes from its kernel: ``vmlinuz`` (the bzImage), ``release``
+    """What an image takes from its kernel: ``vmlinuz`` (the kernel image: a bzImage, or an
+    arm64 ``Image`` for an aarch64 recipe), ``release``
     (``uname -r``, "unknown" for a prebuilt kernel without build-info.json), ``order`` (module
     names in load order) and ``builtin`` (wanted names built in), ``modules`` (the
     decompressed ``.ko`` files, in ``order``) and ``nsm_ko`` (None: no ``/nsm.ko``)."""
@@ -235,8 +243,9 @@ def kernel_parts(r: Recipe, pkg: debian.DebPackage | None, log: Log = nolog) -> 
 
 
 def _package_kernel_parts(r: Recipe, pkg: debian.DebPackage, log: Log) -> KernelParts:
-    """bzImage, release, module order, built-ins, module files and nsm.ko of a kernel package."""
-    kernel = prepare_kernel(pkg, log)
+    """Kernel image, release, module order, built-ins, module files and nsm.ko of a kernel
+    package."""
+    kernel = prepare_kernel(pkg, log, r.arch)
     kspec = r.kernel
     order, builtin = module_load_order(kernel, kspec["modules"])
     if kspec["nsm"] and module_name(kspec["nsm"]) in order:
@@ -257,7 +266,8 @@ def _package_kernel_parts(r: Recipe, pkg: debian.DebPackage, log: Log) -> Kernel
 
 
 def _prebuilt_kernel_parts(r: Recipe) -> KernelParts:
-    """bzImage, release, (no modules), nsm.ko of a ``kernel.directory`` recipe."""
+    """Kernel image (``bzImage`` or ``Image``, the recipe's arch's), release, (no modules),
+    nsm.ko of a ``kernel.directory`` recipe."""
     d = prebuilt_kernel_dir(r)
     nsm_ko = None
     if r.kernel["nsm"]:
@@ -272,7 +282,7 @@ def _prebuilt_kernel_parts(r: Recipe) -> KernelParts:
             release = json.loads(info.read_text()).get("kernelrelease", release)
         except ValueError:
             pass
-    return KernelParts(d / "bzImage", release, [], [], [], nsm_ko)
+    return KernelParts(d / r.arch.kernel_blob, release, [], [], [], nsm_ko)
 
 
 def prebuilt_kernel_dir(r: Recipe) -> Path:
@@ -280,7 +290,11 @@ def prebuilt_kernel_dir(r: Recipe) -> Path:
     (``$NITRO_HARNESS_CACHE`` or ``~/.cache/nitro-harness``), ``~`` expanded, relative to the
     recipe; a glob picks the newest match holding a ``.complete`` marker (a finished
     ``nitro-harness setup --only kernel`` output, which also points ``{cache}/kernel-current`` at the
-    build of the current config). Raises NitroError(E48) when none has a bzImage."""
+    build of the current config; ``{cache}/kernel-arm64-current`` for aarch64). The kernel in
+    it is the recipe's architecture's blob (:attr:`harness.arch.Arch.kernel_blob`: ``bzImage``
+    for x86_64, ``Image`` for aarch64; docs/boot.md#blobs). Raises NitroError(E48) when it
+    has none, or when the blob is the other architecture's kernel (an arm64 ``Image``, magic
+    ``ARM\\x64`` at 0x38, is required for aarch64 and refused for x86_64)."""
     raw = os.path.expanduser(r.kernel["directory"].replace("{cache}", str(debian.cache_root())))
     pattern = raw if os.path.isabs(raw) else str(r.base / raw)
     if glob.has_magic(pattern):
@@ -292,14 +306,31 @@ def prebuilt_kernel_dir(r: Recipe) -> Path:
         d = hits[-1]
     else:
         d = Path(pattern)
-    if not (d / "bzImage").is_file():
-        raise fail(r.path, f"kernel.directory: {d}/bzImage not found")
+    blob = d / r.arch.kernel_blob
+    if not blob.is_file():
+        raise fail(r.path, f"kernel.directory: {blob} not found (an {r.arch} recipe boots "
+                   f"{r.arch.kernel_blob})")
+    try:
+        with open(blob, "rb") as f:
+            is_arm64_image = f.read(0x40)[0x38:0x3C] == _ARM64_MAGIC
+    except OSError as e:
+        raise fail(r.path, f"kernel.directory: {blob}: unreadable: {e.strerror or e}") from None
+    if is_arm64_image != (r.arch == AARCH64):
+        what = "an arm64 Image" if is_arm64_image else "not an arm64 Image"
+        raise fail(r.path, f"kernel.directory: {blob}: {what}, for an {r.arch} recipe "
+                   "(arch: must match the kernel's architecture)")
     return d
 
 
-def prebuilt_kernel_key(d: Path) -> dict[str, str]:
-    """Cache-key part of a prebuilt kernel: the directory and its files' SHA256."""
-    key = {"directory": str(d), "bzImage": debian.sha256_file(d / "bzImage")}
+#: An arm64 ``Image``'s magic at offset 0x38, in Linux's arm64 boot header
+#: (docs/boot.md#aarch64-machine).
+_ARM64_MAGIC = b"ARM\x64"
+
+
+def prebuilt_kernel_key(d: Path, arch: Arch = X86_64) -> dict[str, str]:
+    """Cache-key part of a prebuilt kernel for ``arch``: the directory and its files' SHA256
+    (the kernel under its blob name, ``bzImage`` or ``Image``)."""
+    key = {"directory": str(d), arch.kernel_blob: debian.sha256_file(d / arch.kernel_blob)}
     if (d / "nsm.ko").is_file():
         key["nsm.ko"] = debian.sha256_file(d / "nsm.ko")
     return key

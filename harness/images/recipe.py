@@ -1,7 +1,8 @@
 """Image recipes: finding, loading and validating the YAML files that say how to build an EIF.
 
 A recipe (``<name>.yaml`` in a recipes folder: the user's, then the shipped
-``harness/data/recipes``; :mod:`harness.assets`) names a kernel (a Debian package or a prebuilt
+``harness/data/recipes``; :mod:`harness.assets`) names its architecture (``arch``: x86_64, the
+default, or aarch64; docs/boot.md#arm64-images), a kernel (a Debian package or a prebuilt
 directory), the kernel modules init loads, the command line, and the application's root
 filesystem (Debian packages, inline files, PyPI wheels, the harness's guest helpers, static
 programs, a ``docker save``/OCI tarball or a directory), plus cmd and env. Every field is
@@ -34,11 +35,13 @@ import jsonschema
 import yaml
 
 from harness import assets
+from harness.arch import X86_64, Arch, arch_named
 from harness.errors import ErrorCode, NitroError
 
-#: AWS's x86_64 blob command line (docs/boot.md), the default ``kernel.cmdline``.
-AWS_CMDLINE = ("reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8042.nomux "
-               "i8042.nopnp i8042.dumbkbd random.trust_cpu=on")
+#: AWS's x86_64 blob command line (docs/boot.md#kernel-command-line), the default
+#: ``kernel.cmdline`` of an x86_64 recipe (an aarch64 one's is :attr:`Arch.aws_cmdline` of
+#: :data:`harness.arch.AARCH64`).
+AWS_CMDLINE = X86_64.aws_cmdline
 
 #: The schema every recipe is checked against (shipped as package data).
 RECIPE_SCHEMA_PATH = assets.data_dir() / "recipe_schema.yaml"
@@ -129,9 +132,16 @@ class Recipe:
         return self.path.parent
 
     @property
+    def arch(self) -> Arch:
+        """The architecture the image is for (``arch:``, default x86_64; the schema admits
+        only the names of :data:`harness.arch.ARCHES`)."""
+        return arch_named(self.raw.get("arch", X86_64.name))
+
+    @property
     def kernel(self) -> dict[str, Any]:
-        """The ``kernel:`` mapping with defaults filled in (AWS's command line, nsm)."""
-        k = {"modules": [], "nsm": "nsm", "cmdline": AWS_CMDLINE}
+        """The ``kernel:`` mapping with defaults filled in (AWS's command line for the
+        recipe's architecture, nsm)."""
+        k = {"modules": [], "nsm": "nsm", "cmdline": self.arch.aws_cmdline}
         k.update(self.raw.get("kernel") or {})
         return k
 
@@ -175,7 +185,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     kernel = raw.get("kernel") or {}
     if ("package" in kernel) == ("directory" in kernel):
         raise fail(path, "kernel: give exactly one of package (a Debian kernel package) or "
-                   "directory (a prebuilt bzImage and nsm.ko)")
+                   "directory (a prebuilt bzImage or Image, and nsm.ko)")
     if "directory" in kernel and kernel.get("modules"):
         raise fail(path, "kernel.modules: only with kernel.package (a prebuilt kernel's "
                    "drivers are built in)")

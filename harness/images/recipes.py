@@ -5,7 +5,9 @@
 (docs/eif-format.md, docs/boot.md):
 
 * kernel: the bzImage of a Debian kernel package or of a prebuilt kernel directory
-  (:mod:`harness.images.kernel`);
+  (:mod:`harness.images.kernel`), or the ``Image`` of an ``arch: aarch64`` recipe, whose EIF
+  carries the aarch64 flag (bit 0 of the header's flags) and whose packages and programs are
+  arm64 ones (docs/boot.md#arm64-images);
 * bootstrap ramdisk: the harness's static init (``harness/data/programs/init``,
   :mod:`harness.images.static_programs`), ``nsm.ko``, and ``modules/`` with the kernel's
   vsock/virtio-mmio modules in dependency order (a harness extension: Debian's cloud kernel
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from harness.arch import AARCH64
 from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 from harness.images import debian
@@ -141,7 +144,7 @@ def cached_image(name_or_path: str | Path) -> Path | None:
 def _build_uncached(inputs: Inputs, eif_path: Path, log: Log) -> dict[str, Any]:
     """Build the image of resolved ``inputs`` into ``eif_path``; return its info."""
     started = time.time()
-    init = build_init(log)
+    init = build_init(log, arch=inputs.recipe.arch)
     interp = elf_interpreter(init)
     if interp is not None:
         raise fail(init, f"init: dynamically linked (PT_INTERP {interp}); an enclave's init "
@@ -183,13 +186,15 @@ def _write_image(inputs: Inputs, eif_path: Path, init: Path, kernel: KernelParts
                               build_time=bt, kernel_version=kernel.release,
                               docker_info=docker_info)
         log(f"writing {eif_path}")
-        m = write_eif(eif_path, kernel.vmlinuz, kspec["cmdline"], [boot_rd, cust_rd], meta)
+        m = write_eif(eif_path, kernel.vmlinuz, kspec["cmdline"], [boot_rd, cust_rd], meta,
+                      aarch64=r.arch == AARCH64)
         sizes = {"kernel": kernel.vmlinuz.stat().st_size, "bootstrap_ramdisk":
                  boot_rd.stat().st_size, "customer_ramdisk": cust_rd.stat().st_size,
                  "eif": eif_path.stat().st_size}
     return {
         "ImageName": r.name,
         "Recipe": str(r.path),
+        "Arch": r.arch.name,
         "EifPath": str(eif_path),
         "Measurements": m.to_json(),
         "Kernel": {"package": inputs.kernel_pkg.name if inputs.kernel_pkg else None,

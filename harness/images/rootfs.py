@@ -5,7 +5,10 @@ directory), then in a scratch root the ``rootfs.debs`` unpacked (``dpkg -x``, ne
 installed), ``prune`` globs removed, ``busybox_links``, inline ``files``, static ``programs``,
 pure-Python ``pip`` wheels, the ``guest`` helpers of ``harness/data/guest`` and ``compile_python``'s
 precompiled pycs. Entries the build created get :data:`FIXED_MTIME` and owner 0:0, so a cold
-build is reproducible (docs/boot.md). Errors are NitroError(E48) naming the recipe field.
+build is reproducible (docs/boot.md). The packages and programs are those of the recipe's
+``arch``; for an image of another architecture than the host's, busybox's applet list and the
+pycs come from the host's build of the same packages (:mod:`harness.images.host_twin`,
+docs/boot.md#arm64-images). Errors are NitroError(E48) naming the recipe field.
 """
 
 from __future__ import annotations
@@ -14,18 +17,25 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from harness.images import debian
-from harness.images.recipe import Log, Recipe, fail, guest_dir
+from harness.images.host_twin import is_foreign, twin_root
+from harness.images.recipe import Log, Recipe, fail, guest_dir, nolog
 from harness.images.static_programs import build_static_program, elf_interpreter
 
 #: mtime of every entry the harness creates (linuxkit's, docs/boot.md), so cold builds are
 #: reproducible whatever the clock says.
 FIXED_MTIME = 1492533000
+
+#: An image's dynamic loader and library folder (Debian's multiarch triplet), per
+#: architecture: how the build runs the image's own dynamically linked programs.
+_GUEST_LIBC = {"x86_64": ("lib64/ld-linux-x86-64.so.2", "x86_64-linux-gnu"),
+               "aarch64": ("lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu")}
 
 
 def _wheel_cache() -> Path:
@@ -113,26 +123,33 @@ def _inside(root: Path, abs_path: str) -> Path:
     return p
 
 
-def _busybox_links(root: Path, recipe: Recipe) -> int:
-    """One symlink to /bin/busybox per applet (``busybox --list-full``), where no file exists."""
+def _busybox_links(root: Path, recipe: Recipe, debs: Sequence[debian.DebPackage] = (),
+                   log: Log = nolog) -> int:
+    """One symlink to /bin/busybox per applet (``busybox --list-full``), where no file exists.
+    For an image of another architecture the applets are listed by the host's build of the
+    image's busybox package (:func:`harness.images.host_twin.twin_root`)."""
     bb = root / "bin" / "busybox"
     if not bb.is_file():
         raise fail(recipe.path, "rootfs.busybox_links: no /bin/busybox in the root filesystem "
                    "(add busybox or busybox-static to rootfs.debs)")
-    argv = [str(bb), "--list-full"]
-    loader = root / "lib64" / "ld-linux-x86-64.so.2"
-    if elf_interpreter(bb) is not None and (loader.exists() or loader.is_symlink()):
-        # A dynamic busybox runs with the image's own loader and libc, not the host's.
-        libs = f"{root}/lib/x86_64-linux-gnu:{root}/usr/lib/x86_64-linux-gnu"
-        argv = [str(_resolve_in_root(root, loader)), "--library-path", libs, *argv]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except OSError as e:
-        raise fail(bb, f"rootfs.busybox_links: cannot run busybox --list-full: {e}") from None
-    if proc.returncode != 0:
-        raise fail(bb, f"rootfs.busybox_links: busybox --list-full failed: {proc.stderr.strip()}")
+    if is_foreign(recipe.arch):
+        # Of the two, the one unpacked last (debs are unpacked by name) owns /bin/busybox.
+        owner = [p.name for p in debs if p.name in ("busybox", "busybox-static")][-1:]
+        with tempfile.TemporaryDirectory(prefix="twin-", dir=root.parent) as twin:
+            twin_root(debs, owner or ["busybox-static"], Path(twin),
+                      f"{recipe.path}: rootfs.busybox_links", log)
+            applets = _list_applets(Path(twin) / "bin" / "busybox", [])
+    else:
+        argv: list[str] = []
+        loader_rel, triplet = _GUEST_LIBC[recipe.arch.name]
+        loader = root / loader_rel
+        if elf_interpreter(bb) is not None and (loader.exists() or loader.is_symlink()):
+            # A dynamic busybox runs with the image's own loader and libc, not the host's.
+            libs = f"{root}/lib/{triplet}:{root}/usr/lib/{triplet}"
+            argv = [str(_resolve_in_root(root, loader)), "--library-path", libs]
+        applets = _list_applets(bb, argv)
     n = 0
-    for applet in proc.stdout.split():
+    for applet in applets:
         link = _inside(root, applet)
         if link.exists() or link.is_symlink() or applet.endswith("/busybox"):
             continue
@@ -140,6 +157,18 @@ def _busybox_links(root: Path, recipe: Recipe) -> int:
         link.symlink_to("/bin/busybox")
         n += 1
     return n
+
+
+def _list_applets(bb: Path, prefix: list[str]) -> list[str]:
+    """``busybox --list-full`` of ``bb`` (run after ``prefix``: a loader and its options)."""
+    try:
+        proc = subprocess.run([*prefix, str(bb), "--list-full"], capture_output=True,
+                              text=True, check=False)
+    except OSError as e:
+        raise fail(bb, f"rootfs.busybox_links: cannot run busybox --list-full: {e}") from None
+    if proc.returncode != 0:
+        raise fail(bb, f"rootfs.busybox_links: busybox --list-full failed: {proc.stderr.strip()}")
+    return proc.stdout.split()
 
 
 def _resolve_in_root(root: Path, path: Path) -> Path:
@@ -152,33 +181,57 @@ def _resolve_in_root(root: Path, path: Path) -> Path:
     raise fail(path, "symlink loop in the root filesystem")
 
 
-def _compile_python(root: Path, recipe: Recipe, log: Log) -> None:
+def _compile_python(root: Path, recipe: Recipe, log: Log,
+                    debs: Sequence[debian.DebPackage] = ()) -> None:
     """Precompile every .py under usr/lib/python3* and the guest helpers with the guest's python.
 
     The guest's python runs from the image through its own dynamic loader (exact version and
     magic number); ``unchecked-hash`` pycs never look at source mtimes, so they are both
     reproducible and trusted at import. Without them every boot recompiles the stdlib it
-    imports (seconds under TCG).
+    imports (seconds under TCG). For an image of another architecture the host's build of the
+    same python packages compiles them (:func:`harness.images.host_twin.twin_root`: bytecode
+    does not depend on the architecture).
     """
     pys = sorted((root / "usr" / "bin").glob("python3.[0-9]*"))
     pys = [p for p in pys if p.name.replace("python3.", "").isdigit()]
-    loader = root / "lib64" / "ld-linux-x86-64.so.2"
-    if not pys or not loader.exists():
+    loader_rel, triplet = _GUEST_LIBC[recipe.arch.name]
+    loader = root / loader_rel
+    foreign = is_foreign(recipe.arch)
+    if not pys or not (foreign or loader.exists()):
         raise fail(recipe.path, "rootfs.compile_python: no usr/bin/python3.N and "
-                   "lib64/ld-linux-x86-64.so.2 in the root filesystem")
+                   f"{loader_rel} in the root filesystem")
     py = pys[-1]
-    libdirs = [root / "lib" / "x86_64-linux-gnu", root / "usr" / "lib" / "x86_64-linux-gnu"]
     targets = [str(p) for p in sorted((root / "usr" / "lib").glob("python3*")) if p.is_dir()]
     guest = recipe.rootfs.get("guest")
     if guest and _inside(root, guest).is_dir():
         targets.append(str(_inside(root, guest)))
-    env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [str(_resolve_in_root(root, loader)), "--library-path", ":".join(map(str, libdirs)),
-            str(py), "-I", "-m", "compileall", "-q", "-j", "0",
+    args = ["-I", "-m", "compileall", "-q", "-j", "0",
             "--invalidation-mode", "unchecked-hash", "-s", str(root), "-p", "/", *targets]
-    log(f"compiling python modules with the guest's {py.name}")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if foreign:
+        with tempfile.TemporaryDirectory(prefix="twin-", dir=root.parent) as tmp:
+            twin = Path(tmp)
+            # The interpreter's package, and the standard library's where the image has them.
+            names = [f"{py.name}-minimal", *(n for n in (f"lib{py.name}-minimal",
+                                                        f"lib{py.name}-stdlib")
+                                            if n in {p.name for p in debs})]
+            twin_root(debs, names, twin, f"{recipe.path}: rootfs.compile_python", log)
+            env = {"PYTHONHOME": str(twin / "usr"), "PATH": "/usr/bin:/bin",
+                   "PYTHONDONTWRITEBYTECODE": "1"}
+            log(f"compiling python modules with the host's build of the guest's {py.name}")
+            try:
+                proc = subprocess.run([str(twin / "usr" / "bin" / py.name), *args],
+                                      capture_output=True, text=True, env=env, check=False)
+            except OSError as e:
+                raise fail(py, f"rootfs.compile_python: cannot run the host's {py.name}: "
+                           f"{e.strerror or e}") from None
+    else:
+        libdirs = [root / "lib" / triplet, root / "usr" / "lib" / triplet]
+        env = {"PYTHONHOME": str(root / "usr"), "PATH": "/usr/bin:/bin",
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        argv = [str(_resolve_in_root(root, loader)), "--library-path",
+                ":".join(map(str, libdirs)), str(py), *args]
+        log(f"compiling python modules with the guest's {py.name}")
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     # compileall exits 1 when some file does not compile (Debian ships a few py2-only
     # examples); only a crash of the interpreter itself is an error.
     if proc.returncode not in (0, 1):
@@ -220,7 +273,7 @@ def assemble_rootfs(r: Recipe, debs: Sequence[debian.DebPackage], wheels: Sequen
     as recipe ``r`` says. Raises NitroError(E48) naming the failing field."""
     rf = r.rootfs
     if debs:
-        paths = debian.fetch(debs)
+        paths = debian.fetch(debs, r.arch)
         log(f"unpacking {len(debs)} package(s) into the root filesystem")
         for pkg in debs:
             debian.extract(paths[pkg.name], root)
@@ -231,7 +284,7 @@ def assemble_rootfs(r: Recipe, debs: Sequence[debian.DebPackage], wheels: Sequen
             else:
                 p.unlink(missing_ok=True)
     if rf.get("busybox_links"):
-        _busybox_links(root, r)
+        _busybox_links(root, r, debs, log)
     for f in rf.get("files", []):
         p = _inside(root, f["path"])
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +299,7 @@ def assemble_rootfs(r: Recipe, debs: Sequence[debian.DebPackage], wheels: Sequen
             p.write_text(f.get("content", ""))
             p.chmod(f.get("mode", 0o644))
     for guest_path, program in sorted(rf.get("programs", {}).items()):
-        binary = build_static_program(program, log)
+        binary = build_static_program(program, log, arch=r.arch)
         p = _inside(root, guest_path)
         p.parent.mkdir(parents=True, exist_ok=True)
         if p.is_dir() and not p.is_symlink():
@@ -264,7 +317,7 @@ def assemble_rootfs(r: Recipe, debs: Sequence[debian.DebPackage], wheels: Sequen
         n = _copy_guest(_inside(root, rf["guest"]))
         log(f"copied {n} guest helper file(s) to {rf['guest']}")
     if rf.get("compile_python"):
-        _compile_python(root, r, log)
+        _compile_python(root, r, log, debs)
 
 
 def rootfs_entries(root: Path, started: float) -> list:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from harness.arch import from_eif_flags
 from harness.bzimage import KernelImage, read_kernel_image
 from harness.eif import SectionType, read_eif
 from harness.preflight import eif_checks
@@ -59,8 +60,10 @@ def check_eif(path: Path | str, *, memory_mib: int | None = None,
         found += eif_checks.structure_findings(parsed)
     found += eif_checks.signature_findings(path, parsed, measurements)
     kernel = kernel or _kernel_of(parsed)
-    found += kernel_findings(kernel)
-    arch = kernel.arch if kernel.arch != "unknown" else "x86_64"
+    found += eif_checks.arch_findings(parsed, kernel)
+    eif_arch = from_eif_flags(parsed.header.flags)
+    found += kernel_findings(kernel, eif_arch)
+    arch = kernel.arch if kernel.arch != "unknown" else eif_arch.name
     ramfs = Initramfs.load(path, [(s.data_offset, s.size) for s in parsed.ramdisks])
     found += init_findings(ramfs, arch)
     found += nsm_findings(kernel, ramfs)

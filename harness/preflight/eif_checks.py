@@ -12,6 +12,7 @@ from typing import Any
 
 from harness import eif as eif_mod
 from harness.allocator import MIN_MEMORY_MIB
+from harness.arch import from_eif_flags
 from harness.errors import ErrorCode, NitroError
 from harness.preflight.findings import Finding, error, info, warning
 
@@ -37,7 +38,8 @@ def read_and_check(path) -> tuple[Any, Any, list[Finding]]:
 
 
 def structure_findings(parsed: Any) -> list[Finding]:
-    """CRC, version, architecture flag and nitro-cli's sequential view of a parsed EIF."""
+    """CRC, version and nitro-cli's sequential view of a parsed EIF (the architecture flag is
+    checked against the kernel: :func:`arch_findings`)."""
     out = []
     if parsed.crc_ok is False:
         out.append(error("eif-crc", f"{parsed.path}: crc32: stored 0x{parsed.header.crc32:08x} "
@@ -47,14 +49,23 @@ def structure_findings(parsed: Any) -> list[Finding]:
         out.append(error("eif-version", f"{parsed.path}: version {parsed.version}: the "
                          "hypervisor boots only version 4 images",
                          "rebuild with a current nitro-cli", E35))
-    if parsed.header.flags != 0:
-        out.append(error("eif-arch", f"{parsed.path}: flags 0x{parsed.header.flags:04x}: an "
-                         "aarch64 image cannot boot on an x86_64 parent",
-                         "build the EIF with x86_64 blobs", E35))
     for note in parsed.sequential_notes:
         out.append(warning("eif-sequential", f"{parsed.path}: {note}",
                            "rebuild with nitro-cli or nitro-harness build-enclave"))
     return out
+
+
+def arch_findings(parsed: Any, kernel: Any) -> list[Finding]:
+    """The header's architecture flag (bit 0: aarch64, docs/eif-format.md#header) must name the
+    architecture of the kernel section (a bzImage is x86_64, an ``Image`` aarch64): the
+    hypervisor boots the kernel for the parent's architecture only."""
+    arch = from_eif_flags(parsed.header.flags)
+    if kernel.arch in (arch.name, "unknown"):
+        return []
+    return [error("eif-arch", f"{parsed.path}: flags 0x{parsed.header.flags:04x}: an "
+                  f"{arch.name} image, but its kernel section is {kernel.arch} "
+                  f"({kernel.format})", "build the EIF from blobs of one architecture "
+                  "(build-enclave sets the flag from the kernel blob)", E35)]
 
 
 def signature_findings(path, parsed: Any, measurements: Any) -> list[Finding]:

@@ -8,6 +8,7 @@ loads ``/nsm.ko`` before the heartbeat, and AWS's init dies when that fails.
 
 from __future__ import annotations
 
+from harness.arch import X86_64, Arch
 from harness.bzimage import KernelImage
 from harness.layout import cmdline_devices
 from harness.preflight.elf import elf_facts, module_vermagic
@@ -21,8 +22,21 @@ _NITRO_KERNEL = ("boot a kernel built with CONFIG_VIRTIO_MMIO=y and "
                  "`nitro-harness blobs export DIR`)")
 
 
-def kernel_findings(kernel: KernelImage) -> list[Finding]:
-    """Format (a bzImage), architecture (x86_64) and command-line devices of the EIF's kernel."""
+def kernel_findings(kernel: KernelImage, arch: Arch = X86_64) -> list[Finding]:
+    """Format (a bzImage), architecture (x86_64) and command-line devices of an x86_64 EIF's
+    kernel; an arm64 ``Image`` for an aarch64 EIF (its devices come from the device tree:
+    docs/boot.md#aarch64-machine). A kernel of the other architecture is
+    :func:`harness.preflight.eif_checks.arch_findings`'s finding, not repeated here."""
+    if arch != X86_64:
+        if kernel.format in ("Image", "ELF") and kernel.arch == arch.name:
+            return []
+        if kernel.arch == "x86_64":
+            return []  # the flag and the kernel disagree: reported once, as eif-arch
+        return [error("kernel-format", f"kernel section: {kernel.format}: an {arch.name} "
+                      "enclave boots an arm64 Image (magic 'ARM\\x64' at 0x38)",
+                      "use arch/arm64/boot/Image of the kernel build")]
+    if kernel.format == "Image":
+        return []  # an aarch64 kernel in an x86_64 EIF: reported once, as eif-arch
     if kernel.format != "bzImage":
         what = {"Image": "an arm64 Image", "ELF": "a bare ELF vmlinux"}.get(kernel.format,
                                                                            "not a kernel image")

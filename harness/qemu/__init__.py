@@ -20,8 +20,8 @@ Everything is importable from ``harness.qemu``.
 
 from harness.qemu.boot_probe import PROBE_ASM, BootProbe, _probe_rom, probe_boot
 from harness.qemu.find import (
-    BINARY, PATCH_DIR, QBOOT_ENV, QEMU_ENV, SETUP_HINT, SYSTEM_QBOOT, cache_dir, current_build,
-    find_firmware, find_qemu, patch_hash,
+    BINARY, PATCH_DIR, QBOOT_ENV, QEMU_AARCH64_ENV, QEMU_ENV, SETUP_HINT, SYSTEM_QBOOT, cache_dir,
+    current_build, find_firmware, find_qemu, patch_hash, qemu_env,
 )
 from harness.qemu.info import QemuInfo
 from harness.qemu.probe import REFUSAL, device_creatable, probe_qemu
@@ -38,6 +38,8 @@ __all__ = [
     "probe_boot",
     "device_creatable",
     "QEMU_ENV",
+    "QEMU_AARCH64_ENV",
+    "qemu_env",
     "SETUP_HINT",
     "QBOOT_ENV",
     "BINARY",

@@ -2,9 +2,10 @@
 
 Where QEMU comes from (docs/architecture.md#qemu-build): ``nitro-harness setup --only qemu``
 (``harness/data/build/build-qemu.sh``) builds Debian's qemu 10.0 source with a patch that makes
-``vhost-user-device`` user-creatable and installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``. A user may point
-``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64``; :func:`harness.qemu.probe_qemu`
-then says what that binary lacks.
+``vhost-user-device`` user-creatable and installs it under ``~/.cache/nitro-harness/qemu-<version>-<patch hash>/``, ``qemu-system-x86_64`` and
+``qemu-system-aarch64`` side by side (docs/architecture.md#architectures). A user may point
+``NITRO_HARNESS_QEMU`` at any other ``qemu-system-x86_64`` (``NITRO_HARNESS_QEMU_AARCH64`` at a
+``qemu-system-aarch64``); :func:`harness.qemu.probe_qemu` then says what that binary lacks.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import shutil
 from pathlib import Path
 
 from harness import assets
+from harness.arch import X86_64, Arch
 from harness.errors import ErrorCode, NitroError
 
 QEMU_ENV = "NITRO_HARNESS_QEMU"
+#: The variable naming the QEMU for aarch64 EIFs (``QEMU_ENV`` names the x86_64 one).
+QEMU_AARCH64_ENV = "NITRO_HARNESS_QEMU_AARCH64"
 QBOOT_ENV = "NITRO_HARNESS_QBOOT"
 BINARY = "qemu-system-x86_64"
 #: The command that builds the patched QEMU (the doctor's and the errors' fix).
@@ -33,8 +37,13 @@ def cache_dir() -> Path:
     return Path(explicit) if explicit else Path.home() / ".cache" / "nitro-harness"
 
 
-def _cached_builds(root: Path) -> list[Path]:
-    """Complete builds under ``root`` (``qemu-*/.complete`` + binary), newest first."""
+def qemu_env(arch: Arch = X86_64) -> str:
+    """The environment variable that names the QEMU for ``arch``'s EIFs."""
+    return QEMU_ENV if arch == X86_64 else QEMU_AARCH64_ENV
+
+
+def _cached_builds(root: Path, binary_name: str = BINARY) -> list[Path]:
+    """Complete builds under ``root`` (``qemu-*/.complete`` + ``binary_name``), newest first."""
     builds: list[tuple[float, Path]] = []
     try:
         candidates = list(root.glob("qemu-*"))
@@ -42,7 +51,7 @@ def _cached_builds(root: Path) -> list[Path]:
         return []
     for build in candidates:
         stamp = build / ".complete"
-        binary = build / "bin" / BINARY
+        binary = build / "bin" / binary_name
         if build.is_dir() and stamp.is_file() and os.access(binary, os.X_OK):
             builds.append((stamp.stat().st_mtime, binary))
     return [binary for _, binary in sorted(builds, key=lambda b: b[0], reverse=True)]
@@ -67,51 +76,55 @@ def patch_hash(patch_dir: Path | None = None) -> str | None:
     return digest.hexdigest()[:12]
 
 
-def current_build() -> Path | None:
+def current_build(arch: Arch = X86_64) -> Path | None:
     """The complete cached build for the shipped patch set
-    (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), or ``None``."""
+    (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``, or ``arch``'s binary), or ``None``."""
     wanted = patch_hash()
     if wanted is None:
         return None
-    for binary in _cached_builds(cache_dir()):
+    for binary in _cached_builds(cache_dir(), arch.qemu_binary):
         if binary.parent.parent.name.endswith("-" + wanted):
             return binary
     return None
 
 
-def find_qemu() -> Path:
-    """The ``qemu-system-x86_64`` to run enclaves with.
+def find_qemu(arch: Arch = X86_64) -> Path:
+    """The QEMU to run ``arch``'s enclaves with (``qemu-system-x86_64`` or
+    ``qemu-system-aarch64``: :attr:`harness.arch.Arch.qemu_binary`).
 
-    Order: ``$NITRO_HARNESS_QEMU`` (must be an executable file), else the cached build of the
-    shipped patches (:func:`current_build`), else the newest complete build in
-    :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/qemu-system-x86_64``), else
-    ``qemu-system-x86_64`` on ``PATH``. Raises ``NitroError(E19 FileOperationFailure)`` when
-    none exists, naming the fix (:data:`SETUP_HINT`). Whether the binary is fit for
-    enclaves (patched, microvm, ...) is :func:`probe_qemu`'s question.
+    Order: the variable :func:`qemu_env` names (must be an executable file), else the cached
+    build of the shipped patches (:func:`current_build`), else the newest complete build in
+    :func:`cache_dir` (``qemu-<version>-<patch hash>/bin/<binary>``), else the binary on
+    ``PATH``. Raises ``NitroError(E19 FileOperationFailure)`` when none exists, naming the fix
+    (:data:`SETUP_HINT`), in one line that says which architecture's EIF needs it. Whether the
+    binary is fit for enclaves (patched, its machine, ...) is :func:`probe_qemu`'s question.
     """
-    explicit = os.environ.get(QEMU_ENV)
+    env = qemu_env(arch)
+    explicit = os.environ.get(env)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file() or not os.access(path, os.X_OK):
             raise NitroError(
                 ErrorCode.FileOperationFailure,
-                f"{QEMU_ENV}={explicit}: not an executable file "
+                f"{env}={explicit}: not an executable file "
                 f"(unset it to use the harness's own build from {SETUP_HINT})",
             )
         return path.absolute()
-    current = current_build()
+    current = current_build(arch)
     if current is not None:
         return current
-    builds = _cached_builds(cache_dir())
+    builds = _cached_builds(cache_dir(), arch.qemu_binary)
     if builds:
         return builds[0]
-    on_path = shutil.which(BINARY)
+    on_path = shutil.which(arch.qemu_binary)
     if on_path:
         return Path(on_path)
+    needs = "" if arch == X86_64 else f" (an {arch.name} EIF boots on it)"
     raise NitroError(
         ErrorCode.FileOperationFailure,
-        f"{BINARY} not found: {QEMU_ENV} is unset, {cache_dir()} holds no complete build and "
-        f"PATH has none; run {SETUP_HINT} (builds the patched QEMU) or set {QEMU_ENV}",
+        f"{arch.qemu_binary} not found{needs}: {env} is unset, {cache_dir()} holds no complete "
+        f"build with it and PATH has none; run {SETUP_HINT} (builds the patched QEMU for "
+        f"x86_64 and aarch64) or set {env}",
     )
 
 

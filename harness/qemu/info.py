@@ -53,6 +53,12 @@ class QemuInfo:
         return "microvm" in self.machines
 
     @property
+    def has_virt(self) -> bool:
+        """The ``virt`` machine exists (aarch64 enclaves boot on it:
+        docs/boot.md#aarch64-machine)."""
+        return "virt" in self.machines
+
+    @property
     def has_nitro_enclave(self) -> bool:
         """QEMU's own ``nitro-enclave`` machine exists (QEMU >= 9.2 with libcbor+gnutls)."""
         return "nitro-enclave" in self.machines

@@ -8,7 +8,8 @@ and the offending key. docs/scenarios.md is the user's guide. The design follows
 environments, QEMU functional tests' success/failure console patterns and LAVA's scenario/step
 timeouts.
 
-- :mod:`.loader`: YAML with line numbers, schema validation, matrix cases, kernel twins.
+- :mod:`.loader`: YAML with line numbers, schema validation, matrix cases.
+- :mod:`.twins`: a case's kernel and architecture twins (``<image>-debian``, ``<image>-arm64``).
 - :mod:`.runner`: :class:`ScenarioRunner` (deadlines, placeholders, boot on demand, the step loop),
   shared by the pytest plugin and ``nitro-harness run``; neither front imports the other.
 - :mod:`.steps`: one module per step kind, each registered in :mod:`.steps.registry`.
@@ -20,19 +21,26 @@ timeouts.
 from harness.console import DEFAULT_FAIL_PATTERN
 from harness.enclave_factory import DEFAULT_ENCLAVE, EnclaveFactory, RunningEnclave, resolve_eif
 from harness.scenario.errors import ScenarioError, StepFailed, StepSkipped, display_path
+from harness.scenario.twins import (
+    ARCHES,
+    KERNELS,
+    arch_of_image,
+    for_arch,
+    for_kernel,
+    image_for,
+    image_for_arch,
+    image_for_kernel,
+    kernel_of_image,
+)
 from harness.scenario.loader import (
     DEFAULT_SCENARIO_TIMEOUT,
     DEFAULT_STEP_TIMEOUT,
-    KERNELS,
     PLACEHOLDERS,
     SCHEMA_PATH,
     LineDict,
     LineList,
     Scenario,
     expand,
-    for_kernel,
-    image_for_kernel,
-    kernel_of_image,
     load_scenarios,
     schema,
     validate_document,
@@ -57,6 +65,7 @@ __all__ = [
     "DEFAULT_STEP_TIMEOUT",
     "GUEST_NSM_TOOL",
     "ISOLATION_CHECKS",
+    "ARCHES",
     "KERNELS",
     "KMS_RUNNER_PORT",
     "PLACEHOLDERS",
@@ -76,7 +85,11 @@ __all__ = [
     "StepSkipped",
     "display_path",
     "expand",
+    "arch_of_image",
+    "for_arch",
     "for_kernel",
+    "image_for",
+    "image_for_arch",
     "image_for_kernel",
     "kernel_of_image",
     "load_scenarios",

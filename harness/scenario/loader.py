@@ -1,10 +1,12 @@
-"""Loading scenario files: YAML with line numbers, schema validation, matrix cases, kernel twins.
+"""Loading scenario files: YAML with line numbers, schema validation, matrix cases, and each
+case's kernel and architecture twins (:mod:`harness.scenario.twins`).
 
 A scenario file holds one or more YAML documents (``---``), each a scenario. Every document is
 validated against ``harness/data/scenario_schema.yaml`` (JSON Schema draft 2020-12, checked by
 ``jsonschema``) before anything boots; an error names the file, the line and the offending key
 (docs/scenarios.md). A ``matrix:`` expands a document into cases, and every case runs once per
-chosen kernel (``nitro``, or ``debian`` through the recipe's ``<image>-debian`` twin).
+chosen kernel (``nitro``, or ``debian`` through the recipe's ``<image>-debian`` twin) and
+architecture (``x86_64``, or ``aarch64`` through the recipe's ``<image>-arm64`` twin).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from harness.console import DEFAULT_FAIL_PATTERN
 from harness.enclave_factory import DEFAULT_ENCLAVE
 from harness.errors import ErrorCode, NitroError
 from harness.scenario.errors import ScenarioError
+from harness.scenario.twins import (ARCHES, KERNELS, for_arch, for_kernel, image_for_arch,
+                                    image_for_kernel, recipe_exists)
 
 #: The schema every scenario document is checked against (shipped as package data).
 SCHEMA_PATH = Path(__file__).parent.parent / "data" / "scenario_schema.yaml"
@@ -43,11 +47,6 @@ MAX_MATRIX_CASES = 256
 MAX_DOCUMENT_VALUES = 100_000
 MAX_DOCUMENT_DEPTH = 64
 
-#: Kernels a scenario can be run on: ``nitro``, the harness's Nitro-style kernel (the recipes as
-#: named: ACPI off, devices on the command line, docs/vhost-user.md), and ``debian``, Debian's
-#: cloud kernel (the recipe ``<image>-debian``: the same root filesystem, ACPI discovery, vsock
-#: as modules loaded by init).
-KERNELS = ("nitro", "debian")
 
 #: ``${name}`` placeholders usable in step strings; matrix keys (last dotted segment) add to these,
 #: and so do the dotted names of :mod:`harness.scenario.services.placeholders` (``${eif.pcr0}``,
@@ -312,7 +311,8 @@ class Scenario:
     ``name`` is the document's name, ``case`` the matrix id (``""`` without a matrix, else like
     ``cpu_count=1,memory_mib=256``), ``data`` the expanded document (``matrix`` removed), ``path``
     and ``line`` where it was written, ``matrix_values`` the case's matrix values by dotted key,
-    ``kernel`` the kernel it runs on (one of :data:`KERNELS`; ``kernel=debian`` ends the case id).
+    ``kernel`` the kernel it runs on (one of :data:`KERNELS`; ``kernel=debian`` ends the case id),
+    ``arch`` the architecture (one of :data:`ARCHES`; ``arch=aarch64`` ends the case id).
     """
 
     name: str
@@ -322,6 +322,7 @@ class Scenario:
     line: int
     matrix_values: dict[str, Any] = field(default_factory=dict)
     kernel: str = "nitro"
+    arch: str = "x86_64"
 
     @property
     def id(self) -> str:
@@ -473,70 +474,32 @@ def expand(doc: LineDict, path: Path) -> list[Scenario]:
 
 
 # --------------------------------------------------------------------------------------------
-# Kernel twins
-
-
-def image_for_kernel(image: str, kernel: str) -> str:
-    """Recipe name of ``image`` built for ``kernel`` (one of :data:`KERNELS`).
-
-    ``nitro`` keeps the name (the shipped recipes use the Nitro-style kernel); ``debian`` names
-    the recipe's Debian-kernel twin ``<image>-debian`` (kept as is when ``image`` already ends
-    so). Raises NitroError E03 for an unknown kernel.
-    """
-    if kernel == "nitro" or (kernel == "debian" and image.endswith("-debian")):
-        return image
-    if kernel == "debian":
-        return f"{image}-debian"
-    raise NitroError(ErrorCode.InvalidArgument,
-                     f"kernel: unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
-
-
-def kernel_of_image(image: str) -> str:
-    """The kernel a recipe name implies: ``debian`` for ``<image>-debian``, else ``nitro``."""
-    return "debian" if image.endswith("-debian") else "nitro"
-
-
-def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
-    """``case`` run on ``kernel``, or None when it does not run there.
-
-    A case whose image names its kernel (``hello-debian``) runs only on that kernel, as it is.
-    A case of a Nitro-kernel image runs as it is on ``nitro`` and, on ``debian``, boots
-    :func:`image_for_kernel`'s twin (and every image its steps build is swapped the same way)
-    with ``kernel=debian`` added to its id. ``eif:`` cases are left to :func:`load_scenarios`.
-    """
-    image = case.data["image"]
-    if kernel_of_image(image) != "nitro":
-        return replace(case, kernel=kernel) if kernel == kernel_of_image(image) else None
-    if kernel == "nitro":
-        return case
-    data = copy.deepcopy(case.data)
-    data["image"] = image_for_kernel(image, kernel)
-    suffix = f"kernel={kernel}"
-    return Scenario(name=case.name, case=f"{case.case},{suffix}" if case.case else suffix,
-                    data=data, path=case.path, line=case.line,
-                    matrix_values=dict(case.matrix_values), kernel=kernel)
-
-
-# --------------------------------------------------------------------------------------------
 # Files
 
 
-def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("nitro",)) -> list[Scenario]:
+def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("nitro",),
+                   arches: tuple[str, ...] | list[str] = ("x86_64",)) -> list[Scenario]:
     """Load, validate and expand every scenario document of a YAML file.
 
-    Returns the cases in file order, each case once per kernel of ``kernels`` where it runs
-    (:func:`for_kernel`); an ``eif:`` case boots its own file whatever the kernel, so it runs
-    once, on the first kernel; a case that another kernel's expansion already produced (same
-    name and document) is not repeated. Raises :class:`ScenarioError` (E03) for a file that is
+    Returns the cases in file order, each case once per kernel of ``kernels`` and architecture
+    of ``arches`` where it runs (:func:`for_kernel`, :func:`for_arch`); an ``eif:`` case boots
+    its own file whatever the kernel, so it runs once, on the first kernel and architecture; a
+    case that another expansion already produced (same name and document) is not repeated. Raises :class:`ScenarioError` (E03) for a file that is
     not UTF-8, YAML syntax errors, schema violations (with file, line and key), unknown placeholders and duplicate
-    names, and NitroError E19 when the file cannot be read, E03 for an unknown kernel or none.
-    Nothing is booted.
+    names, and NitroError E19 when the file cannot be read, E03 for an unknown kernel or
+    architecture, or none. Nothing is booted.
     """
     kernels = list(dict.fromkeys(kernels))
+    arches = list(dict.fromkeys(arches))
     if not kernels:
         raise NitroError(ErrorCode.InvalidArgument, f"kernel: no kernel chosen (known: {', '.join(KERNELS)})")
+    if not arches:
+        raise NitroError(ErrorCode.InvalidArgument,
+                         f"arch: no architecture chosen (known: {', '.join(ARCHES)})")
     for kernel in kernels:
         image_for_kernel("hello", kernel)  # E03 before any work for an unknown kernel
+    for arch in arches:
+        image_for_arch("hello", arch)
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -572,9 +535,14 @@ def load_scenarios(path: Path | str, kernels: tuple[str, ...] | list[str] = ("ni
         seen[name] = doc.line
         for case in expand(doc, path):
             if "image" not in case.data:
-                scenarios.append(replace(case, kernel=kernels[0]))
+                scenarios.append(replace(case, kernel=kernels[0], arch=arches[0]))
                 continue
-            scenarios.extend(c for c in (for_kernel(case, k) for k in kernels) if c is not None)
+            for arch in arches:
+                for kernel_case in (for_kernel(case, k) for k in kernels):
+                    if kernel_case is not None:
+                        arch_case = for_arch(kernel_case, arch, recipe_exists)
+                        if arch_case is not None:
+                            scenarios.append(arch_case)
     unique: dict[tuple[str, str], Scenario] = {}
     for case in scenarios:  # matrix {image: [hello, hello-debian]} on both kernels: one each
         unique.setdefault((case.name, case.to_yaml()), case)

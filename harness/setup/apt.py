@@ -9,10 +9,13 @@ added or the QEMU source is not indexed yet.
 
 from __future__ import annotations
 
+import platform
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
+from harness.errors import NitroError
 from harness.setup.context import APT_WAIT, Context, StepFailed
 
 #: Host tools the harness itself needs (images build init with `gcc -static`, cpio/xz/zstd for
@@ -26,7 +29,13 @@ QEMU_BUILD_PACKAGES = ("ninja-build", "pkg-config", "libglib2.0-dev", "libpixman
 #: What the kernel build needs beyond those (bc, libelf for objtool, OpenSSL headers for the
 #: certificate tools, lz4 for the payload); cheap, so installed whether or not the kernel is built.
 KERNEL_BUILD_PACKAGES = ("bc", "libelf-dev", "libssl-dev", "lz4")
-ALL_PACKAGES = HOST_PACKAGES + QEMU_BUILD_PACKAGES + KERNEL_BUILD_PACKAGES
+#: The cross toolchain for aarch64: ``aarch64-linux-gnu-gcc`` and binutils, which the kernel step
+#: builds the aarch64 kernel with, and the arm64 libc static aarch64 programs link against. Not on
+#: an aarch64 host: its own gcc does both (and Debian has no such packages there).
+CROSS_BUILD_PACKAGES: tuple[str, ...] = (
+    () if platform.machine() in ("aarch64", "arm64")
+    else ("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"))
+ALL_PACKAGES = HOST_PACKAGES + QEMU_BUILD_PACKAGES + KERNEL_BUILD_PACKAGES + CROSS_BUILD_PACKAGES
 
 #: The QEMU version built (``$QEMU_VERSION`` overrides it, as build-qemu.sh reads it).
 QEMU_VERSION = "10.0.2"
@@ -76,10 +85,52 @@ def backports_types(apt_etc: Path) -> tuple[bool, bool]:
 
 
 def step_sources(ctx: Context) -> None:
-    """Add bookworm-backports (the missing of deb and deb-src) on bookworm; nothing elsewhere.
+    """Add bookworm-backports (the missing of deb and deb-src) on bookworm, nothing elsewhere;
+    then refresh the package lists of the other architecture's private apt state
+    (:func:`refresh_foreign_lists`).
 
     Reads ``$NITRO_HARNESS_OS_RELEASE`` (/etc/os-release) and writes under
     ``$NITRO_HARNESS_APT_ETC`` (/etc/apt), so tests can run it against other files."""
+    _add_backports(ctx)
+    refresh_foreign_lists(ctx)
+
+
+#: Debian's name of each host architecture (``uname -m``) whose images the harness builds.
+_DEBIAN_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def refresh_foreign_lists(ctx: Context) -> None:
+    """``apt-get update`` in the private apt state of the architecture that is not the host's
+    (arm64 on an x86_64 host: ``<cache>/apt-arm64``; docs/boot.md#arm64-images), which images
+    of that architecture resolve their packages from. Skipped when ``$NITRO_HARNESS_APT_ETC``
+    names another apt tree than the host's (the state's sources come from the host's apt) and
+    on a host without apt-get. Raises StepFailed with apt's last lines when no lists could be
+    fetched."""
+    from harness.images import apt_state  # standard library only, like the set-up
+
+    host = _DEBIAN_ARCH.get(platform.machine())
+    for debian_arch in sorted(set(_DEBIAN_ARCH.values()) - {host}):
+        state = apt_state.state_dir(ctx.cache, debian_arch)
+        if Path(ctx.env.get("NITRO_HARNESS_APT_ETC", "/etc/apt")) != Path("/etc/apt"):
+            ctx.log(f"{debian_arch} package lists: not refreshed ($NITRO_HARNESS_APT_ETC is "
+                    "not the host's /etc/apt)")
+            continue
+        if ctx.dry_run:
+            ctx.log(f"would refresh the {debian_arch} package lists in {state}")
+            continue
+        if shutil.which("apt-get", path=ctx.env.get("PATH")) is None:
+            ctx.log(f"{debian_arch} package lists: not refreshed (no apt-get: not a Debian host)")
+            continue
+        try:
+            text = apt_state.refresh(ctx.cache, debian_arch)
+        except NitroError as err:
+            raise StepFailed(err.message) from None
+        ctx.log(f"{debian_arch} package lists refreshed in {state} "
+                f"({len(text.splitlines())} source(s))")
+
+
+def _add_backports(ctx: Context) -> None:
+    """Add bookworm-backports (the missing of deb and deb-src) on bookworm; nothing elsewhere."""
     apt_etc = Path(ctx.env.get("NITRO_HARNESS_APT_ETC", "/etc/apt"))
     codename = os_codename(Path(ctx.env.get("NITRO_HARNESS_OS_RELEASE", "/etc/os-release")))
     if codename != "bookworm":

@@ -6,9 +6,11 @@ with ``bash``, pointing them at the shipped patches and kernel configuration:
 - ``qemu``: ``build-qemu.sh`` builds Debian's qemu 10.0 source with ``harness/data/qemu-patches``
   into ``<cache>/qemu-<version>-<patch hash>/`` (docs/architecture.md#qemu-build); a complete
   build is reused. ``$NITRO_HARNESS_QEMU`` (any executable) replaces the build.
-- ``kernel``: ``build-kernel.sh`` builds linux-source-6.12 with ``harness/data/kernel/nitro.config``
-  into ``<cache>/kernel-<version>-<config hash>/`` and points ``<cache>/kernel-current`` at it
-  (docs/boot.md#enclave-kernels); ``SKIP_KERNEL=1`` skips it.
+- ``kernel``: ``build-kernel.sh`` builds linux-source-6.12 twice: for x86_64 with
+  ``harness/data/kernel/nitro.config`` into ``<cache>/kernel-<version>-<config hash>/``, pointing
+  ``<cache>/kernel-current`` at it, then for aarch64 (cross-built) with ``nitro-arm64.config`` into
+  ``<cache>/kernel-arm64-<version>-<config hash>/`` and ``<cache>/kernel-arm64-current``
+  (docs/boot.md#enclave-kernels); ``SKIP_KERNEL=1`` skips both.
 """
 
 from __future__ import annotations
@@ -47,9 +49,13 @@ def step_qemu(ctx: Context) -> None:
         ctx.log(f"cached: NITRO_HARNESS_QEMU={explicit} (no build)")
         return
     prefix = qemu_build_dir(ctx)
+    # Both binaries (harness.arch names them; spelt out: the set-up runs before cbor2 is
+    # installed): a build made before aarch64 was added is rebuilt.
+    binaries = [os.path.join(prefix, "bin", name)
+                for name in ("qemu-system-x86_64", "qemu-system-aarch64")]
     if os.path.isfile(os.path.join(prefix, ".complete")) and \
-            os.access(os.path.join(prefix, "bin", "qemu-system-x86_64"), os.X_OK):
-        ctx.log(f"cached: {prefix}/bin/qemu-system-x86_64")
+            all(os.access(b, os.X_OK) for b in binaries):
+        ctx.log(f"cached: {', '.join(binaries)}")
         return
     if ctx.dry_run:
         ctx.log(f"would build QEMU into {prefix} (build-qemu.sh, 5-15 min on 2 cores)")
@@ -59,16 +65,33 @@ def step_qemu(ctx: Context) -> None:
     ctx.run(["bash", str(script)], f"{script}", env=_script_env(ctx))
 
 
+#: The kernels the kernel step builds, in order: ``KERNEL_ARCH`` for build-kernel.sh (the names of
+#: harness.arch, spelt out here: that module needs cbor2, and the set-up runs before it is
+#: installed) and the configuration fragment in ``harness/data/kernel``.
+KERNELS = (("x86_64", "nitro.config"), ("aarch64", "nitro-arm64.config"))
+
+
+def kernel_fragment(arch: str) -> str:
+    """The shipped configuration fragment of the kernel for ``arch`` (a :data:`KERNELS` name)."""
+    return str(assets.kernel_config().with_name(dict(KERNELS)[arch]))
+
+
 def step_kernel(ctx: Context) -> None:
-    """Build the Nitro-style kernel the shipped ``hello`` and ``python`` images boot (the
-    script itself says "cached" for an unchanged configuration and source version)."""
+    """Build the Nitro-style kernels the shipped ``hello`` and ``python`` images boot, x86_64
+    then aarch64 (the script itself says "cached" for an unchanged configuration and source
+    version)."""
     if ctx.flag("SKIP_KERNEL"):
         ctx.log("skipped (SKIP_KERNEL=1; the hello and python images need it, the *-debian ones "
                 "do not)")
         return
     script = assets.build_script("build-kernel.sh")
     if ctx.dry_run:
-        ctx.log(f"would run bash {script} (reuses a cached build of the same configuration)")
+        for arch, _ in KERNELS:
+            ctx.log(f"would run KERNEL_ARCH={arch} bash {script} (reuses a cached build of the "
+                    "same configuration)")
         return
     ctx.need_apt()
-    ctx.run(["bash", str(script)], f"{script}", env=_script_env(ctx))
+    for arch, _ in KERNELS:
+        env = {**_script_env(ctx), "KERNEL_ARCH": arch,
+               "NITRO_HARNESS_KERNEL_CONFIG": kernel_fragment(arch)}
+        ctx.run(["bash", str(script)], f"KERNEL_ARCH={arch} {script}", env=env)

@@ -64,6 +64,7 @@ class Image:
     env: list[str] | None = field(default_factory=lambda: ["PATH=/usr/bin:/bin"])
     rootfs: dict[str, cpio.Entry | None] = field(default_factory=dict)
     metadata: dict | None = None
+    aarch64: bool = False  # the EIF header's architecture flag
 
     @classmethod
     def good(cls) -> "Image":
@@ -105,5 +106,5 @@ class Image:
             customer.append(cpio.Entry.file("env", "".join(a + "\n" for a in self.env).encode()))
         cmdline = "reboot=k panic=30 pci=off nomodules console=ttyS0"
         eif.write_eif(path, self.kernel, cmdline, [self._ramdisk(boot), self._ramdisk(customer)],
-                      self.metadata)
+                      self.metadata, aarch64=self.aarch64)
         return path

@@ -24,13 +24,16 @@ def expected_build_dir() -> Path:
     return Path(cache) / f"qemu-10.0.2-{digest.hexdigest()[:12]}"
 
 
-def fake_build(cache: Path, name: str, mtime: float) -> Path:
-    """A finished-looking build ``cache/name`` (a shell script as the binary, ``.complete``
-    stamped at ``mtime``); returns the binary's path."""
-    binary = cache / name / "bin" / "qemu-system-x86_64"
-    binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+def fake_build(cache: Path, name: str, mtime: float,
+               binaries: tuple[str, ...] = ("qemu-system-x86_64", "qemu-system-aarch64")) -> Path:
+    """A finished-looking build ``cache/name`` (shell scripts as the ``binaries``, ``.complete``
+    stamped at ``mtime``); returns the first binary's path."""
+    (cache / name / "bin").mkdir(parents=True)
+    for binary_name in binaries:
+        binary = cache / name / "bin" / binary_name
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    binary = cache / name / "bin" / binaries[0]
     stamp = cache / name / ".complete"
     stamp.write_text("done\n")
     os.utime(stamp, (mtime, mtime))

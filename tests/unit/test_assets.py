@@ -21,7 +21,8 @@ def test_everything_a_build_needs_is_package_data() -> None:
     data = REPO / "harness" / "data"
     assert assets.data_dir() == data
     assert sorted(p.name for p in assets.shipped_recipes_dir().glob("*.yaml")) == [
-        "hello-debian.yaml", "hello.yaml", "python-debian.yaml", "python.yaml"]
+        "hello-arm64.yaml", "hello-debian.yaml", "hello.yaml", "python-arm64.yaml",
+        "python-debian.yaml", "python.yaml"]
     assert (assets.program_dir("init") / "init.c").is_file()
     assert (assets.program_dir("nsm-pcr") / "Makefile").is_file()
     assert (assets.guest_dir() / "nsm_tool.py").is_file()

@@ -59,12 +59,14 @@ def test_moving_bytes_between_sections_is_other_content(tmp_path):
     assert (len(b.kernel.read_bytes()), b.cmdline) == (4095, "Kconsole=ttyS0 reboot=k")
 
 
-def test_an_eif_that_cannot_boot_is_refused_even_when_cached(tmp_path):
+def test_the_architecture_comes_from_the_flags_cached_or_not(tmp_path):
     cache, state = tmp_path / "cache", tmp_path / "state"
-    boot(write(tmp_path / "a.eif", SECTIONS), cache, state)
+    assert boot(write(tmp_path / "a.eif", SECTIONS), cache, state).arch.name == "x86_64"
     arm = write(tmp_path / "arm.eif", SECTIONS, flags=1)
-    with pytest.raises(NitroError, match="flags: 0x0001: an aarch64 image cannot boot on x86_64"):
-        boot(arm, cache, state)
+    # The same sections: the same cache entry (the key is the content), but the architecture
+    # is read from each EIF's own header, on the first read and on the cached one.
+    assert boot(arm, cache, state).arch.name == "aarch64"
+    assert boot(arm, cache, state).arch.name == "aarch64"
 
 
 def test_without_a_writable_cache_the_files_go_to_the_state_folder(tmp_path):
@@ -118,3 +120,11 @@ def test_the_kernel_is_read_once_per_content_in_a_process(tmp_path, monkeypatch)
         enclave_boot.boot_kernel(path)
     assert len(reads) == 6 and len(enclave_boot._KERNELS) == 4  # the 4 most recent kept
     assert enclave_boot.boot_kernel(paths[0]) is not first and len(reads) == 7
+
+
+def test_an_eif_that_cannot_boot_is_refused_even_when_cached(tmp_path):
+    cache, state = tmp_path / "cache", tmp_path / "state"
+    boot(write(tmp_path / "a.eif", SECTIONS), cache, state)
+    old = write(tmp_path / "v3.eif", SECTIONS, version=3)
+    with pytest.raises(NitroError, match="version: 3 < 4"):
+        boot(old, cache, state)

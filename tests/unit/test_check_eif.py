@@ -16,6 +16,8 @@ from helpers.kernels import cached_kernel, cached_nsm_ko, fake_bzimage, vmlinux
 from helpers.preflight_images import AARCH64, LD_SO, Image, elf_program, kernel_module
 
 E = ErrorCode
+#: An arm64 ``Image`` header (Documentation/arch/arm64/booting.rst): magic "ARM\x64" at 0x38.
+ARM64_IMAGE = b"\0" * 0x38 + b"ARM\x64" + b"\0" * 4000
 
 
 def problems(findings):
@@ -72,6 +74,9 @@ BROKEN = [
     ("missing-init", lambda i: setattr(i, "init", None), "init-present", "error", ("/init",)),
     ("not-a-bzimage", lambda i: setattr(i, "kernel", b"\x7fELF" + b"\0" * 4000), "kernel-format", "error",
      ("bzImage",)),
+    # The header's architecture flag and the kernel must agree (docs/boot.md#aarch64-machine).
+    ("aarch64-flag-on-a-bzimage", lambda i: setattr(i, "aarch64", True), "eif-arch", "error",
+     ("flags 0x0001", "aarch64 image", "x86_64 (bzImage)")),
 ]
 
 
@@ -95,6 +100,18 @@ def test_each_broken_image_is_reported_with_its_rule(change, rule, severity, nam
     assert found[0].fix  # every finding says what to change
     # Nothing else is wrong with the image.
     assert set(problems(findings)) == {rule}, [f.line() for f in findings]
+
+
+def test_an_arm64_kernel_without_the_flag_is_reported_once_as_eif_arch(tmp_path):
+    image = Image.good()
+    image.kernel = ARM64_IMAGE
+    findings = check_eif(image.write(tmp_path / "arm.eif"))
+    arch = [f for f in findings if f.rule == "eif-arch"]
+    assert len(arch) == 1 and arch[0].code == E.EifParsingError
+    assert "x86_64 image" in arch[0].message and "aarch64 (Image)" in arch[0].message
+    # The kernel is what runs init and the command: those are checked against its architecture.
+    assert "kernel-format" not in problems(findings)
+    assert problems(findings)["init-arch"] == "error"
 
 
 def test_too_little_memory_is_e26(tmp_path):

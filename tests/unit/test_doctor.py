@@ -163,6 +163,18 @@ def test_report_nitro_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     check = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel"]
     assert check.status == "ok"
     assert check.detail == f"{cache / 'kernel-6.12.2-bbbb'} (6.12.2-new, with nsm.ko)"
+    # The arm64 kernel (kernel-arm64-*/Image) is its own check; it never counts as the x86 one.
+    arm64 = by_name(doctor.diagnose(root, probe=no_probe))["nitro kernel arm64"]
+    assert (arm64.status, arm64.fix) == ("warn", "nitro-harness setup --only kernel")
+    d = cache / "kernel-arm64-6.12.9-dddd"
+    d.mkdir()
+    (d / "Image").write_bytes(b"\0" * 0x38 + b"ARM\x64")
+    (d / "build-info.json").write_text(json.dumps({"kernelrelease": "6.12.9-arm"}))
+    (d / ".complete").write_text("done\n")
+    checks = by_name(doctor.diagnose(root, probe=no_probe))
+    assert checks["nitro kernel arm64"].status == "ok"
+    assert checks["nitro kernel arm64"].detail == f"{d} (6.12.9-arm, no nsm.ko)"
+    assert checks["nitro kernel"].detail == check.detail
 
 
 def test_cli_exit_status_when_qemu_missing(tmp_path: Path) -> None:

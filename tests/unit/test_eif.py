@@ -316,6 +316,18 @@ def test_rsa_key_is_refused_without_output(tmp_path, parts):
     assert not out.exists()
 
 
+def test_describe_eif_reports_an_aarch64_image_by_its_flag(tmp_path, parts, capsys):
+    p = tmp_path / "arm.eif"
+    x86 = eif.write_eif(tmp_path / "x86.eif", parts["kernel"], "c", [parts["boot"], parts["app"]], None)
+    arm = eif.write_eif(p, parts["kernel"], "c", [parts["boot"], parts["app"]], None, aarch64=True)
+    assert p.read_bytes()[6:8] == b"\x00\x01"  # flags, big-endian, bit 0
+    assert main(["describe-eif", "--eif-path", str(p)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["Arch"] == "aarch64"
+    # PCRs do not depend on the architecture: the same sections measure the same.
+    assert doc["Measurements"] == arm.to_json() == x86.to_json()
+
+
 def test_describe_eif_cli_fields(tmp_path, parts, capsys):
     p = tmp_path / "d.eif"
     m = eif.write_eif(p, parts["kernel"], "c", [parts["boot"], parts["app"]],
@@ -324,8 +336,10 @@ def test_describe_eif_cli_fields(tmp_path, parts, capsys):
     assert main(["describe-eif", "--eif-path", str(p)]) == 0
     out = capsys.readouterr().out
     doc = json.loads(out)
+    # nitro-cli's fields in nitro-cli's order, then the harness's Arch.
     assert list(doc) == ["EifVersion", "Measurements", "IsSigned", "CheckCRC", "ImageName",
-                         "ImageVersion", "Metadata"]
+                         "ImageVersion", "Metadata", "Arch"]
+    assert doc["Arch"] == "x86_64"
     assert doc["Measurements"] == m.to_json() and doc["CheckCRC"] is True
     assert doc["Metadata"]["team"] == "x"  # custom metadata is flattened, as nitro-cli does
     assert out.startswith('{\n  "EifVersion": 4,\n  "Measurements": {\n    "HashAlgorithm"')

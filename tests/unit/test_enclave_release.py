@@ -62,7 +62,7 @@ def _state_dirs(registry: Registry) -> list[Path]:
 def test_the_record_is_written_while_starting_and_removed_on_failure(eif, registry, monkeypatch):
     seen = {}
 
-    def no_qemu(qemu, accel):
+    def no_qemu(qemu, accel, arch=None):
         seen["records"] = registry.records()
         seen["state_dirs"] = _state_dirs(registry)
         raise NitroError(ErrorCode.EnclaveBootFailure, "no QEMU here")
@@ -89,7 +89,7 @@ def test_a_failure_after_the_back_ends_started_keeps_its_own_error(eif, registry
         real_stop(self)
         return ["vsock back end did not stop in 10 s (injected)"]
 
-    monkeypatch.setattr(enclave_boot, "choose_qemu", lambda qemu, accel: enclave_boot.QemuChoice(
+    monkeypatch.setattr(enclave_boot, "choose_qemu", lambda qemu, accel, arch=None: enclave_boot.QemuChoice(
         Path("/nonexistent/qemu"), _no_qemu_nsm(), "tcg", "test"))
     monkeypatch.setattr(enclave_boot, "machine_spec", _fail("machine spec refused (injected)"))
     monkeypatch.setattr(enclave_devices.EnclaveDevices, "stop", stuck_stop)

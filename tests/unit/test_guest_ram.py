@@ -87,7 +87,7 @@ def test_qemu_maps_the_harness_memfd_preallocated(tmp_path):
 def test_a_failed_start_closes_the_memfd(eif, registry, monkeypatch):  # noqa: F811
     from harness.enclave import Enclave
 
-    monkeypatch.setattr(enclave_boot, "choose_qemu", lambda qemu, accel: enclave_boot.QemuChoice(
+    monkeypatch.setattr(enclave_boot, "choose_qemu", lambda qemu, accel, arch=None: enclave_boot.QemuChoice(
         Path("/nonexistent/qemu"), SimpleNamespace(vhost_user_device_creatable=False,
                                                    has_virtio_nsm_device=False), "tcg", "test"))
     seen = []

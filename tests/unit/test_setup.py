@@ -66,6 +66,14 @@ def test_qemu_step_reuses_a_complete_build_and_checks_the_override(tmp_path: Pat
         f'setup: FAILED at step "qemu": NITRO_HARNESS_QEMU={tmp_path / "nope"} is not an executable file')
 
 
+def test_a_build_without_the_aarch64_binary_is_built_again(tmp_path: Path) -> None:
+    fake_build(tmp_path, expected_build_dir().name, 1_000_000, binaries=("qemu-system-x86_64",))
+    out = setup_cli("--only", "qemu", "--dry-run",
+                    env={"NITRO_HARNESS_CACHE": str(tmp_path), "NITRO_HARNESS_QEMU": ""})
+    assert out.returncode == 0, out.stderr
+    assert "would build QEMU into" in out.stderr and "cached" not in out.stderr
+
+
 def test_python_step_of_an_installed_package_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     monkeypatch.setattr(assets, "source_checkout", lambda: None)
@@ -197,3 +205,76 @@ def test_setup_rejects_unknown_step(tmp_path: Path) -> None:
     assert out.stderr.splitlines() == [
         "[ E03 ] InvalidArgument: nitro-harness setup: argument --only: unknown step 'bogus' "
         "(steps: sources packages qemu python kernel doctor images)"]
+
+
+# --- the kernel step builds both kernels; build-kernel.sh's KERNEL_ARCH ----------------------
+
+BUILD_KERNEL = REPO / "harness" / "data" / "build" / "build-kernel.sh"
+
+
+def test_kernel_step_builds_x86_64_then_aarch64(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = setup_cli("--dry-run", "--only", "kernel", env={"SKIP_KERNEL": "0"})
+    assert out.returncode == 0, out.stderr
+    would = [ln for ln in out.stderr.splitlines() if ln.startswith("setup: would run")]
+    script = assets.build_script("build-kernel.sh")
+    assert would == [f"setup: would run KERNEL_ARCH={arch} bash {script} (reuses a cached build "
+                     "of the same configuration)" for arch in ("x86_64", "aarch64")]
+    # Each run gets its architecture and that architecture's shipped fragment, whatever the
+    # caller's environment says.
+    runs: list[tuple[list[str], dict[str, str]]] = []
+    ctx = Context(log=lambda _: None,
+                  env={**os.environ, "KERNEL_ARCH": "bogus", "SKIP_KERNEL": "0"})
+    monkeypatch.setattr(ctx, "need_apt", lambda: None)
+    monkeypatch.setattr(ctx, "run",
+                        lambda argv, what, env=None: runs.append((list(argv), env or {})))
+    from harness.setup.builds import step_kernel
+    step_kernel(ctx)
+    kernel_dir = assets.kernel_config().parent
+    assert [(argv, e["KERNEL_ARCH"], e["NITRO_HARNESS_KERNEL_CONFIG"]) for argv, e in runs] == [
+        (["bash", str(script)], "x86_64", str(kernel_dir / "nitro.config")),
+        (["bash", str(script)], "aarch64", str(kernel_dir / "nitro-arm64.config"))]
+    assert (kernel_dir / "nitro-arm64.config").read_text().startswith("#")
+
+
+def run_build_kernel(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """build-kernel.sh against an empty cache in tmp_path, with an apt-cache that offers one
+    linux-source version (no real apt state, nothing built)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "apt-cache").write_text("#!/bin/sh\necho '  Candidate: 6.12.99-1~deb12u1'\n")
+    (bin_dir / "apt-cache").chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("KERNEL_ARCH", "CROSS_COMPILE", "NITRO_HARNESS_KERNEL_CONFIG")}
+    return subprocess.run(["bash", str(BUILD_KERNEL)], capture_output=True, text=True, timeout=60,
+                          env={**base, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                               "NITRO_HARNESS_CACHE": str(tmp_path / "cache"), **env})
+
+
+def test_build_kernel_names_each_architecture_s_build(tmp_path: Path) -> None:
+    """x86_64 (the default) keeps kernel-<ver>-<hash> and kernel-current; aarch64 has its own
+    fragment, kernel-arm64-<ver>-<hash> and kernel-arm64-current. A complete build is reused."""
+    import hashlib
+
+    kernel_dir = assets.kernel_config().parent
+    for arch, fragment, name in (("", "nitro.config", "kernel"),
+                                 ("aarch64", "nitro-arm64.config", "kernel-arm64")):
+        chash = hashlib.sha256((kernel_dir / fragment).read_bytes() + b"6.12.99-1~deb12u1\n")
+        build = tmp_path / "cache" / f"{name}-6.12.99-{chash.hexdigest()[:12]}"
+        build.mkdir(parents=True)
+        (build / ".complete").write_text("done\n")
+        out = run_build_kernel(tmp_path, **({"KERNEL_ARCH": arch} if arch else {}))
+        assert out.returncode == 0, out.stderr
+        assert out.stderr == f"build-kernel: cached: {build}\n"
+        assert os.readlink(tmp_path / "cache" / f"{name}-current") == build.name
+
+
+def test_build_kernel_refuses_unknown_arch_and_names_the_cross_compiler(tmp_path: Path) -> None:
+    out = run_build_kernel(tmp_path, KERNEL_ARCH="sparc")
+    assert (out.returncode, out.stderr) == (
+        1, "build-kernel: error: KERNEL_ARCH=sparc: unknown (x86_64 or aarch64)\n")
+    out = run_build_kernel(tmp_path, KERNEL_ARCH="aarch64", CROSS_COMPILE="no-such-")
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "build-kernel: error: no-such-gcc is missing: apt-get install gcc-aarch64-linux-gnu "
+        "('nitro-harness setup --only packages' installs it)"]
+    assert not (tmp_path / "cache").exists()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build the QEMU nitro-harness runs enclaves on, once, and cache it.
 #
-# What: Debian's qemu 10.0 source (bookworm-backports deb-src), x86_64-softmmu only, with
+# What: Debian's qemu 10.0 source (bookworm-backports deb-src), x86_64-softmmu and
+# aarch64-softmmu (x86_64 and Graviton enclaves: docs/architecture.md#architectures), with
 # vhost-user, libcbor and gnutls (so QEMU's own `nitro-enclave` machine exists as a reference),
 # plus the patches in ../qemu-patches/ (harness/data/qemu-patches: vhost-user-device made
 # user-creatable: docs/vhost-user.md#generic-device). `nitro-harness setup --only qemu` runs it.
-# Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-x86_64
+# Where: ~/.cache/nitro-harness/qemu-<version>-<patch hash>/bin/qemu-system-{x86_64,aarch64}
 #        (the cache root is $NITRO_HARNESS_CACHE when set, as for the image cache).
 # Idempotent: a finished build (its .complete stamp) is reused and "cached" is printed.
 # Facts followed: docs/architecture.md#qemu-build (packages, configure flags, edk2/bzip2 caveat).
@@ -59,8 +60,16 @@ if [ "$PRINT_DIR" = 1 ]; then
     exit 0
 fi
 
-if [ "$FORCE" = 0 ] && [ -f "$PREFIX/.complete" ] && [ -x "$PREFIX/bin/qemu-system-x86_64" ]; then
-    log "cached: $PREFIX/bin/qemu-system-x86_64"
+# Every binary the build installs; a cached build without one of them (made before aarch64 was
+# added) is rebuilt.
+BINARIES=(qemu-system-x86_64 qemu-system-aarch64)
+complete() {
+    local b
+    [ -f "$PREFIX/.complete" ] || return 1
+    for b in "${BINARIES[@]}"; do [ -x "$PREFIX/bin/$b" ] || return 1; done
+}
+if [ "$FORCE" = 0 ] && complete; then
+    log "cached: $PREFIX/bin/${BINARIES[*]}"
     exit 0
 fi
 
@@ -70,8 +79,8 @@ exec 9>"$CACHE/.build-qemu.lock"
 if ! flock -n 9; then
     log "another QEMU build holds $CACHE/.build-qemu.lock; waiting for it"
     flock 9
-    if [ "$FORCE" = 0 ] && [ -f "$PREFIX/.complete" ]; then
-        log "cached: $PREFIX/bin/qemu-system-x86_64 (built by the other run)"
+    if [ "$FORCE" = 0 ] && complete; then
+        log "cached: $PREFIX/bin/${BINARIES[*]} (built by the other run)"
         exit 0
     fi
 fi
@@ -141,7 +150,7 @@ if ! "$VENV/bin/python" -c 'import mesonbuild, pycotap' 2>/dev/null; then
 fi
 
 step "configure"
-CONFIGURE_FLAGS=(--target-list=x86_64-softmmu --without-default-features --enable-kvm --enable-tcg
+CONFIGURE_FLAGS=(--target-list=x86_64-softmmu,aarch64-softmmu --without-default-features --enable-kvm --enable-tcg
                  --enable-libcbor --enable-gnutls --enable-vhost-user --enable-vhost-kernel
                  --enable-fdt=system --disable-install-blobs --disable-docs --disable-werror)
 mkdir -p "$SRC/build"
@@ -151,7 +160,7 @@ mkdir -p "$SRC/build"
 step "compile (ninja -j$JOBS)"
 t0=$(date +%s)
 # Only what gets installed: the default target would also build ~900 test objects.
-ninja -C "$SRC/build" -j"$JOBS" qemu-system-x86_64 trace/trace-events-all >&2 || die "compile failed"
+ninja -C "$SRC/build" -j"$JOBS" "${BINARIES[@]}" trace/trace-events-all >&2 || die "compile failed"
 t1=$(date +%s)
 log "compiled in $((t1 - t0)) s"
 
@@ -160,7 +169,9 @@ STAGE="$WORK/stage"
 "$SRC/build/pyvenv/bin/meson" install -C "$SRC/build" --no-rebuild --quiet --destdir "$STAGE" >&2 \
     || die "meson install failed"
 built="$STAGE$PREFIX"
-[ -x "$built/bin/qemu-system-x86_64" ] || die "install produced no bin/qemu-system-x86_64"
+for b in "${BINARIES[@]}"; do
+    [ -x "$built/bin/$b" ] || die "install produced no bin/$b"
+done
 # --disable-install-blobs leaves out the firmware and option ROMs. Take the x86 ones from Debian's
 # qemu-system-data so the build is self-contained: qboot.rom (microvm's firmware; SeaBIOS hung
 # on microvm with this QEMU) and linuxboot_dma.bin (microvm's -kernel loader needs it).
@@ -176,7 +187,9 @@ for blob in "${X86_BLOBS[@]}"; do
 done
 [ -f "$built/share/qemu/qboot.rom" ] && [ -f "$built/share/qemu/linuxboot_dma.bin" ] \
     || die "qboot.rom/linuxboot_dma.bin not found in /usr/share/qemu: apt-get install qemu-system-data"
-"$built/bin/qemu-system-x86_64" --version >/dev/null || die "the built binary does not run"
+for b in "${BINARIES[@]}"; do
+    "$built/bin/$b" --version >/dev/null || die "the built $b does not run"
+done
 # A record of what was built, for the doctor and for bug reports.
 "$PYTHON" - "$built/build-info.json" <<EOF
 import json, sys
@@ -199,4 +212,4 @@ rm -rf "$PREFIX.old"
 mv "$built" "$PREFIX"
 rm -rf "$PREFIX.old"
 STEP="done"
-log "built: $PREFIX/bin/qemu-system-x86_64"
+log "built: $PREFIX/bin/{$(IFS=,; echo "${BINARIES[*]}")}"

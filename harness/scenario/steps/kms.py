@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.enclave_factory import resolve_eif
 from harness.scenario.errors import StepFailed, StepSkipped
-from harness.scenario.loader import image_for_kernel
+from harness.scenario.twins import image_for
 from harness.scenario.steps.kms_production import run_in_production, start_production_enclave
 from harness.scenario.steps.registry import StepCall, kind_only, register
 from harness.scenario.steps.report import indent
@@ -134,7 +134,8 @@ def _pcr0(runner: ScenarioRunner, spec: str) -> str:
             return runner.enclave.measurements.as_dict()[0].hex()
         return measure_eif(runner.scenario_eif()).as_dict()[0].hex()
     if spec.startswith("image:"):
-        image = image_for_kernel(spec[len("image:"):], runner.scenario.kernel)
+        image = image_for(spec[len("image:"):], runner.scenario.kernel,
+                          runner.scenario.arch)
         return measure_eif(resolve_eif(image)).as_dict()[0].hex()
     if spec.startswith("eif:"):
         return measure_eif(resolve_eif(eif=spec[len("eif:"):], base=runner.eif_bases())

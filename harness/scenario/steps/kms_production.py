@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from harness.errors import NitroError
 from harness.scenario.errors import StepFailed
-from harness.scenario.loader import image_for_kernel
+from harness.scenario.twins import image_for
 
 if TYPE_CHECKING:
     from harness.console import ExecResult
@@ -58,7 +58,7 @@ def start_production_enclave(runner: ScenarioRunner, within: float) -> RunningEn
     app = f"python3 -c \"exec(bytes.fromhex('{KMS_RUNNER.encode().hex()}').decode())\"; sleep 3600"
     from harness.images.recipes import build_image
 
-    image = image_for_kernel("python", runner.scenario.kernel)
+    image = image_for("python", runner.scenario.kernel, runner.scenario.arch)
     eif = Path(build_image(image, cmd=["/bin/sh", "-c", app]))
     settings: dict[str, Any] = {k: v for k, v in runner.settings().items() if k not in ("cid", "name", "cpu_ids")}
     settings["debug_mode"] = False
