@@ -212,7 +212,8 @@ class ScenarioRunner:
 
         wait = settings.get("heartbeat_timeout") or heartbeat_timeout(
             eif.stat().st_size, int(settings.get("memory_mib", DEFAULT_ENCLAVE["memory_mib"])))
-        settings["heartbeat_timeout"] = max(1.0, min(float(wait), limit))
+        # Never cut below a second (no boot fits in less), unless the scenario asks for less.
+        settings["heartbeat_timeout"] = max(min(1.0, float(wait)), min(float(wait), limit))
         self.booted = True
         self.cursor = 0
         self.enclave = None
