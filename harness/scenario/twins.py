@@ -38,24 +38,25 @@ def image_for_kernel(image: str, kernel: str) -> str:
     the recipe's Debian-kernel twin ``<image>-debian`` (kept as is when ``image`` already ends
     so). Raises NitroError E03 for an unknown kernel.
     """
-    if kernel == "nitro" or (kernel == "debian" and image.endswith("-debian")):
-        return image
-    if kernel == "debian":
-        return f"{image}-debian"
-    raise NitroError(ErrorCode.InvalidArgument,
-                     f"kernel: unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    return _twin(image, kernel, "kernel", "kernel", KERNELS, "-debian")
 
 
 def image_for_arch(image: str, arch: str) -> str:
     """Recipe name of ``image`` built for ``arch`` (one of :data:`ARCHES`): ``x86_64`` keeps the
     name, ``aarch64`` names the twin ``<image>-arm64`` (kept as is when ``image`` already ends
     so). Raises NitroError E03 for an unknown architecture."""
-    if arch == "x86_64" or (arch == "aarch64" and image.endswith("-arm64")):
+    return _twin(image, arch, "arch", "architecture", ARCHES, "-arm64")
+
+
+def _twin(image: str, value: str, key: str, what: str, known: tuple[str, str], suffix: str) -> str:
+    """``image`` for ``value`` of a dimension whose ``known`` values are (the recipes as named,
+    the twin named ``<image><suffix>``); E03 naming ``key`` for a value outside ``known``."""
+    if value not in known:
+        raise NitroError(ErrorCode.InvalidArgument,
+                         f"{key}: unknown {what} {value!r} (known: {', '.join(known)})")
+    if value == known[0] or image.endswith(suffix):
         return image
-    if arch == "aarch64":
-        return f"{image}-arm64"
-    raise NitroError(ErrorCode.InvalidArgument,
-                     f"arch: unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
+    return f"{image}{suffix}"
 
 
 def arch_of_image(image: str) -> str:
