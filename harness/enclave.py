@@ -204,6 +204,7 @@ class Enclave:
             qemu = enclave_boot.choose_qemu(self._qemu, self._accel, boot.arch)
             self.accel, self.accel_reason = qemu.accel, qemu.accel_reason
             kernel = enclave_boot.boot_kernel(boot.kernel)  # for the layout and preflight
+            enclave_boot.check_kernel_arch(eif_path, kernel, boot.arch)
             self.layout = choose_layout(kernel, cfg.layout, boot.arch)
             mark("kernel_read")
             self.preflight = enclave_boot.preflight(eif_path, cfg, kernel, self.measurements,

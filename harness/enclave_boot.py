@@ -24,7 +24,8 @@ from harness import qemu as qemu_mod
 from harness.errors import ErrorCode, NitroError
 from harness.machine import MachineError, MachineSpec, QemuMachine
 
-__all__ = ["QemuChoice", "check_eif", "boot_files", "boot_kernel", "choose_qemu", "machine_spec",
+__all__ = ["QemuChoice", "check_eif", "boot_files", "boot_kernel", "check_kernel_arch",
+           "choose_qemu", "machine_spec",
            "launch", "preflight", "explained_by", "PREFLIGHT_FILE", "BOOT_FILES_DIR"]
 
 #: The preflight's findings, one line each, in the state folder (kept with the artifacts).
@@ -107,11 +108,19 @@ def choose_qemu(qemu: Path | None, accel: str | None, arch: Arch = X86_64) -> Qe
     choice) and take the accelerator ``accel`` or the doctor's (docs/architecture.md#accelerator,
     which also honours and checks ``NITRO_HARNESS_ACCEL``).
 
-    A guest of another architecture than the host's runs under TCG: KVM runs only the host's
-    own (docs/architecture.md#architectures); asking for KVM then is E03. Raises NitroError
-    E19 when no QEMU is found and when the one given lacks the machine ``arch`` boots on
-    (``microvm`` for x86_64, ``virt`` for aarch64), in one line naming what to install.
+    ``qemu`` names one binary for a whole run (``--qemu``), normally the x86_64 one: for an
+    aarch64 EIF the ``qemu-system-aarch64`` beside it is taken when there is one. A guest of
+    another architecture than the host's always runs under TCG, whatever was asked: KVM runs
+    only the host's own (docs/architecture.md#architectures). On an aarch64 host an aarch64
+    guest gets KVM when ``/dev/kvm`` opens and QEMU has it (the doctor's probe boot is x86
+    code). Raises NitroError E19 when no QEMU is found and when the one given lacks the machine
+    ``arch`` boots on (``microvm`` for x86_64, ``virt`` for aarch64), in one line naming what
+    to install; E03 for a ``NITRO_HARNESS_ACCEL`` other than kvm or tcg.
     """
+    if qemu is not None and arch != X86_64 and Path(qemu).name != arch.qemu_binary:
+        sibling = Path(qemu).with_name(arch.qemu_binary)
+        if sibling.is_file() and os.access(sibling, os.X_OK):
+            qemu = sibling
     path = qemu or qemu_mod.find_qemu(arch)
     info = qemu_mod.probe_qemu(path)
     machine_ok = info.has_virt if arch != X86_64 else info.has_microvm
@@ -121,20 +130,41 @@ def choose_qemu(qemu: Path | None, accel: str | None, arch: Arch = X86_64) -> Qe
                          f"{path}: has no '{machine}' machine, so it cannot boot an {arch.name} "
                          f"EIF: install {arch.qemu_binary} (`{qemu_mod.SETUP_HINT}` builds it) or "
                          f"set {qemu_mod.qemu_env(arch)} to one")
-    native = host_arch() == arch
-    if not native:
-        forced = accel or os.environ.get(doctor.ACCEL_ENV, "").strip().lower()
-        if forced == "kvm":
-            raise NitroError(ErrorCode.InvalidArgument,
-                             f"accelerator kvm: an {arch.name} EIF cannot run under KVM on this "
-                             f"{host_arch() or 'unknown'} host (KVM runs only the host's "
-                             "architecture); use tcg")
+    if arch == X86_64 and host_arch() in (X86_64, None):
+        if accel:
+            return QemuChoice(path, info, accel, "chosen by the caller")
+        chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
+        return QemuChoice(path, info, chosen, reason)
+    forced = os.environ.get(doctor.ACCEL_ENV, "").strip().lower()
+    if forced not in ("", "kvm", "tcg"):
+        raise NitroError(ErrorCode.InvalidArgument,
+                         f"{doctor.ACCEL_ENV}={forced}: expected 'kvm' or 'tcg' (or unset it)")
+    wanted = accel or forced
+    if host_arch() != arch:
+        asked = f" ({wanted} was asked for)" if wanted == "kvm" else ""
         return QemuChoice(path, info, "tcg", f"an {arch.name} guest on an "
-                                             f"{host_arch() or 'unknown'} host: TCG emulates it")
-    if accel:
-        return QemuChoice(path, info, accel, "chosen by the caller")
-    chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
-    return QemuChoice(path, info, chosen, reason)
+                                             f"{host_arch() or 'unknown'} host: TCG emulates it, "
+                                             f"KVM runs only the host's architecture{asked}")
+    if wanted:
+        return QemuChoice(path, info, wanted, "chosen by the caller")
+    kvm = host.kvm_status()
+    if kvm.device.opens and "kvm" in info.accelerators:
+        return QemuChoice(path, info, "kvm", f"{kvm.device.path} opens on this {arch.name} host")
+    return QemuChoice(path, info, "tcg", f"{kvm.device.path} does not open "
+                                         f"({kvm.device.error or 'missing'}) or {path} has no kvm")
+
+
+def check_kernel_arch(eif_path: Path, kernel: KernelImage, arch: Arch) -> None:
+    """Refuse an EIF whose header flag names another architecture than its kernel section's
+    (a bzImage under the aarch64 flag, or an arm64 ``Image`` without it): the hypervisor boots
+    the kernel of the flag's architecture only (docs/boot.md#aarch64-machine). Raises NitroError
+    E35 naming the file and the flag; a kernel of unknown architecture passes."""
+    if kernel.arch not in (arch.name, "unknown"):
+        raise NitroError(ErrorCode.EifParsingError,
+                         f"{eif_path}: flags: an {arch.name} image (bit 0 "
+                         f"{'set' if arch.eif_flags else 'clear'}), but its kernel section is "
+                         f"{kernel.arch} ({kernel.format}): rebuild it from blobs of one "
+                         "architecture")
 
 
 def machine_spec(

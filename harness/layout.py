@@ -54,8 +54,9 @@ class CmdlineDevices:
 
 @dataclass(frozen=True)
 class Layout:
-    """``name`` is ``"nitro"`` or ``"acpi"``; ``reason`` one line; ``devices`` what the kernel
-    was found to support (None for an explicit choice)."""
+    """``name`` is ``"nitro"`` or ``"acpi"`` (x86_64), or ``"virt"`` (aarch64); ``reason`` one
+    line; ``devices`` what the kernel was found to support (None for an explicit choice and
+    for ``virt``)."""
 
     name: str
     reason: str

@@ -196,12 +196,13 @@ def _cids(config: pytest.Config) -> Iterator[int] | None:
 # Requirements and artifacts bookkeeping
 
 
-def _skip_reason(config: pytest.Config, requirement: str) -> str | None:
+def _skip_reason(config: pytest.Config, requirement: str, arch: str) -> str | None:
     cache = config.stash[_SKIP_CACHE_KEY]
-    if requirement not in cache:
-        cache[requirement] = scn.requirement_skip_reason(
-            requirement, qemu=config.getoption("--qemu"), accel=config.getoption("--accel"))
-    return cache[requirement]
+    if (requirement, arch) not in cache:
+        cache[requirement, arch] = scn.requirement_skip_reason(
+            requirement, qemu=config.getoption("--qemu"), accel=config.getoption("--accel"),
+            arch=arch)
+    return cache[requirement, arch]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -209,7 +210,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Skip items marked ``requires_kvm``/``requires_nsm`` when the host lacks them (doctor's reason)."""
     for requirement in ("kvm", "nsm"):
         if item.get_closest_marker(f"requires_{requirement}") is not None:
-            reason = _skip_reason(item.config, requirement)
+            scenario = getattr(item, "scenario", None)  # a YAML case has an architecture
+            reason = _skip_reason(item.config, requirement, getattr(scenario, "arch", "x86_64"))
             if reason:
                 # Reported at the test's own location, as pytest's skipif marker does.
                 raise pytest.skip.Exception(reason, _use_item_location=True)

@@ -89,7 +89,7 @@ def run_command(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     progress(f"running {len(cases)} scenario case(s); artifacts under {root}")
     results = []
-    skip_cache: dict[str, str | None] = {}
+    skip_cache: dict[tuple[str, str], str | None] = {}
     for number, case in enumerate(cases, 1):
         results.append(_run_case(case, number, len(cases), root, args, skip_cache))
     _print_summary(results)
@@ -103,14 +103,16 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run_case(case: scn.Scenario, number: int, total: int, root: Path, args: argparse.Namespace,
-              skip_cache: dict[str, str | None]) -> scn.ScenarioResult:
+              skip_cache: dict[tuple[str, str], str | None]) -> scn.ScenarioResult:
     where = f"{scn.display_path(case.path)}:{case.line}"
     progress(f"[{number}/{total}] {case.id} ({where})")
     for requirement in case.requires:
-        if requirement not in skip_cache:
-            skip_cache[requirement] = scn.requirement_skip_reason(requirement, qemu=args.qemu, accel=args.accel)
-        if skip_cache[requirement]:
-            result = scn.ScenarioResult(case, status=scn.Status.SKIPPED, message=skip_cache[requirement] or "")
+        key = (requirement, case.arch)
+        if key not in skip_cache:
+            skip_cache[key] = scn.requirement_skip_reason(requirement, qemu=args.qemu,
+                                                          accel=args.accel, arch=case.arch)
+        if skip_cache[key]:
+            result = scn.ScenarioResult(case, status=scn.Status.SKIPPED, message=skip_cache[key] or "")
             progress(f"    skipped: {result.message}")
             return result
     folder = root / f"{number:03d}-{case.id.replace('/', '_')}"

@@ -30,6 +30,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from harness.atomic_file import write_atomically
 from harness.errors import ErrorCode, NitroError
 from harness.images.file_lock import exclusive_lock
 
@@ -120,17 +121,19 @@ def has_lists(state: Path) -> bool:
 
 
 def _refresh_locked(state: Path, debian_arch: str) -> str:
-    for sub in ("lists/partial", "archives/partial", "etc"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
-    status = state / "status"
-    if not status.is_file():
-        status.write_bytes(b"")
     sources = host_debian_sources() or list(FALLBACK_SOURCES)
     text = sources_list(sources)
-    target = state / "etc" / "sources.list"
-    tmp = target.with_name(f".sources.list.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    try:
+        for sub in ("lists/partial", "archives/partial", "etc"):
+            (state / sub).mkdir(parents=True, exist_ok=True)
+        status = state / "status"
+        if not status.is_file():
+            write_atomically(status, b"")
+        write_atomically(state / "etc" / "sources.list", text.encode())
+    except OSError as err:
+        raise NitroError(ErrorCode.EifBuildingError,
+                         f"{state}: cannot write the private apt state "
+                         f"({err.strerror or err})") from None
     argv = ["apt-get", "-q", *apt_options(state, debian_arch), *_sandbox_options(), "update"]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from harness.errors import NitroError
 
 
 def requirement_skip_reason(requirement: str, *, qemu: Path | str | None = None,
-                            accel: str | None = None) -> str | None:
-    """Why this host cannot run a scenario that ``requires: [requirement]``, or None if it can.
+                            accel: str | None = None, arch: str = "x86_64") -> str | None:
+    """Why this host cannot run a scenario case of architecture ``arch`` that ``requires:
+    [requirement]``, or None if it can.
 
-    ``kvm``: the accelerator the engine would choose (``accel`` or NITRO_HARNESS_ACCEL, else the
-    doctor's probe) must be KVM. ``nsm``: the QEMU must accept ``vhost-user-device`` (the
-    harness NSM over vhost-user, docs/vhost-user.md). Reasons come from ``harness.doctor`` and
-    name the fix.
+    ``kvm``: the accelerator the engine would choose for that architecture
+    (:func:`harness.enclave_boot.choose_qemu`: ``accel`` or NITRO_HARNESS_ACCEL, else the
+    doctor's probe; always TCG for a guest of another architecture than the host's) must be
+    KVM. ``nsm``: that architecture's QEMU must accept ``vhost-user-device`` (the harness NSM
+    over vhost-user, docs/vhost-user.md). Reasons name the fix.
     """
-    from harness import doctor, host, qemu as qemu_mod
+    from harness import enclave_boot
+    from harness.arch import arch_named
 
     try:
-        path = Path(qemu) if qemu else qemu_mod.find_qemu()
-        info = qemu_mod.probe_qemu(path)
+        choice = enclave_boot.choose_qemu(Path(qemu) if qemu else None, accel, arch_named(arch))
     except NitroError as err:
         return f"no usable QEMU: {err.message}"
+    path, info = choice.path, choice.info
     if requirement == "kvm":
-        chosen = accel or os.environ.get("NITRO_HARNESS_ACCEL")
-        reason = "chosen by --accel/NITRO_HARNESS_ACCEL"
-        if not chosen:
-            chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
-        return None if chosen == "kvm" else f"needs KVM; this host uses {chosen}: {reason}"
+        return None if choice.accel == "kvm" else (
+            f"needs KVM; this host uses {choice.accel}: {choice.accel_reason}")
     if requirement == "nsm":
         if getattr(info, "vhost_user_device", False):
             return None

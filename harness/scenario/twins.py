@@ -81,9 +81,12 @@ def for_kernel(case: Scenario, kernel: str) -> Scenario | None:
     A case whose image names its kernel (``hello-debian``) runs only on that kernel, as it is.
     A case of a Nitro-kernel image runs as it is on ``nitro`` and, on ``debian``, boots
     :func:`image_for_kernel`'s twin (and every image its steps build is swapped the same way)
-    with ``kernel=debian`` added to its id. ``eif:`` cases are left to :func:`load_scenarios`.
+    with ``kernel=debian`` added to its id, except a Graviton image's (``hello-arm64``), which
+    has no Debian-kernel twin. ``eif:`` cases are left to :func:`load_scenarios`.
     """
     image = case.data["image"]
+    if kernel != "nitro" and arch_of_image(image) != "x86_64":
+        return None
     if kernel_of_image(image) != "nitro":
         return replace(case, kernel=kernel) if kernel == kernel_of_image(image) else None
     if kernel == "nitro":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 from harness import assets
+from harness.arch import ARCHES
 from harness.qemu.find import patch_hash
 from harness.setup.apt import QEMU_VERSION
 from harness.setup.context import Context, StepFailed
@@ -49,10 +50,8 @@ def step_qemu(ctx: Context) -> None:
         ctx.log(f"cached: NITRO_HARNESS_QEMU={explicit} (no build)")
         return
     prefix = qemu_build_dir(ctx)
-    # Both binaries (harness.arch names them; spelt out: the set-up runs before cbor2 is
-    # installed): a build made before aarch64 was added is rebuilt.
-    binaries = [os.path.join(prefix, "bin", name)
-                for name in ("qemu-system-x86_64", "qemu-system-aarch64")]
+    # Both binaries: a build made before aarch64 was added is rebuilt.
+    binaries = [os.path.join(prefix, "bin", arch.qemu_binary) for arch in ARCHES.values()]
     if os.path.isfile(os.path.join(prefix, ".complete")) and \
             all(os.access(b, os.X_OK) for b in binaries):
         ctx.log(f"cached: {', '.join(binaries)}")
@@ -66,8 +65,7 @@ def step_qemu(ctx: Context) -> None:
 
 
 #: The kernels the kernel step builds, in order: ``KERNEL_ARCH`` for build-kernel.sh (the names of
-#: harness.arch, spelt out here: that module needs cbor2, and the set-up runs before it is
-#: installed) and the configuration fragment in ``harness/data/kernel``.
+#: harness.arch) and the configuration fragment in ``harness/data/kernel``.
 KERNELS = (("x86_64", "nitro.config"), ("aarch64", "nitro-arm64.config"))
 
 
