@@ -83,6 +83,19 @@ class ExecResult:
     output: str
 
 
+#: One kernel message as the console prints it (``CONFIG_PRINTK_TIME``), with its newline.
+_KERNEL_MESSAGE = re.compile(r"\[ *\d+\.\d{6}\] [^\n]*\n")
+
+
+def without_kernel_messages(text: str) -> str:
+    """``text`` (a command's output from :meth:`Console.exec`) without the kernel messages the
+    serial console printed in the middle of it: the kernel writes to the same console at any
+    moment, even inside a line (``vsock-result 3:ok[    3.06] hrtimer: interrupt took ...``
+    was seen under TCG), so output parsed by the harness itself goes through this first.
+    Not applied by ``exec`` itself: a command such as ``dmesg`` prints such lines on purpose."""
+    return _KERNEL_MESSAGE.sub("", text)
+
+
 def tail(text: str, lines: int = 25) -> str:
     """The last ``lines`` lines of ``text``."""
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])

@@ -72,3 +72,13 @@ def test_closed_console_fails_instead_of_waiting(tmp_path):
     proc.wait()
     console.close()
     assert not (tmp_path / "c.sock").exists()
+
+
+def test_kernel_messages_spliced_into_a_commands_output_are_removed():
+    from harness.console import without_kernel_messages
+
+    # As captured in an isolation probe under TCG: printk inside the program's line.
+    out = ("vsock-result 2:errno104\nvsock-result 3:ok[    3.066880] hrtimer: interrupt took "
+           "28420768 ns\n\n[   12.000001] a whole kernel line\nPLAINTEXT: aGk=\n")
+    assert without_kernel_messages(out) == "vsock-result 2:errno104\nvsock-result 3:ok\nPLAINTEXT: aGk=\n"
+    assert without_kernel_messages("[not a message] kept\n") == "[not a message] kept\n"

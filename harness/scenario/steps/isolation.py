@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.console import without_kernel_messages
 from harness.scenario.errors import StepFailed
 from harness.scenario.steps.registry import StepCall, kind_only, register
 from harness.scenario.steps.report import indent
@@ -68,7 +69,7 @@ class _Probe:
         command line (a tty in echo mode) never shows it: only the real output matches.
         """
         res = self.runner.exec(f'__k={key}; echo "<$__k>$({expression})</$__k>"', self.limit)
-        found = re.search(rf"<{key}>(.*?)</{key}>", res.output, re.DOTALL)
+        found = re.search(rf"<{key}>(.*?)</{key}>", without_kernel_messages(res.output), re.DOTALL)
         if found is None:
             raise StepFailed(f"guest command for {key} ({expression!r}) printed no value "
                              f"(status {res.status}):\n{indent(res.output)}")
@@ -92,7 +93,8 @@ class _Probe:
         encoded = base64.b64encode(script.encode()).decode()
         res = self.runner.exec(f"python3 -c 'import base64;exec(base64.b64decode(\"{encoded}\"))'",
                                self.limit, enclave)
-        results = dict(re.findall(r"vsock-result (\d+):(\S+)", res.output))
+        results = dict(re.findall(r"vsock-result (\d+):(ok|errno\d+)",
+                                  without_kernel_messages(res.output)))
         if res.status != 0 or len(results) != len(targets):
             raise StepFailed(f"guest vsock probe (needs python3 in the image) exited {res.status}:\n"
                              f"{indent(res.output)}")

@@ -23,6 +23,7 @@ import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
+from harness.console import without_kernel_messages
 from harness.enclave_factory import resolve_eif
 from harness.scenario.errors import StepFailed, StepSkipped
 from harness.scenario.twins import image_for
@@ -190,7 +191,7 @@ def _guest_decrypt(runner: ScenarioRunner, identity: TlsIdentity, argv: list[str
 
 def _outcome(res: ExecResult, plaintext: bytes) -> tuple[str, str]:
     """allowed / denied / error from the guest kms_client's status and output."""
-    found = re.search(r"^PLAINTEXT: (\S+)", res.output, re.MULTILINE)
+    found = re.search(r"^PLAINTEXT: (\S+)", without_kernel_messages(res.output), re.MULTILINE)
     if res.status == 0 and found:
         try:
             got = base64.b64decode(found.group(1), validate=True)
