@@ -27,11 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' kernel and archive helpers
 
 from harness.enclave import Enclave, EnclaveConfig  # noqa: E402
-from harness.images.recipe import AWS_CMDLINE  # noqa: E402
 from harness.images.recipes import build_image  # noqa: E402
-from harness.images.static_programs import build_init  # noqa: E402
 from helpers.image_archives import oci_tarball  # noqa: E402
-from helpers.kernels import cached_kernel, cached_nsm_ko, without_embedded_config  # noqa: E402
+from helpers.kernels import aws_style_blobs  # noqa: E402
 
 APP = '#include <stdio.h>\n#include <unistd.h>\nint main(void) { puts("user-app: up"); ' \
       'fflush(stdout); sleep(600); return 0; }\n'
@@ -39,18 +37,10 @@ APP = '#include <stdio.h>\n#include <unistd.h>\nint main(void) { puts("user-app:
 
 def user_eif(work: Path) -> Path:
     """Build the user's EIF in ``work`` (see the module doc); exits when the kernel is missing."""
-    kernel, nsm = cached_kernel("nitro"), cached_nsm_ko("nitro")
-    if kernel is None or nsm is None:
-        sys.exit("the harness's kernel is not built: scripts/setup.sh")
-    bare = without_embedded_config(kernel.read_bytes())
-    if bare is None:
-        sys.exit("the kernel's payload does not fit again once recompressed")
     blobs = work / "blobs"
-    blobs.mkdir()
-    (blobs / "bzImage").write_bytes(bare)
-    (blobs / "nsm.ko").write_bytes(nsm.read_bytes())
-    (blobs / "init").write_bytes(build_init().read_bytes())
-    (blobs / "cmdline").write_text(AWS_CMDLINE + "\n")
+    missing = aws_style_blobs(blobs)
+    if missing:
+        sys.exit(missing)
     (work / "app.c").write_text(APP)
     subprocess.run(["gcc", "-static", "-O2", "-o", str(work / "app"), str(work / "app.c")], check=True)
     layer = [("app", "dir", None, {}), ("app/server", "file", (work / "app").read_bytes(), {"mode": 0o755})]

@@ -22,7 +22,7 @@ import pytest
 
 from harness.images.blobs import DEFAULT_BLOBS_PATH
 from helpers.image_archives import oci_tarball
-from helpers.kernels import cached_kernel, cached_nsm_ko, without_embedded_config
+from helpers.kernels import aws_style_blobs, cached_kernel
 
 APP = r"""
 #include <stdio.h>
@@ -106,22 +106,12 @@ def test_oci_archive_without_blobs_boots_and_its_end_is_kept(cli, tmp_path):
 
 def test_kernel_without_embedded_config_boots_in_the_nitro_layout(cli, tmp_path):
     from harness.enclave import Enclave, EnclaveConfig
-    from harness.images.recipe import AWS_CMDLINE
-    from harness.images.static_programs import build_init
     from harness.registry import Registry
 
-    kernel, nsm = cached_kernel("nitro"), cached_nsm_ko("nitro")
-    if kernel is None or nsm is None:
-        pytest.skip("the harness's kernel is not built ({cache}/kernel-current; scripts/setup.sh)")
-    bare = without_embedded_config(kernel.read_bytes())
-    if bare is None:
-        pytest.skip("the kernel's payload does not fit again once recompressed")
     blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    (blobs / "bzImage").write_bytes(bare)
-    (blobs / "nsm.ko").write_bytes(nsm.read_bytes())
-    (blobs / "init").write_bytes(build_init().read_bytes())
-    (blobs / "cmdline").write_text(AWS_CMDLINE + "\n")
+    missing = aws_style_blobs(blobs)
+    if missing:
+        pytest.skip(missing)
     eif = tmp_path / "bare.eif"
     app = APP.replace("sleep(4)", "sleep(600)")
     built = cli("build-enclave", "--blobs", str(blobs), "--docker-archive", str(_oci_archive(tmp_path, app)),

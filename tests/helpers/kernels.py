@@ -141,3 +141,25 @@ def without_embedded_config(bzimage: bytes) -> bytes | None:
     if len(packed) > length:
         return None
     return bzimage[:start] + packed + b"\0" * (length - len(packed)) + bzimage[start + length:]
+
+
+def aws_style_blobs(dest: Path) -> str | None:
+    """Write into ``dest`` the blobs a nitro-cli user brings, from the harness's own build:
+    ``bzImage`` without its embedded configuration (:func:`without_embedded_config`), ``nsm.ko``,
+    the static ``init`` and AWS's x86_64 ``cmdline``. Returns None, or why they cannot be made
+    (the kernel not built, or its payload not fitting again)."""
+    from harness.images.recipe import AWS_CMDLINE
+    from harness.images.static_programs import build_init
+
+    kernel, nsm = cached_kernel("nitro"), cached_nsm_ko("nitro")
+    if kernel is None or nsm is None:
+        return "the harness's kernel is not built ({cache}/kernel-current; scripts/setup.sh)"
+    bare = without_embedded_config(kernel.read_bytes())
+    if bare is None:
+        return "the kernel's payload does not fit again once recompressed"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "bzImage").write_bytes(bare)
+    (dest / "nsm.ko").write_bytes(nsm.read_bytes())
+    (dest / "init").write_bytes(build_init().read_bytes())
+    (dest / "cmdline").write_text(AWS_CMDLINE + "\n")
+    return None
