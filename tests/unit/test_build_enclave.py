@@ -3,7 +3,6 @@ reproducibility, signing and every bad input (one-line error, no output left beh
 
 import hashlib
 import json
-import os
 import struct
 
 import pytest
@@ -11,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.cli import main
 from harness.cpio import read_cpio
+from helpers.blob_dirs import fake_blobs, small_rootfs
 from helpers.eif_files import make_signer
 from helpers.image_archives import oci_tarball
 
@@ -33,29 +33,12 @@ def sections(path):
 
 @pytest.fixture
 def blobs(tmp_path):
-    d = tmp_path / "blobs"
-    d.mkdir()
-    kernel = bytearray(os.urandom(20000))
-    kernel[0x202:0x206] = b"HdrS"
-    kernel[0x20E:0x210] = struct.pack("<H", 0x1000)
-    ver = b"6.12.9-harness (builder@ci) #1 SMP\0"
-    kernel[0x1200:0x1200 + len(ver)] = ver
-    (d / "bzImage").write_bytes(bytes(kernel))
-    (d / "cmdline").write_text("reboot=k panic=30 pci=off nomodules console=ttyS0\n")
-    (d / "init").write_bytes(b"\x7fELF" + os.urandom(3000))
-    (d / "nsm.ko").write_bytes(b"\x7fELF-nsm" + os.urandom(500))
-    return d
+    return fake_blobs(tmp_path / "blobs")
 
 
 @pytest.fixture
 def rootfs(tmp_path):
-    r = tmp_path / "rootfs"
-    (r / "bin").mkdir(parents=True)
-    (r / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hello\n")
-    os.chmod(r / "bin" / "hello", 0o755)
-    (r / "etc").mkdir()
-    (r / "etc" / "hostname").write_text("dev-box\n")
-    return r
+    return small_rootfs(tmp_path / "rootfs")
 
 
 def build(capsys, *args):

@@ -20,31 +20,19 @@ from harness.cpio import Entry, read_cpio
 from harness.errors import ErrorCode, NitroError
 from harness.images.ca_bundle import CA_VARIABLES, add_ca_bundle, read_ca_pem, resolve_in_image
 from harness.kms import ensure_tls_identity
+from helpers.blob_dirs import fake_blobs, small_rootfs
 
 SYSTEM = b"-----BEGIN CERTIFICATE-----\nc3lzdGVt\n-----END CERTIFICATE-----"  # no final newline
 
 
 @pytest.fixture
 def blobs(tmp_path):
-    """nitro-cli's blob layout with a fake kernel (as tests/unit/test_build_enclave.py's)."""
-    d = tmp_path / "blobs"
-    d.mkdir()
-    kernel = bytearray(os.urandom(20000))
-    kernel[0x202:0x206] = b"HdrS"
-    kernel[0x20E:0x210] = struct.pack("<H", 0x1000)
-    (d / "bzImage").write_bytes(bytes(kernel))
-    (d / "cmdline").write_text("reboot=k console=ttyS0\n")
-    (d / "init").write_bytes(b"\x7fELF" + os.urandom(3000))
-    (d / "nsm.ko").write_bytes(b"\x7fELF-nsm" + os.urandom(500))
-    return d
+    return fake_blobs(tmp_path / "blobs", cmdline="reboot=k console=ttyS0")
 
 
 @pytest.fixture
 def rootfs(tmp_path):
-    r = tmp_path / "rootfs"
-    (r / "bin").mkdir(parents=True)
-    (r / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hello\n")
-    return r
+    return small_rootfs(tmp_path / "rootfs", hostname=False)
 
 
 def build(capsys, *args):
