@@ -2,7 +2,8 @@
 
 One input is one scenario file. :func:`harness.scenario.load_scenarios` reads it (YAML with
 line numbers, every document checked against the schema, placeholders, matrix expansion,
-kernel twins for both kernels, every case rendered as YAML to drop duplicates);
+kernel and architecture twins for both kernels and both architectures (a twin's recipe
+looked up by name), every case rendered as YAML to drop duplicates);
 docs/scenarios.md. Nothing boots. Declared errors: ``NitroError``
 (``ScenarioError``, E03, naming file, line and key; E19 for an unreadable file).
 """
@@ -23,5 +24,5 @@ _FILE = MemFile("fuzz-scenario.yaml")
 
 
 def one_input(data: bytes) -> None:
-    """Load ``data`` as a scenario file on both kernels."""
-    load_scenarios(_FILE.holding(data), kernels=("nitro", "debian"))
+    """Load ``data`` as a scenario file on both kernels and both architectures."""
+    load_scenarios(_FILE.holding(data), kernels=("nitro", "debian"), arches=("x86_64", "aarch64"))
