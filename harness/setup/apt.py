@@ -95,9 +95,6 @@ def step_sources(ctx: Context) -> None:
     refresh_foreign_lists(ctx)
 
 
-#: Debian's name of each host architecture (``uname -m``) whose images the harness builds.
-_DEBIAN_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
-
 
 def refresh_foreign_lists(ctx: Context) -> None:
     """``apt-get update`` in the private apt state of the architecture that is not the host's
@@ -106,10 +103,10 @@ def refresh_foreign_lists(ctx: Context) -> None:
     names another apt tree than the host's (the state's sources come from the host's apt) and
     on a host without apt-get. A failed fetch is a warning, not a failed step: x86_64 images
     do not need these lists, and an arm64 build fetches them itself when they are missing."""
-    from harness.images import apt_state  # standard library only, like the set-up
+    from harness.arch import ARCHES, host_arch  # standard library only, like the set-up
+    from harness.images import apt_state
 
-    host = _DEBIAN_ARCH.get(platform.machine())
-    for debian_arch in sorted(set(_DEBIAN_ARCH.values()) - {host}):
+    for debian_arch in sorted(a.debian for a in ARCHES.values() if a != host_arch()):
         state = apt_state.state_dir(ctx.cache, debian_arch)
         if Path(ctx.env.get("NITRO_HARNESS_APT_ETC", "/etc/apt")) != Path("/etc/apt"):
             ctx.log(f"{debian_arch} package lists: not refreshed ($NITRO_HARNESS_APT_ETC is "
