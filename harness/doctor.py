@@ -72,6 +72,18 @@ _accel_cache: dict[tuple[Any, ...], tuple[str, str]] = {}
 _accel_lock = threading.Lock()
 
 
+def forced_accelerator() -> str:
+    """``$NITRO_HARNESS_ACCEL`` as ``"kvm"``, ``"tcg"`` or ``""`` (unset: the doctor chooses).
+    Raises NitroError(E03) for any other value."""
+    forced = os.environ.get(ACCEL_ENV, "").strip().lower()
+    if forced not in ("", "kvm", "tcg"):
+        raise NitroError(
+            ErrorCode.InvalidArgument,
+            f"{ACCEL_ENV}={forced}: expected 'kvm' or 'tcg' (or unset it to let the doctor choose)",
+        )
+    return forced
+
+
 def choose_accelerator(
     info: QemuInfo,
     host: HostFacts | KvmStatus,
@@ -90,7 +102,7 @@ def choose_accelerator(
     A decision that ran the real probe is cached per process by binary and /dev/kvm state.
     """
     kvm = _kvm_of(host)
-    forced = os.environ.get(ACCEL_ENV, "").strip().lower()
+    forced = forced_accelerator()
     if forced:
         if forced == "tcg":
             return "tcg", f"forced by {ACCEL_ENV}=tcg"
@@ -102,10 +114,6 @@ def choose_accelerator(
                     f"({kvm.device.error or 'missing'}); unset {ACCEL_ENV} to fall back to TCG",
                 )
             return "kvm", f"forced by {ACCEL_ENV}=kvm"
-        raise NitroError(
-            ErrorCode.InvalidArgument,
-            f"{ACCEL_ENV}={forced}: expected 'kvm' or 'tcg' (or unset it to let the doctor choose)",
-        )
 
     missing = _kvm_missing_reason(kvm)
     if missing:

@@ -135,11 +135,7 @@ def choose_qemu(qemu: Path | None, accel: str | None, arch: Arch = X86_64) -> Qe
             return QemuChoice(path, info, accel, "chosen by the caller")
         chosen, reason = doctor.choose_accelerator(info, host.kvm_status())
         return QemuChoice(path, info, chosen, reason)
-    forced = os.environ.get(doctor.ACCEL_ENV, "").strip().lower()
-    if forced not in ("", "kvm", "tcg"):
-        raise NitroError(ErrorCode.InvalidArgument,
-                         f"{doctor.ACCEL_ENV}={forced}: expected 'kvm' or 'tcg' (or unset it)")
-    wanted = accel or forced
+    wanted = accel or doctor.forced_accelerator()
     if host_arch() != arch:
         asked = f" ({wanted} was asked for)" if wanted == "kvm" else ""
         return QemuChoice(path, info, "tcg", f"an {arch.name} guest on an "
